@@ -1,0 +1,298 @@
+"""Command line, wiring and signals: the only place that builds the whole exporter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from typing import Any, Callable
+
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from exporter import __version__
+from exporter.collector import ImportCollector
+from exporter.config import (
+    Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
+    parse_shard_index, redacted,
+)
+from exporter.history import HistoryStore, StateFileInUse
+from exporter.logs import LEVELS, setup_logging
+from exporter.poller import PollerGroup, SnapshotBoard, select_shard
+from exporter.web import WebApp, create_server
+
+log = logging.getLogger("exporter")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="zilliz-import-exporter",
+                description="Prometheus exporter for Zilliz Cloud and Milvus bulk-import jobs.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config.file", dest="config_file", default="config.yaml",
+                   help="cluster configuration (YAML)")
+    p.add_argument("--web.listen-address", dest="listen_address", default=":9636",
+                   help="host:port to serve on")
+    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                   help="path of the metrics endpoint")
+    p.add_argument("--web.config.file", dest="web_config_file", default="",
+                   help="exporter-toolkit web config: TLS and basic auth")
+    p.add_argument("--web.enable-lifecycle", dest="lifecycle", action="store_true",
+                   help="enable POST /-/reload")
+    p.add_argument("--log.level", dest="log_level", default="info", choices=list(LEVELS),
+                   help="log level")
+    p.add_argument("--log.format", dest="log_format", default="logfmt",
+                   choices=["logfmt", "json"], help="log line format")
+    p.add_argument("--once", action="store_true",
+                   help="poll every cluster once, write the exposition and exit "
+                        "(1 if any cluster failed)")
+    p.add_argument("--output", default="-",
+                   help="with --once: file to write atomically (- is stdout)")
+    p.add_argument("--check-config", dest="check_config", action="store_true",
+                   help="validate the config, print it with secrets redacted, and exit")
+    p.add_argument("--demo", action="store_true",
+                   help="poll a built-in simulated API (no account needed)")
+    p.add_argument("--shard.count", dest="shard_count", default=None,
+                   help="number of replicas sharing the clusters (env ZIE_SHARD_COUNT; "
+                        "default 1)")
+    p.add_argument("--shard.index", dest="shard_index", default=None,
+                   help="this replica's shard, or a pod name ending in its ordinal "
+                        "(env ZIE_SHARD_INDEX; default 0)")
+    p.add_argument("--version", action="version",
+                   version=f"zilliz-import-exporter {__version__}")
+    return p
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--web.listen-address {value!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+def resolve_shard(args: argparse.Namespace, environ: dict[str, str]) -> tuple[int, int]:
+    """Flags win over ZIE_SHARD_COUNT / ZIE_SHARD_INDEX."""
+    raw_count = args.shard_count if args.shard_count is not None else \
+        environ.get("ZIE_SHARD_COUNT", "1")
+    raw_index = args.shard_index if args.shard_index is not None else \
+        environ.get("ZIE_SHARD_INDEX", "0")
+    if not str(raw_count).isdigit() or int(raw_count) < 1:
+        raise ValueError(f"--shard.count {raw_count!r} must be a whole number of at least 1")
+    count = int(raw_count)
+    index = parse_shard_index(str(raw_index))
+    if index >= count:
+        raise ValueError(f"--shard.index {index} must be below --shard.count {count}")
+    return count, index
+
+
+def demo_config(base_urls: dict[str, dict[str, Any]]) -> Config:
+    """The --demo configuration: short intervals so everything shows within a minute."""
+    raw = {"defaults": {"interval": "5s", "stuck_after": "45s", "stall_after": "15s",
+                        "stale_after": "30s"},
+           "clusters": list(base_urls.values())}
+    return parse_config(raw, "<demo>", environ={})
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` in one step, as node_exporter's textfile collector needs."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".zie-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Runtime:
+    """Holds the running configuration and applies reloads (SIGHUP or /-/reload)."""
+
+    def __init__(self, config: Config, group: PollerGroup, shard: tuple[int, int],
+                 loader: Callable[[], Config]) -> None:
+        self.config = config
+        self.group = group
+        self.shard = shard
+        self._loader = loader
+        self._lock = threading.Lock()
+        self.reload_ok = True
+        self._ready = False
+
+    def clusters(self, config: Config) -> tuple:
+        return select_shard(config, *self.shard)
+
+    def start(self) -> None:
+        self.group.apply(self.clusters(self.config))
+        log.info("polling", extra={"fields": {
+            "clusters": len(self.group.pollers), "configured": len(self.config.clusters),
+            "shard": f"{self.shard[1]}/{self.shard[0]}"}})
+
+    def reload(self) -> str | None:
+        """Apply the config file again; None when applied, else the refusal."""
+        with self._lock:
+            try:
+                config = self._loader()
+            except ConfigError as exc:
+                self.reload_ok = False
+                for line in exc.lines:
+                    log.error("configuration refused; the running one stays",
+                              extra={"fields": {"error": line}})
+                return str(exc)
+            if config.state_file != self.config.state_file:
+                log.warning("state_file changes take effect at the next restart")
+            changes = self.group.apply(self.clusters(config))
+            self.config = config
+            self.reload_ok = True
+            summary = {kind: ",".join(sorted(n for n, k in changes.items() if k == kind))
+                       for kind in ("added", "removed", "changed")}
+            log.info("configuration reloaded", extra={"fields": {
+                k: v for k, v in summary.items() if v}})
+            return None
+
+    def is_ready(self) -> bool:
+        """Ready once every cluster finished its first poll; it then stays ready."""
+        if not self._ready:
+            self._ready = all(p.snapshot_polled for p in self.group.pollers.values())
+        return self._ready
+
+
+def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(ImportCollector(board, reload_ok=reload_ok))
+    return registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        shard = resolve_shard(args, dict(os.environ))
+        host, port = parse_listen_address(args.listen_address)
+    except ValueError as exc:
+        print(f"zilliz-import-exporter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    stoppers: list[Callable[[], None]] = []
+    if args.demo:
+        from exporter.simulator import DemoDirector, Simulator
+        sim = Simulator().start()
+        director = DemoDirector(sim).start()
+        stoppers += [director.stop, sim.stop]
+        config = demo_config({n: sim.cluster_config(n) for n in sim.clusters})
+        loader: Callable[[], Config] = lambda: config  # noqa: E731
+        log.info("demo mode: polling the built-in simulator", extra={"fields": {
+            "simulator": sim.base_url, "stuck_job": director.stuck_job}})
+    else:
+        def loader() -> Config:
+            return load_config(args.config_file)
+        try:
+            config = loader()
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_USAGE
+    if args.check_config:
+        print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+        return EXIT_OK
+    try:
+        web_config = load_web_config(args.web_config_file) if args.web_config_file \
+            else WebConfig()
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        store = HistoryStore(config.state_file) if config.state_file else None
+    except (StateFileInUse, OSError) as exc:
+        log.error("cannot open the state file", extra={"fields": {"error": str(exc)}})
+        return EXIT_FAILURE
+    board = SnapshotBoard()
+    group = PollerGroup(board, store=store, shard=shard[1])
+    runtime = Runtime(config, group, shard, loader)
+    registry = build_registry(board, lambda: runtime.reload_ok)
+    try:
+        if args.once:
+            return _run_once(runtime, registry, args.output)
+        return _serve(runtime, registry, board, web_config, args, host, port)
+    finally:
+        group.stop()
+        if store is not None:
+            store.close()
+        for stop in stoppers:
+            stop()
+
+
+def _run_once(runtime: Runtime, registry: CollectorRegistry, output: str) -> int:
+    runtime.group.apply(runtime.clusters(runtime.config), start=False)
+    snapshots = runtime.group.poll_all_once()
+    data = generate_latest(registry)
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        write_atomically(output, data)
+    failed = [s.cluster.name for s in snapshots if not s.up]
+    if failed:
+        log.error("some clusters failed", extra={"fields": {"clusters": ",".join(failed)}})
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
+           web_config: WebConfig, args: argparse.Namespace, host: str, port: int) -> int:
+    app = WebApp(registry=registry, board=board, telemetry_path=args.telemetry_path,
+                 web_config=web_config, lifecycle=args.lifecycle, reload=runtime.reload,
+                 is_ready=runtime.is_ready)
+    try:
+        server = create_server(app, host, port)
+    except OSError as exc:
+        log.error("cannot listen", extra={"fields": {"address": args.listen_address,
+                                                     "error": exc.strerror or str(exc)}})
+        return EXIT_FAILURE
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    def on_hup(signum: int, frame: object) -> None:
+        threading.Thread(target=runtime.reload, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    runtime.start()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name="http", daemon=True)
+    thread.start()
+    bound_host, bound_port = server.server_address[:2]
+    shown = bound_host if bound_host not in ("", "0.0.0.0", "::") else "0.0.0.0"
+    log.info("listening", extra={"fields": {
+        "address": f"{shown}:{bound_port}", "tls": web_config.tls is not None,
+        "version": __version__}})
+    while not stop.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.shutdown()
+    server.server_close()
+    return EXIT_OK
+

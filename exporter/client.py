@@ -1,0 +1,266 @@
+"""One page of one "list import jobs" listing, for both API flavours.
+
+Errors form a small tree whose ``reason`` is the contract's poll-error reason:
+
+    ApiFailure            reason "api"    the body said no (non-success code)
+    ├── AuthFailure       reason "auth"   HTTP 401/403 or a bad-key body code
+    ├── TimeoutFailure    reason "timeout"
+    ├── ConnectionFailure reason "connection"
+    ├── HttpFailure       reason "http"   any other non-200 status
+    ├── DecodeFailure     reason "decode" not JSON, or not the documented shape
+    └── PaginationFailure reason "pagination" (raised by the poller)
+
+``retryable`` tells the poller whether another attempt may help (timeouts,
+connection errors, 429 and 5xx), and ``retry_after`` carries a server's hint.
+No message ever holds the API key: they are built here, not copied from the
+transport, and scrubbed once more before they leave.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import requests
+
+from exporter import __version__
+from exporter.config import ClusterConfig
+
+log = logging.getLogger("exporter.client")
+
+CANONICAL_STATES = ("pending", "importing", "completed", "failed")
+ACTIVE_STATES = frozenset({"pending", "importing"})
+TERMINAL_STATES = frozenset({"completed", "failed"})
+
+AUTH_BODY_CODES = frozenset({80001, 21119, 1800})
+
+_STATE_ALIASES = {"running": "importing", "importing": "importing"}
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+class ApiFailure(Exception):
+    reason = "api"
+    retryable = False
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AuthFailure(ApiFailure):
+    reason = "auth"
+
+
+class TimeoutFailure(ApiFailure):
+    reason = "timeout"
+    retryable = True
+
+
+class ConnectionFailure(ApiFailure):
+    reason = "connection"
+    retryable = True
+
+
+class HttpFailure(ApiFailure):
+    reason = "http"
+
+    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+        self.status = status
+        self.retryable = status == 429 or status >= 500
+
+
+class DecodeFailure(ApiFailure):
+    reason = "decode"
+
+
+class PaginationFailure(ApiFailure):
+    reason = "pagination"
+
+
+def normalise_state(raw: str) -> str:
+    """``ImportCompleted``/``Completed`` -> ``completed``; unknown -> snake_case."""
+    name = raw[6:] if raw.startswith("Import") and raw[6:7].isupper() else raw
+    snake = _CAMEL.sub("_", name).lower().replace(" ", "_").replace("-", "_")
+    return _STATE_ALIASES.get(snake, snake)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    job_id: str
+    collection: str
+    state: str          # normalised
+    progress: int       # -1 when the API reports none (v1)
+
+
+@dataclass(frozen=True)
+class ListingPage:
+    """One page as the server sent it; ``count`` is the body's count, if any."""
+
+    records: tuple[JobRecord, ...]
+    count: int | None
+
+
+def make_session(cluster: ClusterConfig) -> requests.Session:
+    """A keep-alive session carrying the cluster's credentials and TLS settings."""
+    session = requests.Session()
+    session.headers["User-Agent"] = f"zilliz-import-exporter/{__version__}"
+    if cluster.api_key:
+        session.headers["Authorization"] = f"Bearer {cluster.api_key}"
+    if cluster.api == "v2" and cluster.db_name:
+        session.headers["DB-Name"] = cluster.db_name
+    if cluster.tls_insecure_skip_verify:
+        session.verify = False
+    elif cluster.tls_ca_file:
+        session.verify = cluster.tls_ca_file
+    session.trust_env = False
+    return session
+
+
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Retry-After in seconds or as an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def _scrub(text: str, secret: str) -> str:
+    if secret:
+        text = text.replace(secret, "<secret>")
+        if ":" in secret:  # user:password: never show the password alone either
+            text = text.replace(secret.split(":", 1)[1], "<secret>")
+    return text
+
+
+def list_import_jobs(session: requests.Session, cluster: ClusterConfig, current_page: int,
+                     observe: Callable[[str], None] = lambda code: None) -> ListingPage:
+    """Fetch one page; ``observe`` hears each HTTP status (or ``error``)."""
+    try:
+        return _list_page(session, cluster, current_page, observe)
+    except ApiFailure as failure:
+        scrubbed = _scrub(str(failure), cluster.api_key)
+        if scrubbed != str(failure):
+            failure.args = (scrubbed,)
+        raise
+
+
+def _list_page(session: requests.Session, cluster: ClusterConfig, current_page: int,
+               observe: Callable[[str], None]) -> ListingPage:
+    settings = cluster.settings
+    try:
+        if cluster.api == "v1":
+            response = session.get(
+                f"{cluster.url}/v1/vector/collections/import/list",
+                params={"clusterId": cluster.cluster_id, "pageSize": settings.page_size,
+                        "currentPage": current_page},
+                timeout=settings.timeout)
+        else:
+            body = {"clusterId": cluster.cluster_id, "pageSize": settings.page_size,
+                    "currentPage": current_page, "dbName": cluster.db_name,
+                    "projectId": cluster.project_id, "regionId": cluster.region_id}
+            response = session.post(f"{cluster.url}/v2/vectordb/jobs/import/list",
+                                    json=body, timeout=settings.timeout)
+    except requests.Timeout:
+        observe("error")
+        raise TimeoutFailure(f"no answer from {cluster.host} within {settings.timeout:g}s") \
+            from None
+    except requests.exceptions.SSLError as exc:
+        observe("error")
+        raise ConnectionFailure(f"TLS with {cluster.host} failed: {_ssl_reason(exc)}") from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        observe("error")
+        raise ConnectionFailure(f"cannot reach {cluster.host}: {_connection_reason(exc)}") \
+            from None
+    except requests.RequestException as exc:
+        observe("error")
+        raise ConnectionFailure(f"request to {cluster.host} failed: {type(exc).__name__}") \
+            from None
+    status = response.status_code
+    observe(str(status))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("api request", extra={"fields": {
+            "cluster_name": cluster.name, "path": urlsplit(response.url).path,
+            "page": current_page, "status": status,
+            "duration_seconds": round(response.elapsed.total_seconds(), 3)}})
+    if status in (401, 403):
+        raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
+    if status != 200:
+        raise HttpFailure(f"HTTP {status} from {cluster.host}", status,
+                          parse_retry_after(response.headers.get("Retry-After")))
+    try:
+        payload = response.json()
+    except ValueError:
+        raise DecodeFailure(f"{cluster.host} answered with a body that is not JSON") from None
+    return _parse(payload, cluster)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    text = str(exc)
+    match = re.search(r"\[SSL: ([A-Z_]+)\][^(')\]]*", text) or re.search(
+        r"(certificate verify failed[^(')\]]*)", text)
+    return match.group(0).strip() if match else "handshake failed"
+
+
+def _connection_reason(exc: Exception) -> str:
+    text = str(exc)
+    for needle in ("Connection refused", "Name or service not known", "Connection reset",
+                   "timed out", "Remote end closed connection", "No route to host",
+                   "Temporary failure in name resolution", "Connection aborted"):
+        if needle in text:
+            return needle.lower()
+    return type(exc).__name__
+
+
+def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
+    host = cluster.host
+    if not isinstance(payload, dict) or "code" not in payload:
+        raise DecodeFailure(f"{host} answered JSON without a 'code'")
+    code = payload.get("code")
+    success = 200 if cluster.api == "v1" else 0
+    if code != success:
+        message = str(payload.get("message") or "no message")[:200]
+        if code in AUTH_BODY_CODES:
+            raise AuthFailure(f"{host} refused the credentials: code {code}: {message}")
+        raise ApiFailure(f"{host} answered code {code}: {message}")
+    data = payload.get("data")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DecodeFailure(f"{host} answered a 'data' that is not an object")
+    items = data.get("tasks" if cluster.api == "v1" else "records")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise DecodeFailure(f"{host} answered a job list that is not a list")
+    records = []
+    for item in items:
+        try:
+            job_id = item["jobId"]
+            state = item["state"]
+            collection = item.get("collectionName") or ""
+            progress = item.get("progress")
+        except (TypeError, KeyError, AttributeError):
+            raise DecodeFailure(f"{host} answered a job without jobId or state") from None
+        if not isinstance(job_id, (str, int)) or not isinstance(state, str):
+            raise DecodeFailure(f"{host} answered a job whose jobId or state is malformed")
+        records.append(JobRecord(
+            job_id=str(job_id), collection=str(collection), state=normalise_state(state),
+            progress=int(progress) if isinstance(progress, (int, float)) else -1))
+    count = data.get("count")
+    if isinstance(count, bool) or not isinstance(count, int):
+        count = None
+    return ListingPage(records=tuple(records), count=count)

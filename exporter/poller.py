@@ -1,0 +1,358 @@
+"""Paging, retries and schedules: each cluster's listings become immutable snapshots.
+
+``fetch_listing`` pages through one listing without trusting the server to page
+well; ``ClusterPoller`` runs it on the cluster's own schedule in its own thread
+and publishes a fresh ``ClusterSnapshot`` to the ``SnapshotBoard`` after every
+poll, success or not. A scrape only reads the board, so it never waits on a
+poll, and a slow cluster delays nobody but itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping
+
+import requests
+
+from exporter.client import (
+    CANONICAL_STATES, ApiFailure, JobRecord, PaginationFailure, list_import_jobs,
+    make_session,
+)
+from exporter.config import ClusterConfig, Config, shard_of
+from exporter.history import HistoryStore, JobHistory, JobSummary
+
+log = logging.getLogger("exporter.poller")
+
+MAX_BACKOFF = 30.0
+
+
+class Stopped(Exception):
+    """The poller was told to stop while it waited."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A complete listing: every page of it succeeded."""
+
+    records: dict[str, JobRecord]
+    pages: int
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Everything the collector and the status page know about one cluster."""
+
+    cluster: ClusterConfig
+    shard: int = 0
+    polled: bool = False
+    up: bool = False
+    last_success: float | None = None
+    poll_duration: float = 0.0
+    last_error_reason: str = ""
+    last_error: str = ""
+    jobs: JobSummary | None = None
+    poll_errors: Mapping[str, int] = field(default_factory=dict)
+    api_requests: Mapping[str, int] = field(default_factory=dict)
+
+    def is_stale(self, now: float) -> bool:
+        """Job series are withdrawn once stale_after has passed without a success."""
+        return (self.last_success is None
+                or now - self.last_success > self.cluster.settings.stale_after and not self.up)
+
+
+class SnapshotBoard:
+    """The latest snapshot of every cluster; readers never take a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, ClusterSnapshot] = {}
+
+    def snapshots(self) -> tuple[ClusterSnapshot, ...]:
+        return tuple(self._snapshots.values())
+
+    def get(self, name: str) -> ClusterSnapshot | None:
+        return self._snapshots.get(name)
+
+    def publish(self, snapshot: ClusterSnapshot,
+                current: Callable[[], bool] = lambda: True) -> None:
+        """Swap in a snapshot unless its poller has been retired meanwhile."""
+        with self._lock:
+            if current():
+                self._snapshots = {**self._snapshots, snapshot.cluster.name: snapshot}
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._snapshots = {k: v for k, v in self._snapshots.items() if k != name}
+
+
+def backoff_delay(attempt: int, retry_after: float | None, cap: float,
+                  rng: random.Random) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After wins if longer."""
+    delay = rng.uniform(0, min(MAX_BACKOFF, 0.5 * 2 ** attempt))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, cap)
+
+
+def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
+                  observe: Callable[[str], None] = lambda code: None,
+                  wait: Callable[[float], bool] = lambda s: (time.sleep(s), False)[1],
+                  rng: random.Random | None = None) -> Listing:
+    """Page through one listing; raise ApiFailure (never return half a listing).
+
+    Stops on a short or empty page, on a reached total, on a page that brings
+    no new job id (servers that ignore paging), and fails past max_pages.
+    ``wait`` sleeps between retries and returns True when the poller must stop.
+    """
+    settings = cluster.settings
+    rng = rng or random.Random()
+    records: dict[str, JobRecord] = {}
+    total: int | None = None
+    page = 0
+    while True:
+        page += 1
+        if page > settings.max_pages:
+            raise PaginationFailure(
+                f"listing did not end within max_pages={settings.max_pages} pages "
+                f"({len(records)} jobs so far)")
+        attempt = 0
+        while True:
+            try:
+                result = list_import_jobs(session, cluster, page, observe)
+                break
+            except ApiFailure as failure:
+                if not failure.retryable or attempt >= settings.retries:
+                    raise
+                delay = backoff_delay(attempt, failure.retry_after,
+                                      max(settings.interval, settings.timeout), rng)
+                log.debug("retrying page", extra={"fields": {
+                    "cluster_name": cluster.name, "page": page, "reason": failure.reason,
+                    "delay_seconds": round(delay, 3)}})
+                attempt += 1
+                if wait(delay):
+                    raise Stopped() from None
+        size = len(records)
+        for record in result.records:
+            records[record.job_id] = record
+        new_ids = len(records) - size
+        if result.count is not None and result.count > len(result.records):
+            total = result.count        # a count larger than its page is a total
+        if not result.records or len(result.records) < settings.page_size:
+            break
+        if total is not None and len(records) >= total:
+            break
+        if new_ids == 0:
+            break
+    return Listing(records=records, pages=page)
+
+
+class ClusterPoller:
+    """Polls one cluster on its own schedule and publishes its snapshots."""
+
+    def __init__(self, cluster: ClusterConfig, board: SnapshotBoard, history: JobHistory, *,
+                 shard: int = 0, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
+                 ) -> None:
+        self.cluster = cluster
+        self._board = board
+        self._history = history
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._session = session_factory(cluster)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_errors: dict[str, int] = {}
+        self._api_requests: dict[str, int] = {}
+        self._unknown_states: set[str] = set()
+        self._failing = False
+        self._snapshot = ClusterSnapshot(cluster=cluster, shard=shard)
+        board.publish(self._snapshot, self._current)
+
+    @property
+    def snapshot_polled(self) -> bool:
+        return self._snapshot.polled
+
+    def _current(self) -> bool:
+        return not self._stop.is_set()
+
+    def _observe(self, code: str) -> None:
+        self._api_requests[code] = self._api_requests.get(code, 0) + 1
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"poll-{self.cluster.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop at once; a request in flight is abandoned and never published."""
+        self._stop.set()
+        self._session.close()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        interval = self.cluster.settings.interval
+        if self._stop.wait(self._rng.uniform(0, min(interval, 2.0))):
+            return
+        while True:
+            started = time.monotonic()
+            try:
+                self.poll_once()
+            except Stopped:
+                return
+            except Exception:  # a bug must not kill the cluster's schedule
+                log.exception("poll crashed", extra={"fields": {
+                    "cluster_name": self.cluster.name}})
+            elapsed = time.monotonic() - started
+            if self._stop.wait(max(0.0, interval - elapsed % interval)):
+                return
+
+    def poll_once(self) -> ClusterSnapshot:
+        """One poll: fetch, fold into history, publish. Returns the new snapshot."""
+        cluster = self.cluster
+        started = time.monotonic()
+        try:
+            listing = fetch_listing(self._session, cluster, observe=self._observe,
+                                    wait=self._stop.wait, rng=self._rng)
+        except ApiFailure as failure:
+            duration = time.monotonic() - started
+            if self._stop.is_set():
+                raise Stopped() from None
+            self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
+            fields = {"cluster_name": cluster.name, "reason": failure.reason,
+                      "error": str(failure), "duration_seconds": round(duration, 3)}
+            if self._failing:
+                log.warning("poll failed", extra={"fields": fields})
+            else:
+                log.warning("cluster started failing", extra={"fields": fields})
+            self._failing = True
+            snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
+                               last_error_reason=failure.reason, last_error=str(failure),
+                               poll_errors=dict(self._poll_errors),
+                               api_requests=dict(self._api_requests))
+        else:
+            for record in listing.records.values():
+                if record.state not in CANONICAL_STATES and \
+                        record.state not in self._unknown_states:
+                    self._unknown_states.add(record.state)
+                    log.warning("unknown job state; counted under its own name",
+                                extra={"fields": {"cluster_name": cluster.name,
+                                                  "state": record.state}})
+            settings = cluster.settings
+            summary = self._history.apply(
+                listing.records.values(), stuck_after=settings.stuck_after,
+                stall_after=settings.stall_after,
+                max_stuck_series=settings.max_stuck_job_series)
+            duration = time.monotonic() - started
+            if self._stop.is_set():
+                raise Stopped()
+            fields = {"cluster_name": cluster.name, "duration_seconds": round(duration, 3),
+                      "pages": listing.pages, "jobs": len(listing.records)}
+            if self._failing:
+                log.info("cluster recovered", extra={"fields": fields})
+            else:
+                log.debug("poll succeeded", extra={"fields": fields})
+            self._failing = False
+            snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
+                               last_success=self._clock(), jobs=summary,
+                               poll_errors=dict(self._poll_errors),
+                               api_requests=dict(self._api_requests))
+        self._snapshot = snapshot
+        self._board.publish(snapshot, self._current)
+        return snapshot
+
+
+class PollerGroup:
+    """The set of running pollers; ``apply`` moves it to a new configuration."""
+
+    def __init__(self, board: SnapshotBoard, *, store: HistoryStore | None = None,
+                 shard: int = 0, clock: Callable[[], float] = time.time,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
+                 ) -> None:
+        self._board = board
+        self._store = store
+        self._shard = shard
+        self._clock = clock
+        self._session_factory = session_factory
+        self._pollers: dict[str, ClusterPoller] = {}
+        self._histories: dict[str, JobHistory] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def pollers(self) -> dict[str, ClusterPoller]:
+        return dict(self._pollers)
+
+    def apply(self, clusters: tuple[ClusterConfig, ...], start: bool = True) -> dict[str, str]:
+        """Start added, stop removed and restart changed clusters; keep the rest.
+
+        Returns what happened to each cluster name, for the log.
+        """
+        changes: dict[str, str] = {}
+        with self._lock:
+            wanted = {c.name: c for c in clusters}
+            for name, poller in list(self._pollers.items()):
+                if name not in wanted:
+                    poller.stop()
+                    self._board.remove(name)
+                    del self._pollers[name]
+                    self._histories.pop(name, None)
+                    if self._store is not None:
+                        self._store.forget(name)
+                    changes[name] = "removed"
+            for name, cluster in wanted.items():
+                old = self._pollers.get(name)
+                if old is not None and old.cluster == cluster:
+                    continue
+                if old is not None:
+                    old.stop()
+                    changes[name] = "changed"
+                else:
+                    changes[name] = "added"
+                history = self._histories.get(name)
+                if history is None:
+                    history = self._histories[name] = JobHistory(name, self._store,
+                                                                 self._clock)
+                poller = ClusterPoller(cluster, self._board, history, shard=self._shard,
+                                       clock=self._clock,
+                                       session_factory=self._session_factory)
+                self._pollers[name] = poller
+                if start:
+                    poller.start()
+        return changes
+
+    def poll_all_once(self) -> list[ClusterSnapshot]:
+        """Poll every cluster once, concurrently (for --once)."""
+        results: dict[str, ClusterSnapshot] = {}
+
+        def run(poller: ClusterPoller) -> None:
+            results[poller.cluster.name] = poller.poll_once()
+
+        threads = [threading.Thread(target=run, args=(p,), daemon=True)
+                   for p in self._pollers.values()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [results[name] for name in self._pollers if name in results]
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop every poller; wait up to ``timeout`` in all for them to finish."""
+        with self._lock:
+            pollers = list(self._pollers.values())
+        for poller in pollers:
+            poller.stop()
+        deadline = time.monotonic() + timeout
+        for poller in pollers:
+            poller.join(max(0.0, deadline - time.monotonic()))
+
+
+def select_shard(config: Config, count: int, index: int) -> tuple[ClusterConfig, ...]:
+    """The clusters this replica polls."""
+    return tuple(c for c in config.clusters if shard_of(c.name, count) == index)

@@ -1,0 +1,403 @@
+"""A faithful fake of both "list import jobs" APIs, on 127.0.0.1, for tests and --demo.
+
+It serves Zilliz Cloud v1 (GET, body code 200, ``tasks`` and ``count``), Zilliz
+Cloud v2 (POST, body code 0, ``records``, optional ``count``) and self-hosted
+Milvus v2 (no cluster id, no count, ``user:password`` keys, served under
+``/milvus/<name>``). Every way a server can misbehave is a switch a test can
+flip at run time: paging ignored, ``count`` as page length, bad keys as body
+codes or HTTP 401, 429 with Retry-After, 5xx, malformed JSON, latency, hangs.
+
+``python -m exporter.simulator`` runs it alone with the demo clusters moving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from exporter.client import normalise_state
+
+_V1_STATES = {"pending": "ImportPending", "importing": "ImportRunning",
+              "completed": "ImportCompleted", "failed": "ImportFailed"}
+_V2_STATES = {"pending": "Pending", "importing": "Importing", "completed": "Completed",
+              "failed": "Failed"}
+FAULTS = ("auth_body", "auth_http", "429", "500", "503", "malformed", "bad_shape",
+          "api_error", "hang")
+
+
+@dataclass
+class SimJob:
+    job_id: str
+    collection: str
+    state: str            # canonical, or any raw API state (e.g. "WaitingForRetry")
+    progress: int = 0
+    reason: str = ""
+
+
+@dataclass
+class SimCluster:
+    """One simulated cluster; tests mutate it through its methods at run time."""
+
+    name: str
+    flavour: str                  # "v1", "v2" (Zilliz Cloud) or "milvus"
+    api_key: str
+    cluster_id: str = ""
+    count_mode: str = "total"     # v1/v2: "total", "page" (length of page) or "none"
+    ignore_paging: bool = False
+    latency: float = 0.0
+    retry_after: str = "1"
+    jobs: dict[str, SimJob] = field(default_factory=dict)
+    requests: int = 0
+    pages_served: list[int] = field(default_factory=list)
+    _fault: str = ""
+    _fault_left: int | None = None
+    _fault_from_page: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _ids: Any = field(default_factory=lambda: itertools.count(1), repr=False)
+
+    # ---- control -----------------------------------------------------------------
+    def add_jobs(self, n: int, collection: str = "docs", state: str = "pending",
+                 progress: int = 0, prefix: str | None = None) -> list[str]:
+        with self._lock:
+            ids = []
+            for _ in range(n):
+                job_id = f"{prefix or self.name}-job-{next(self._ids):07d}"
+                self.jobs[job_id] = SimJob(job_id, collection, state, progress)
+                ids.append(job_id)
+            return ids
+
+    def set_state(self, job_id: str, state: str, progress: int | None = None) -> None:
+        with self._lock:
+            job = self.jobs[job_id]
+            job.state = state
+            if progress is not None:
+                job.progress = progress
+
+    def set_progress(self, job_id: str, progress: int) -> None:
+        with self._lock:
+            self.jobs[job_id].progress = progress
+
+    def remove_jobs(self, job_ids: list[str]) -> None:
+        with self._lock:
+            for job_id in job_ids:
+                self.jobs.pop(job_id, None)
+
+    def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
+        """Misbehave on the next ``times`` requests (forever when None) from a page on."""
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault {mode!r}")
+        with self._lock:
+            self._fault, self._fault_left, self._fault_from_page = mode, times, from_page
+
+    def heal(self) -> None:
+        with self._lock:
+            self._fault, self._fault_left = "", None
+
+    def truth(self) -> Counter[tuple[str, str]]:
+        """Jobs by (collection, normalised state): what /metrics must show."""
+        with self._lock:
+            return Counter((j.collection, normalise_state(j.state)) for j in self.jobs.values())
+
+    # ---- serving -----------------------------------------------------------------
+    def _take_fault(self, page: int) -> str:
+        with self._lock:
+            if not self._fault or page < self._fault_from_page:
+                return ""
+            fault = self._fault
+            if self._fault_left is not None:
+                self._fault_left -= 1
+                if self._fault_left <= 0:
+                    self._fault, self._fault_left = "", None
+            return fault
+
+    def _page(self, page: int, size: int) -> tuple[list[dict[str, Any]], int]:
+        with self._lock:
+            jobs = list(self.jobs.values())
+            chosen = jobs if self.ignore_paging else jobs[(page - 1) * size: page * size]
+            states = _V1_STATES if self.flavour == "v1" else _V2_STATES
+            out = []
+            for job in chosen:
+                item: dict[str, Any] = {"collectionName": job.collection, "jobId": job.job_id,
+                                        "state": states.get(job.state, job.state)}
+                if self.flavour != "v1":
+                    item["progress"] = job.progress
+                    item["reason"] = job.reason
+                out.append(item)
+            return out, len(jobs)
+
+
+class Simulator:
+    """The HTTP server holding any number of simulated clusters."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.clusters: dict[str, SimCluster] = {}
+        self._closing = threading.Event()
+        self._server = ThreadingHTTPServer((host, port), _handler(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+        self.seen_auth_headers: list[str] = []
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def add_cluster(self, name: str, flavour: str = "v2", api_key: str = "",
+                    **settings: Any) -> SimCluster:
+        if flavour not in ("v1", "v2", "milvus"):
+            raise ValueError(flavour)
+        cluster_id = "" if flavour == "milvus" else settings.pop("cluster_id", f"in01-{name}")
+        if flavour == "milvus":
+            settings.setdefault("count_mode", "none")
+        cluster = SimCluster(name=name, flavour=flavour, cluster_id=cluster_id,
+                             api_key=api_key or f"key-{name}", **settings)
+        self.clusters[name] = cluster
+        return cluster
+
+    def url_for(self, name: str) -> str:
+        cluster = self.clusters[name]
+        return self.base_url + (f"/milvus/{name}" if cluster.flavour == "milvus" else "")
+
+    def cluster_config(self, name: str, **extra: Any) -> dict[str, Any]:
+        """The exporter's YAML entry for a simulated cluster."""
+        c = self.clusters[name]
+        item: dict[str, Any] = {"name": name, "url": self.url_for(name),
+                                "api": "v1" if c.flavour == "v1" else "v2",
+                                "api_key": c.api_key}
+        if c.cluster_id:
+            item["cluster_id"] = c.cluster_id
+        item.update(extra)
+        return item
+
+    def start(self) -> "Simulator":
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, daemon=True,
+                                        name="simulator")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "Simulator":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def find(self, path: str, cluster_id: str) -> SimCluster | None:
+        if path.startswith("/milvus/"):
+            return self.clusters.get(path.split("/")[2])
+        for cluster in self.clusters.values():
+            if cluster.cluster_id and cluster.cluster_id == cluster_id:
+                return cluster
+        return None
+
+    def answer(self, method: str, path: str, query: dict[str, str], body: dict[str, Any],
+               auth: str) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) for one request."""
+        v1 = path.endswith("/v1/vector/collections/import/list")
+        v2 = path.endswith("/v2/vectordb/jobs/import/list")
+        if not (v1 and method == "GET") and not (v2 and method == "POST"):
+            return 404, {}, b'{"code": 404, "message": "not found"}'
+        params = query if v1 else body
+        cluster = self.find(path, str(params.get("clusterId") or ""))
+        if cluster is None or (cluster.flavour == "v1") != v1:
+            return 200, {}, b'{"code": 100, "message": "cluster not found"}'
+        try:
+            page = int(params.get("currentPage") or 1)
+            size = int(params.get("pageSize") or 10)
+        except (TypeError, ValueError):
+            return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
+        with cluster._lock:
+            cluster.requests += 1
+            cluster.pages_served.append(page)
+        if cluster.latency:
+            time.sleep(cluster.latency)
+        fault = cluster._take_fault(page)
+        if fault == "hang":
+            self._closing.wait(3600)
+            return 504, {}, b""
+        if fault == "auth_http":
+            return 401, {}, b'{"code": 401, "message": "Unauthorized"}'
+        if fault in ("429", "500", "503"):
+            headers = {"Retry-After": cluster.retry_after} if fault == "429" else {}
+            return int(fault), headers, b'{"message": "try later"}'
+        if fault == "malformed":
+            return 200, {}, b'{"code": 0, "data": {"records": [{"jobId": '
+        if fault == "bad_shape":
+            return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}}}'
+        if fault == "api_error":
+            return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
+        if fault == "auth_body" or (cluster.api_key and auth != f"Bearer {cluster.api_key}"):
+            code, message = {"v1": (80001, "Invalid token"),
+                             "v2": (21119, "The apikey is illegal."),
+                             "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
+            return 200, {}, json.dumps({"code": code, "message": message}).encode()
+        return 200, {}, self._page_answer(cluster, page, size)
+
+    @staticmethod
+    def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:
+        items, total = cluster._page(page, size)
+        if cluster.flavour == "v1":
+            data: dict[str, Any] = {"tasks": items, "currentPage": page, "pageSize": size}
+            if cluster.count_mode != "none":
+                data["count"] = total if cluster.count_mode == "total" else len(items)
+            return json.dumps({"code": 200, "data": data}).encode()
+        data = {"records": items}
+        if cluster.flavour == "v2" and cluster.count_mode != "none":
+            data.update(count=total if cluster.count_mode == "total" else len(items),
+                        currentPage=page, pageSize=size)
+        return json.dumps({"code": 0, "data": data}).encode()
+
+
+def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else keep-alive clients wait ~40 ms per answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _serve(self) -> None:
+            parts = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+            body: dict[str, Any] = {}
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                try:
+                    body = json.loads(self.rfile.read(length))
+                except ValueError:
+                    body = {}
+            status, headers, payload = sim.answer(
+                self.command, parts.path, query, body if isinstance(body, dict) else {},
+                self.headers.get("Authorization", ""))
+            try:
+                self.send_response(status)
+                headers.setdefault("Content-Type", "application/json")
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:
+                pass
+
+        do_GET = do_POST = _serve
+
+    return Handler
+
+
+# ---- the demo ----------------------------------------------------------------------
+
+DEMO_CLUSTERS = (
+    # name, flavour, key, collections
+    ("demo-cloud-v1", "v1", "demo-v1-api-key-0123456789", ("medium_articles", "products")),
+    ("demo-cloud-v2", "v2", "demo-v2-api-key-abcdefghij", ("images", "faq")),
+    ("demo-milvus", "milvus", "root:Milvus-demo-pass", ("logs",)),
+)
+
+
+class DemoDirector:
+    """Moves demo jobs through every state; one job is stuck importing forever."""
+
+    def __init__(self, sim: Simulator, tick: float = 2.0, seed: int = 7) -> None:
+        self.sim = sim
+        self.tick = tick
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._ticks = 0
+        self.stuck_job = ""
+        self.stalling_job = ""
+        for name, flavour, key, collections in DEMO_CLUSTERS:
+            cluster = sim.add_cluster(name, flavour, key)
+            for collection in collections:
+                cluster.add_jobs(2, collection, "completed", 100)
+                cluster.add_jobs(1, collection, "failed", 37)
+                cluster.add_jobs(2, collection, "importing", 10)
+                cluster.add_jobs(2, collection, "pending")
+        v1 = sim.clusters["demo-cloud-v1"]
+        self.stuck_job = v1.add_jobs(1, "medium_articles", "importing", 42,
+                                     prefix="stuck")[0]
+        v2 = sim.clusters["demo-cloud-v2"]
+        self.stalling_job = v2.add_jobs(1, "images", "importing", 55, prefix="stalls")[0]
+
+    def step(self) -> None:
+        self._ticks += 1
+        for name, _, _, collections in DEMO_CLUSTERS:
+            cluster = self.sim.clusters[name]
+            with cluster._lock:
+                jobs = list(cluster.jobs.values())
+            for job in jobs:
+                if job.job_id == self.stuck_job:
+                    continue                      # importing forever, progress frozen
+                if job.job_id == self.stalling_job and self._ticks % 40 < 25:
+                    continue                      # frozen for 25 ticks of every 40
+                if job.state == "pending" and self._rng.random() < 0.3:
+                    cluster.set_state(job.job_id, "importing", 0)
+                elif job.state == "importing":
+                    progress = min(100, job.progress + self._rng.randint(5, 25))
+                    if progress >= 100:
+                        done = "failed" if self._rng.random() < 0.2 else "completed"
+                        cluster.set_state(job.job_id, done, 100 if done == "completed"
+                                          else job.progress)
+                    else:
+                        cluster.set_progress(job.job_id, progress)
+            if self._rng.random() < 0.5:
+                cluster.add_jobs(1, self._rng.choice(collections), "pending")
+            terminal = [j.job_id for j in jobs if j.state in ("completed", "failed")]
+            if len(terminal) > 30:
+                cluster.remove_jobs(terminal[:len(terminal) - 30])
+
+    def start(self) -> "DemoDirector":
+        def run() -> None:
+            while not self._stop.wait(self.tick):
+                self.step()
+        threading.Thread(target=run, daemon=True, name="demo-director").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.simulator",
+        description="Serve the simulated Zilliz/Milvus import-job APIs with the demo clusters.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default %(default)s)")
+    parser.add_argument("--tick", type=float, default=2.0,
+                        help="seconds between job moves (default %(default)s)")
+    args = parser.parse_args(argv)
+    sim = Simulator(args.host, args.port)
+    director = DemoDirector(sim, tick=args.tick)
+    sim.start()
+    director.start()
+    for name in sim.clusters:
+        c = sim.clusters[name]
+        print(f"{name}: flavour={c.flavour} url={sim.url_for(name)} "
+              f"cluster_id={c.cluster_id or '-'}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        director.stop()
+        sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""HTTP: /metrics, the status page, health, readiness and reload, behind TLS and auth.
+
+``create_server`` takes everything it serves as arguments (registry, board,
+callbacks), so the HTTP layer is tested without pollers or a network. Scrapes
+render the registry; they never wait on a poll.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import html
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+import bcrypt
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from exporter import __version__
+from exporter.client import CANONICAL_STATES
+from exporter.config import TLSServerConfig, WebConfig
+from exporter.poller import SnapshotBoard
+
+log = logging.getLogger("exporter.web")
+
+
+@dataclass
+class WebApp:
+    """What the HTTP server serves; callbacks keep it from reaching back up the chain."""
+
+    registry: CollectorRegistry
+    board: SnapshotBoard
+    telemetry_path: str = "/metrics"
+    web_config: WebConfig = field(default_factory=WebConfig)
+    lifecycle: bool = False
+    reload: Callable[[], str | None] = lambda: None   # None when applied, else the error
+    is_ready: Callable[[], bool] = lambda: True
+    clock: Callable[[], float] = time.time
+
+
+class _AuthCache:
+    """bcrypt is slow by design; remember credentials already verified."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self._users = users
+        self._ok: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def check(self, header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        hashed = self._users.get(user)
+        if hashed is None:
+            return False
+        token = hashlib.sha256(f"{user}\0{password}\0{hashed}".encode()).digest()
+        with self._lock:
+            if token in self._ok:
+                return True
+        if not bcrypt.checkpw(password.encode("utf-8"), hashed.encode("utf-8")):
+            return False
+        with self._lock:
+            self._ok.add(token)
+        return True
+
+
+def tls_context(config: TLSServerConfig) -> ssl.SSLContext:
+    """An SSL context with exporter-toolkit's meaning of client_auth_type."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(config.cert_file, config.key_file)
+    versions = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
+                "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+    ctx.minimum_version = versions[config.min_version or "TLS12"]
+    if config.max_version:
+        ctx.maximum_version = versions[config.max_version]
+    if config.client_ca_file:
+        ctx.load_verify_locations(config.client_ca_file)
+    # Python's ssl verifies any certificate it asks for, so "request"/"require any"
+    # behave as their verifying siblings when a client CA is configured.
+    mode = {"NoClientCert": ssl.CERT_NONE,
+            "RequestClientCert": ssl.CERT_OPTIONAL if config.client_ca_file else ssl.CERT_NONE,
+            "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+            "RequireAnyClientCert": ssl.CERT_REQUIRED,
+            "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}[config.client_auth_type]
+    if mode != ssl.CERT_NONE and not config.client_ca_file:
+        ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+    ctx.verify_mode = mode
+    return ctx
+
+
+class ExporterServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake happens in the handler thread, so a slow client never
+            # blocks the accept loop.
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+        log.debug("connection error", extra={"fields": {"client": client_address[0]}})
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+
+
+def render_status_page(app: WebApp) -> str:
+    """The landing page: links and one row per cluster, plain HTML."""
+    now = app.clock()
+    rows = []
+    for snap in sorted(app.board.snapshots(), key=lambda s: s.cluster.name):
+        c = snap.cluster
+        by_state = snap.jobs.by_state() if snap.jobs is not None and not snap.is_stale(now) \
+            else {}
+        stuck = sum(snap.jobs.stuck.values()) if snap.jobs is not None and by_state else 0
+        if not snap.polled:
+            status = '<td class="wait">waiting</td>'
+        elif snap.up:
+            status = '<td class="up">up</td>'
+        else:
+            status = '<td class="down">down</td>'
+        last = _age(now - snap.last_success) if snap.last_success else "never"
+        error = (f"{html.escape(snap.last_error_reason)}: {html.escape(snap.last_error)}"
+                 if snap.last_error_reason else "")
+        states = "".join(f"<td>{by_state.get(s, 0) if by_state else '-'}</td>"
+                         for s in CANONICAL_STATES)
+        other = sum(n for s, n in by_state.items() if s not in CANONICAL_STATES)
+        rows.append(
+            f"<tr><td>{html.escape(c.name)}</td><td>{c.api}</td>"
+            f"<td>{html.escape(c.host)}</td>{status}<td>{last}</td>"
+            f"<td class=\"err\">{error}</td>{states}<td>{other}</td>"
+            f"<td>{stuck}</td><td>{c.settings.interval:g}s</td></tr>")
+    head = "".join(f"<th>{s}</th>" for s in CANONICAL_STATES)
+    metrics = html.escape(app.telemetry_path)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Zilliz Import Exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.up{{color:#080}}
+.down{{color:#c00;font-weight:bold}}.wait{{color:#888}}.err{{max-width:30em}}</style>
+</head><body><h1>Zilliz Import Exporter</h1>
+<p>Version {__version__}. <a href="{metrics}">Metrics</a> ·
+<a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
+<h2>Clusters</h2>
+<table id="clusters"><thead><tr><th>cluster</th><th>api</th><th>host</th><th>status</th>
+<th>last success</th><th>last error</th>{head}<th>other</th><th>stuck</th>
+<th>interval</th></tr></thead><tbody>
+{''.join(rows)}
+</tbody></table></body></html>
+"""
+
+
+def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
+    """A threaded HTTP(S) server for ``app``; call serve_forever() to run it."""
+    auth = _AuthCache(dict(app.web_config.basic_auth_users)) \
+        if app.web_config.basic_auth_users else None
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+        timeout = 60
+        server_version = f"zilliz-import-exporter/{__version__}"
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("http request", extra={"fields": {"client": self.client_address[0],
+                                                        "request": format % args}})
+
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain; "
+                  "charset=utf-8", headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in {**app.web_config.headers, **(headers or {})}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _authorised(self) -> bool:
+            if auth is None or auth.check(self.headers.get("Authorization")):
+                return True
+            self._send(401, b"Unauthorized\n",
+                       headers={"WWW-Authenticate": 'Basic realm="zilliz-import-exporter"'})
+            return False
+
+        def do_GET(self) -> None:
+            if not self._authorised():
+                return
+            path = self.path.split("?", 1)[0]
+            if path == app.telemetry_path:
+                self._metrics()
+            elif path == "/":
+                self._send(200, render_status_page(app).encode("utf-8"),
+                           "text/html; charset=utf-8")
+            elif path == "/-/healthy":
+                self._send(200, b"Healthy\n")
+            elif path == "/-/ready":
+                if app.is_ready():
+                    self._send(200, b"Ready\n")
+                else:
+                    self._send(503, b"Not ready: waiting for every cluster's first poll\n")
+            elif path == "/-/reload":
+                self._send(405, b"Use POST\n", headers={"Allow": "POST"})
+            else:
+                self._send(404, b"Not found\n")
+
+        do_HEAD = do_GET
+
+        def do_POST(self) -> None:
+            if not self._authorised():
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(min(length, 65536))
+            if self.path.split("?", 1)[0] != "/-/reload":
+                self._send(405, b"Method not allowed\n")
+            elif not app.lifecycle:
+                self._send(403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n")
+            else:
+                error = app.reload()
+                if error is None:
+                    self._send(200, b"Reloaded\n")
+                else:
+                    self._send(400, (error + "\n").encode("utf-8"))
+
+        def _metrics(self) -> None:
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            body = encoder(app.registry)
+            headers = {}
+            if "gzip" in (self.headers.get("Accept-Encoding") or ""):
+                body = gzip.compress(body, compresslevel=1)
+                headers["Content-Encoding"] = "gzip"
+            self._send(200, body, content_type, headers)
+
+    server_class = ExporterServer
+    if ":" in host:
+        server_class = type("ExporterServer6", (ExporterServer,),
+                            {"address_family": socket.AF_INET6})
+    server = server_class((host, port), Handler)
+    if app.web_config.tls is not None:
+        server.ssl_context = tls_context(app.web_config.tls)
+    return server
+

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.config import (
+    ConfigError, load_config, load_web_config, parse_config, parse_duration,
+    parse_shard_index, redacted, shard_of,
+)
+
+SECRET = "sk-config-test-7f3a9c2e1d"
+PINNED_SHARDS = [0, 2, 0, 2, 1, 1, 1, 0]
+
+
+def write(tmp_path: Path, doc: object, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return str(path)
+
+
+def cluster(**over: object) -> dict:
+    base = {"name": "prod", "url": "https://controller.api.gcp-us-west1.zillizcloud.com",
+            "cluster_id": "in01-abc", "api_key": SECRET}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def errors(tmp_path: Path, doc: object, env: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, doc), environ=env or {})
+    for line in info.value.lines:
+        assert "\n" not in line
+        assert SECRET not in line
+    return info.value.lines
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("30s", 30), ("5m", 300), ("2h", 7200), ("1h30m", 5400), ("90", 90), (45, 45),
+    ("250ms", 0.25), ("1.5s", 1.5), ("1d", 86400)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5x", "m5", "1h30", "", "1h 30m", "-5s", True])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_defaults_overridden_per_cluster_and_api_guessed(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {
+        "defaults": {"interval": "30s", "page_size": 50, "stuck_after": "1h"},
+        "clusters": [cluster(), cluster(name="v2", url="api.cloud.zilliz.com",
+                                        interval="2m"),
+                     {"name": "milvus", "url": "http://milvus:19530", "api_key": "root:pw"}],
+    }), environ={})
+    v1, v2, milvus = config.clusters
+    assert (v1.api, v1.settings.interval, v1.settings.page_size) == ("v1", 30, 50)
+    assert (v2.api, v2.settings.interval, v2.settings.stuck_after) == ("v2", 120, 3600)
+    assert v2.url == "https://api.cloud.zilliz.com"  # no scheme means https
+    assert (milvus.api, milvus.cluster_id, milvus.host) == ("v2", "", "milvus:19530")
+    assert v1.settings.retries == 2 and v1.settings.stall_after == 1800  # contract defaults
+
+
+def test_env_and_key_file(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text(SECRET + "\n")
+    config = load_config(write(tmp_path, {"clusters": [
+        cluster(api_key="${ZKEY}"), cluster(name="b", api_key=None, api_key_file="key")]}),
+        environ={"ZKEY": "from-env"})
+    assert config.clusters[0].api_key == "from-env"
+    assert config.clusters[1].api_key == SECRET  # trailing newline dropped
+    assert SECRET not in repr(config)
+
+
+@pytest.mark.parametrize("doc,expected", [
+    ({"clusters": [cluster(colour="blue")]}, "cluster 'prod': key 'colour': unknown key"),
+    ({"clusters": [cluster()], "extra": 1}, "key 'extra': unknown key"),
+    ({"defaults": {"intervl": "1s"}, "clusters": [cluster()]},
+     "defaults: key 'intervl': unknown key"),
+    ({"clusters": [cluster(), cluster()]}, "cluster 'prod': key 'name': is used by another"),
+    ({"clusters": [cluster(name=None)]}, "cluster #1: key 'name': is required"),
+    ({"clusters": [cluster(url=None)]}, "cluster 'prod': key 'url': is required"),
+    ({"clusters": [cluster(cluster_id=None)]}, "key 'cluster_id': is required"),
+    ({"clusters": [cluster(api_key=None)]}, "key 'api_key': is required"),
+    ({"clusters": [cluster(api_key="${NOPE}")]},
+     "cluster 'prod': key 'api_key': environment variable ${NOPE} is not set"),
+    ({"clusters": [cluster(interval="5x")]}, "cluster 'prod': key 'interval': bad duration"),
+    ({"clusters": [cluster(page_size=0)]}, "key 'page_size': 0 is out of range"),
+    ({"clusters": [cluster(retries=99)]}, "key 'retries': 99 is out of range"),
+    ({"clusters": [cluster(max_pages="lots")]}, "key 'max_pages': must be a whole number"),
+    ({"defaults": {"timeout": "0s"}, "clusters": [cluster()]},
+     "defaults: key 'timeout': '0s' is out of range"),
+    ({"clusters": [cluster(api="v3")]}, "key 'api': 'v3' must be v1 or v2"),
+    ({"clusters": [cluster(name="bad name")]}, "key 'name': 'bad name' may only hold"),
+    ({"clusters": [cluster(url="ftp://x")]}, "key 'url': 'ftp://x' is not an http(s) URL"),
+    ({"clusters": [cluster(api_key_file="/nonexistent")]}, "not both"),
+    ({"clusters": [cluster(api_key=None, api_key_file="/nonexistent")]},
+     "key 'api_key_file': cannot read"),
+    ({"clusters": [cluster(db_name="x")]}, "key 'db_name': is only used by api v2"),
+    ({"clusters": [cluster(tls_insecure_skip_verify="yes")]}, "must be true or false"),
+    ({"clusters": [cluster(tls_ca_file="/no/ca.pem")]}, "key 'tls_ca_file'"),
+    ({"clusters": []}, "key 'clusters': must be a non-empty list"),
+])
+def test_each_rule_is_one_line_naming_file_cluster_and_key(
+        tmp_path: Path, doc: dict, expected: str) -> None:
+    lines = errors(tmp_path, doc)
+    assert any(expected in line for line in lines), lines
+    assert all(line.startswith(str(tmp_path / "config.yaml") + ": ") for line in lines)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    lines = errors(tmp_path, {"clusters": [cluster(interval="x", retries=-1),
+                                           cluster(name="b", api="v9")]})
+    assert len(lines) == 3
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    assert "not valid YAML at line 2: mapping values" in errors(tmp_path, "clusters:\n  - a: b: c\n")[0]
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_redacted_output_hides_keys(tmp_path: Path) -> None:
+    config = parse_config({"clusters": [cluster()]}, "x.yaml", environ={})
+    text = yaml.safe_dump(redacted(config))
+    assert SECRET not in text
+    assert "api_key: <secret>" in text and "interval: 1m" in text
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
+                          text=True, timeout=30, env=env)
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = write(tmp_path, {"clusters": [cluster()]})
+    result = run_cli("--check-config", "-c", good)
+    assert result.returncode == 0, result.stderr
+    assert "prod" in result.stdout and SECRET not in result.stdout + result.stderr
+    bad = write(tmp_path, {"clusters": [cluster(interval="soon")]}, "bad.yaml")
+    result = run_cli("--check-config", "-c", bad)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "bad.yaml: cluster 'prod': key 'interval'" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run_cli("--no-such-flag").returncode == 2
+    assert run_cli("--web.listen-address", "nope", "-c", "x").returncode == 2
+    result = run_cli("--version")
+    assert result.returncode == 0 and "zilliz-import-exporter 0.1.0" in result.stdout
+
+
+def test_web_config(tmp_path: Path) -> None:
+    (tmp_path / "c.pem").write_text("x")
+    good = write(tmp_path, {"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem"},
+                            "basic_auth_users": {"alice": "$2b$12$abcdefghijklmnopqrstuv"},
+                            "http_server_config": {"headers": {"X-Frame-Options": "deny"}}},
+                 "web.yml")
+    web = load_web_config(good)
+    assert web.tls is not None and web.tls.min_version == "TLS12"
+    assert web.headers == {"X-Frame-Options": "deny"}
+    for doc, key in [({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
+                                             "foo": 1}}, "tls_server_config.foo"),
+                     ({"tls_server_config": {"cert_file": "c.pem"}},
+                      "tls_server_config.key_file"),
+                     ({"basic_auth_users": {"bob": "plain"}}, "basic_auth_users.bob"),
+                     ({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
+                                             "client_auth_type": "Maybe"}},
+                      "tls_server_config.client_auth_type"),
+                     ({"http_server_config": {"http2": True}}, "http_server_config.http2"),
+                     ({"tls_config": {}}, "tls_config")]:
+        with pytest.raises(ConfigError) as info:
+            load_web_config(write(tmp_path, doc, "bad-web.yml"))
+        assert f"key '{key}'" in str(info.value)
+
+
+def test_sharding_is_stable_and_parses_pod_names() -> None:
+    assert parse_shard_index("3") == 3 and parse_shard_index("zie-2") == 2
+    with pytest.raises(ValueError):
+        parse_shard_index("zie")
+    # The assignment is part of the deployment contract: a change would move clusters
+    # between replicas on upgrade. These values are sha256-derived and pinned.
+    assert [shard_of(f"c{i}", 3) for i in range(8)] == PINNED_SHARDS
