@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+from prometheus_client import CollectorRegistry
+
+from exporter.client import JobRecord
+from exporter.collector import ImportCollector
+from exporter.config import ClusterConfig, PollSettings
+from exporter.history import JobHistory
+from exporter.poller import ClusterSnapshot, SnapshotBoard
+
+CLUSTER = ClusterConfig(name="prod", url="https://api.cloud.zilliz.com", api="v2",
+                        cluster_id="in01-a", api_key="k",
+                        settings=PollSettings(stale_after=60, stuck_after=100,
+                                              stall_after=0, max_stuck_job_series=1))
+
+
+class Clock:
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def setup(records: list[JobRecord], clock: Clock) -> tuple[CollectorRegistry, SnapshotBoard,
+                                                           JobHistory]:
+    board = SnapshotBoard()
+    history = JobHistory("prod", clock=clock)
+    summary = history.apply(records, stuck_after=100, stall_after=0, max_stuck_series=1)
+    board.publish(ClusterSnapshot(cluster=CLUSTER, polled=True, up=True,
+                                  last_success=clock(), jobs=summary,
+                                  api_requests={"200": 2}))
+    registry = CollectorRegistry()
+    registry.register(ImportCollector(board, clock=clock))
+    return registry, board, history
+
+
+def rec(job_id: str, collection: str, state: str) -> JobRecord:
+    return JobRecord(job_id, collection, state, -1)
+
+
+def test_all_four_states_present_with_zeros() -> None:
+    clock = Clock()
+    registry, _, _ = setup([rec("1", "a", "importing"), rec("2", "a", "importing"),
+                            rec("3", "b", "waiting_for_retry")], clock)
+    value = registry.get_sample_value
+    assert value("zilliz_import_jobs", {"cluster_name": "prod", "collection": "a",
+                                        "state": "importing"}) == 2
+    for collection in ("a", "b"):
+        for state in ("pending", "completed", "failed"):
+            assert value("zilliz_import_jobs", {"cluster_name": "prod",
+                                                "collection": collection,
+                                                "state": state}) == 0
+    assert value("zilliz_import_jobs", {"cluster_name": "prod", "collection": "b",
+                                        "state": "waiting_for_retry"}) == 1
+    assert value("zilliz_import_up", {"cluster_name": "prod"}) == 1
+    assert value("zilliz_import_api_requests_total", {"cluster_name": "prod",
+                                                      "code": "200"}) == 2
+    assert value("zilliz_import_poll_errors_total", {"cluster_name": "prod",
+                                                     "reason": "pagination"}) == 0
+    assert value("zilliz_import_cluster_info", {"cluster_name": "prod", "cluster_id": "in01-a",
+                                                "api": "v2", "host": "api.cloud.zilliz.com",
+                                                "shard": "0"}) == 1
+    assert value("zilliz_import_config_last_reload_successful") == 1
+
+
+def test_ages_and_stuck_cap() -> None:
+    clock = Clock()
+    registry, board, history = setup([rec("1", "a", "importing")], clock)
+    clock.now += 50
+    summary = history.apply([rec("1", "a", "importing"), rec("2", "a", "pending")],
+                            stuck_after=100, stall_after=0, max_stuck_series=1)
+    clock.now += 70   # job 1 is 120 s old, job 2 is 70 s old
+    summary = history.apply([rec("1", "a", "importing"), rec("2", "a", "pending")],
+                            stuck_after=60, stall_after=0, max_stuck_series=1)
+    board.publish(replace(board.get("prod"), jobs=summary))  # type: ignore[arg-type]
+    clock.now += 5
+    value = registry.get_sample_value
+    assert value("zilliz_import_oldest_active_job_age_seconds",
+                 {"cluster_name": "prod", "collection": "a"}) == 125
+    assert value("zilliz_import_jobs_stuck", {"cluster_name": "prod", "collection": "a"}) == 2
+    info = [s for m in registry.collect() if m.name == "zilliz_import_stuck_job_info"
+            for s in m.samples]
+    assert [s.labels["job_id"] for s in info] == ["1"]   # capped, oldest first
+    assert info[0].labels["reason"] == "age"
+
+
+def test_stale_cluster_loses_job_series_but_keeps_health() -> None:
+    clock = Clock()
+    registry, board, _ = setup([rec("1", "a", "importing")], clock)
+    board.publish(replace(board.get("prod"), up=False,  # type: ignore[arg-type]
+                          last_error_reason="timeout", poll_errors={"timeout": 1}))
+    clock.now += 59
+    labels = {"cluster_name": "prod", "collection": "a", "state": "importing"}
+    assert registry.get_sample_value("zilliz_import_jobs", labels) == 1
+    clock.now += 2
+    assert registry.get_sample_value("zilliz_import_jobs", labels) is None
+    assert registry.get_sample_value("zilliz_import_oldest_active_job_age_seconds",
+                                     {"cluster_name": "prod", "collection": "a"}) is None
+    assert registry.get_sample_value("zilliz_import_up", {"cluster_name": "prod"}) == 0
+    assert registry.get_sample_value("zilliz_import_poll_errors_total",
+                                     {"cluster_name": "prod", "reason": "timeout"}) == 1
+
+
+def test_collection_leaving_the_listing_leaves_metrics() -> None:
+    clock = Clock()
+    registry, board, history = setup([rec("1", "a", "importing"), rec("2", "b", "failed")],
+                                     clock)
+    summary = history.apply([rec("1", "a", "completed")], stuck_after=100, stall_after=0,
+                            max_stuck_series=1)
+    board.publish(replace(board.get("prod"), jobs=summary))  # type: ignore[arg-type]
+    names = {s.labels.get("collection") for m in registry.collect() for s in m.samples
+             if m.name == "zilliz_import_jobs"}
+    assert names == {"a"}
+
+
+def test_unpolled_cluster_shows_only_info() -> None:
+    board = SnapshotBoard()
+    board.publish(ClusterSnapshot(cluster=CLUSTER))
+    registry = CollectorRegistry()
+    registry.register(ImportCollector(board))
+    assert registry.get_sample_value("zilliz_import_up", {"cluster_name": "prod"}) is None
+    assert registry.get_sample_value("zilliz_import_exporter_build_info",
+                                     {"version": "0.1.0",
+                                      "python_version": __import__("platform")
+                                      .python_version()}) == 1
