@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import fast_defaults, samples, wait_until
+from exporter.client import JobRecord
+from exporter.history import HistoryStore, JobHistory, StateFileInUse
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rec(job_id: str, state: str, progress: int = -1, collection: str = "c") -> JobRecord:
+    return JobRecord(job_id, collection, state, progress)
+
+
+def apply(history: JobHistory, *records: JobRecord, stuck_after: float = 3600,
+          stall_after: float = 600, cap: int = 100):
+    return history.apply(records, stuck_after=stuck_after, stall_after=stall_after,
+                         max_stuck_series=cap)
+
+
+def transitions(summary) -> dict:
+    return {k: v for k, v in summary.transitions.items() if v}
+
+
+def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
+    h = JobHistory("x", clock=Clock())
+    first = apply(h, rec("done", "completed"), rec("run", "importing"), rec("q", "pending"))
+    assert transitions(first) == {}
+    second = apply(h, rec("done", "completed"), rec("run", "failed"), rec("q", "completed"),
+                   rec("new-done", "completed"))
+    assert transitions(second) == {("c", "failed"): 1, ("c", "completed"): 2}
+    third = apply(h, rec("done", "completed"), rec("run", "failed"), rec("q", "completed"),
+                  rec("new-done", "completed"))
+    assert transitions(third) == transitions(second)  # nothing counts twice
+    # a terminal job that goes active again and back is still counted once, ever
+    apply(h, rec("q", "importing"))
+    fourth = apply(h, rec("q", "completed"))
+    assert transitions(fourth) == transitions(second)
+
+
+def test_ages_stuck_and_stalls() -> None:
+    clock = Clock()
+    h = JobHistory("x", clock=clock)
+    apply(h, rec("old", "importing", 10), rec("moving", "importing", 10),
+          rec("v1", "importing"))
+    clock.now += 700
+    summary = apply(h, rec("old", "importing", 10), rec("moving", "importing", 20),
+                    rec("v1", "importing"))
+    assert [(j.job_id, j.reason) for j in summary.stuck_jobs] == [("old", "stalled")]
+    assert summary.oldest_active["c"] == 1_000_000.0
+    clock.now += 100
+    recovered = apply(h, rec("old", "importing", 11), rec("moving", "importing", 30),
+                      rec("v1", "importing"))
+    assert recovered.stuck_jobs == ()          # progress moved: no longer stalled
+    clock.now += 3000                          # now everything is older than stuck_after
+    aged = apply(h, rec("old", "importing", 12), rec("moving", "importing", 40),
+                 rec("v1", "importing"), rec("young", "pending"), stall_after=0)
+    assert {(j.job_id, j.reason) for j in aged.stuck_jobs} == \
+        {("old", "age"), ("moving", "age"), ("v1", "age")}
+    assert aged.stuck == {"c": 3}
+    capped = apply(h, rec("old", "importing", 12), rec("moving", "importing", 40),
+                   rec("v1", "importing"), cap=2)
+    assert [j.job_id for j in capped.stuck_jobs] == ["moving", "old"]  # oldest, then id
+    assert capped.stuck == {"c": 3}
+
+
+def test_jobs_leaving_the_listing_are_forgotten() -> None:
+    h = JobHistory("x", clock=Clock())
+    apply(h, *[rec(str(i), "importing") for i in range(100)])
+    apply(h, rec("1", "importing"))
+    assert len(h) == 1 and h.first_seen("2") is None
+
+
+def test_history_survives_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    clock = Clock()
+    store = HistoryStore(path)
+    h = JobHistory("x", store, clock)
+    apply(h, rec("a", "importing", 5), rec("b", "pending"), rec("gone", "completed"))
+    store.close()
+    clock.now += 500
+    store = HistoryStore(path)
+    h = JobHistory("x", store, clock)
+    assert h.first_seen("a") == 1_000_000.0
+    # b finished while the exporter was down; "late" appeared and finished meanwhile
+    summary = apply(h, rec("a", "importing", 5), rec("b", "failed"),
+                    rec("gone", "completed"), rec("late", "completed"))
+    assert transitions(summary) == {("c", "failed"): 1, ("c", "completed"): 1}
+    assert summary.oldest_active["c"] == 1_000_000.0
+    store.close()
+
+
+def test_only_changes_are_written_and_no_change_writes_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    store = HistoryStore(path)
+    h = JobHistory("x", store, Clock())
+    jobs = [rec(str(i), "importing", 1) for i in range(1000)]
+    apply(h, *jobs)
+    size = os.path.getsize(path + "-wal")
+    before = store._conn.total_changes
+    apply(h, *jobs)
+    assert store._conn.total_changes == before
+    assert os.path.getsize(path + "-wal") == size
+    jobs[3] = rec("3", "completed", 1)
+    apply(h, *jobs[:-1])                       # one changed, one left
+    assert store._conn.total_changes == before + 2
+    store.close()
+
+
+def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database" * 100)
+    store = HistoryStore(str(path), clock=lambda: 1234.0)
+    assert (tmp_path / "state.db.corrupt-1234").exists()
+    apply(JobHistory("x", store, Clock()), rec("a", "pending"))
+    store.close()
+    assert sqlite3.connect(str(path)).execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+    assert "moved aside" in caplog.text
+
+
+def test_second_process_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    store = HistoryStore(path)
+    code = ("from exporter.history import HistoryStore, StateFileInUse\n"
+            f"try:\n    HistoryStore({path!r})\nexcept StateFileInUse as e:\n"
+            "    print(e)\n    raise SystemExit(3)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 3 and "in use by another exporter" in result.stdout
+    store.close()
+    with pytest.raises(StateFileInUse):
+        HistoryStore(path), HistoryStore(path)
+
+
+# ---- against the simulator, with the real process and a real state file ------------
+
+def stuck_ids(metrics: dict, reason: str) -> set[str]:
+    return {dict(k[1])["job_id"] for k in samples(metrics, "zilliz_import_stuck_job_info",
+                                                  reason=reason)}
+
+
+def transition_counts(metrics: dict, cluster: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in samples(metrics, "zilliz_import_job_transitions_total",
+                              cluster_name=cluster).items():
+        state = dict(key[1])["state"]
+        out[state] = out.get(state, 0) + value
+    return out
+
+
+def test_stuck_stalled_transitions_and_restart(simulator, exporter, tmp_path: Path) -> None:
+    v2 = simulator.add_cluster("v2", "v2")
+    v1 = simulator.add_cluster("v1", "v1")
+    stuck = v1.add_jobs(1, "medium_articles", "importing")[0]
+    freeze = v2.add_jobs(1, "images", "importing", progress=10)[0]
+    movers = v2.add_jobs(6, "images", "importing", progress=5)
+    v2.add_jobs(3, "images", "completed")            # baseline: never counted
+    state = tmp_path / "state.db"
+    config = {"state_file": str(state),
+              "defaults": fast_defaults(stuck_after="4s", stall_after="2s"),
+              "clusters": [simulator.cluster_config("v1", stall_after=0),
+                           simulator.cluster_config("v2", stuck_after="1h")]}
+    proc = exporter(config)
+    proc.wait_for_metrics(lambda m: m.get(("zilliz_import_up", (("cluster_name", "v2"),))))
+    # the frozen v2 job stalls while v2's movers keep moving
+    moving = threading.Event()
+
+    def move() -> None:
+        step = 0
+        while not moving.wait(0.2):
+            step += 1
+            for job_id in movers:
+                v2.set_progress(job_id, step % 100)
+    mover = threading.Thread(target=move, daemon=True)
+    mover.start()
+    try:
+        metrics = proc.wait_for_metrics(lambda m: freeze in stuck_ids(m, "stalled"),
+                                        what="the frozen job to stall")
+        assert stuck_ids(metrics, "stalled") == {freeze}
+    finally:
+        moving.set()
+        mover.join()
+    metrics = proc.wait_for_metrics(lambda m: stuck in stuck_ids(m, "age"),
+                                    what="the v1 job to be stuck by age")
+    info = samples(metrics, "zilliz_import_stuck_job_info", job_id=stuck)
+    assert dict(next(iter(info))[1])["collection"] == "medium_articles"
+    v2.set_progress(freeze, 50)
+    proc.wait_for_metrics(lambda m: freeze not in stuck_ids(m, "stalled"),
+                          what="the stall to recover")
+    # moves the exporter sees
+    v2.set_state(movers[0], "completed")
+    v2.set_state(movers[1], "failed")
+    metrics = proc.wait_for_metrics(
+        lambda m: transition_counts(m, "v2") == {"completed": 1, "failed": 1})
+    age_before = metrics[("zilliz_import_oldest_active_job_age_seconds",
+                          (("cluster_name", "v1"), ("collection", "medium_articles")))]
+    assert proc.stop() == 0
+    # moves while it is down: a known job finishes, a new job appears already finished
+    v2.set_state(movers[2], "completed")
+    v2.add_jobs(1, "images", "failed")
+    proc2 = exporter(config)
+    metrics = proc2.wait_for_metrics(
+        lambda m: transition_counts(m, "v2") == {"completed": 1, "failed": 1}
+        and stuck in stuck_ids(m, "age"), what="downtime moves counted once")
+    age_after = metrics[("zilliz_import_oldest_active_job_age_seconds",
+                         (("cluster_name", "v1"), ("collection", "medium_articles")))]
+    assert age_after > age_before                # ages continue from the first sighting
+    assert stuck in stuck_ids(metrics, "age")    # no waiting stuck_after again
+    # nothing more is counted on later polls
+    polls = simulator.clusters["v2"].requests
+    wait_until(lambda: simulator.clusters["v2"].requests >= polls + 2)
+    assert transition_counts(proc2.metrics(), "v2") == {"completed": 1, "failed": 1}
+
+
+def test_corrupt_state_file_does_not_stop_the_exporter(simulator, exporter,
+                                                       tmp_path: Path) -> None:
+    simulator.add_cluster("c", "v2").add_jobs(2)
+    state = tmp_path / "state.db"
+    state.write_bytes(b"\x00garbage" * 512)
+    proc = exporter({"state_file": str(state), "defaults": fast_defaults(),
+                     "clusters": [simulator.cluster_config("c")]})
+    proc.wait_for_metrics(lambda m: m.get(("zilliz_import_up", (("cluster_name", "c"),))))
+    assert list(tmp_path.glob("state.db.corrupt-*"))
+    assert "moved aside" in proc.logs()
+    (tmp_path / "second").mkdir()
+    second = exporter({"state_file": str(state), "clusters": [simulator.cluster_config("c")]},
+                      wait_listening=False, tmp=tmp_path / "second")
+    assert second.proc is not None and second.proc.wait(10) == 1
+    assert "in use by another exporter" in second.logs()
