@@ -102,7 +102,7 @@ def resolve_shard(args: argparse.Namespace, environ: dict[str, str]) -> tuple[in
 
 def demo_config(base_urls: dict[str, dict[str, Any]]) -> Config:
     """The --demo configuration: short intervals so everything shows within a minute."""
-    raw = {"defaults": {"interval": "5s", "stuck_after": "45s", "stall_after": "15s",
+    raw = {"defaults": {"interval": "5s", "stuck_after": "30s", "stall_after": "10s",
                         "stale_after": "30s"},
            "clusters": list(base_urls.values())}
     return parse_config(raw, "<demo>", environ={})

@@ -320,7 +320,7 @@ class DemoDirector:
         self._stop = threading.Event()
         self._ticks = 0
         self.stuck_job = ""
-        self.stalling_job = ""
+        self._stalling: dict[str, int] = {}   # job id -> tick it was created
         for name, flavour, key, collections in DEMO_CLUSTERS:
             cluster = sim.add_cluster(name, flavour, key)
             for collection in collections:
@@ -331,11 +331,13 @@ class DemoDirector:
         v1 = sim.clusters["demo-cloud-v1"]
         self.stuck_job = v1.add_jobs(1, "medium_articles", "importing", 42,
                                      prefix="stuck")[0]
-        v2 = sim.clusters["demo-cloud-v2"]
-        self.stalling_job = v2.add_jobs(1, "images", "importing", 55, prefix="stalls")[0]
-
     def step(self) -> None:
+        """One tick: every job moves a little; every 15 ticks a job that stalls appears."""
         self._ticks += 1
+        if self._ticks % 15 == 1:
+            v2 = self.sim.clusters["demo-cloud-v2"]
+            job_id = v2.add_jobs(1, "images", "importing", 30, prefix="stalls")[0]
+            self._stalling[job_id] = self._ticks
         for name, _, _, collections in DEMO_CLUSTERS:
             cluster = self.sim.clusters[name]
             with cluster._lock:
@@ -343,8 +345,9 @@ class DemoDirector:
             for job in jobs:
                 if job.job_id == self.stuck_job:
                     continue                      # importing forever, progress frozen
-                if job.job_id == self.stalling_job and self._ticks % 40 < 25:
-                    continue                      # frozen for 25 ticks of every 40
+                born = self._stalling.get(job.job_id)
+                if born is not None and self._ticks - born < 12:
+                    continue                      # frozen for its first 12 ticks
                 if job.state == "pending" and self._rng.random() < 0.3:
                     cluster.set_state(job.job_id, "importing", 0)
                 elif job.state == "importing":

@@ -108,7 +108,8 @@ class ExporterProcess:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"exporter exited {self.proc.returncode}: "
                                          f"{self.logs()}")
-                match = re.search(r"msg=listening address=[\d.]+:(\d+)", self.logs())
+                match = re.search(r'"?msg"?[=:] ?"?listening"?,? "?address"?[=:] ?"?[\d.]+:(\d+)',
+                                  self.logs())
                 return int(match.group(1)) if match else 0
             self.port = wait_until(listening, 20, "the exporter to listen")
         return self

@@ -1,0 +1,212 @@
+"""The command line as an operator drives it: demo, reload, signals, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import (
+    ExporterProcess, fast_defaults, job_counts, parse_metrics, require_tool, samples,
+    wait_until,
+)
+from exporter.cli import parse_listen_address, resolve_shard, build_parser
+
+
+def test_demo_shows_jobs_within_10_seconds_and_passes_promtool(tmp_path: Path) -> None:
+    proc = ExporterProcess(tmp_path, None, ["--demo"])
+    proc.start()
+    try:
+        started = time.monotonic()
+        metrics = proc.wait_for_metrics(
+            lambda m: all(job_counts(m, c) for c in ("demo-cloud-v1", "demo-cloud-v2",
+                                                     "demo-milvus")),
+            timeout=10, what="non-zero jobs for the three demo clusters")
+        assert time.monotonic() - started < 10
+        assert samples(metrics, "zilliz_import_cluster_info", api="v1")
+        _, _, body = proc.get("/metrics")
+        promtool = require_tool("promtool")
+        result = subprocess.run([promtool, "check", "metrics"], input=body,
+                                capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert not result.stdout.strip() and not result.stderr.strip(), result.stdout
+    finally:
+        proc.stop()
+
+
+def test_demo_stuck_and_stalled_within_a_minute(tmp_path: Path) -> None:
+    proc = ExporterProcess(tmp_path, None, ["--demo"]).start()
+    try:
+        seen: set[tuple[str, str]] = set()
+
+        def both(m: dict) -> bool:
+            seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
+                        for k in samples(m, "zilliz_import_stuck_job_info"))
+            return ("age", "stuck") in seen and ("stalled", "stalls") in seen
+        proc.wait_for_metrics(both, timeout=60, what="the demo's stuck and stalled jobs")
+    finally:
+        proc.stop()
+
+
+def test_flags_and_environment() -> None:
+    parser = build_parser()
+    args = parser.parse_args([])
+    assert (args.config_file, args.listen_address, args.telemetry_path) == \
+        ("config.yaml", ":9636", "/metrics")
+    assert parse_listen_address(":9636") == ("", 9636)
+    assert parse_listen_address("[::1]:80") == ("::1", 80)
+    env = {"ZIE_SHARD_COUNT": "3", "ZIE_SHARD_INDEX": "zie-2"}
+    assert resolve_shard(args, env) == (3, 2)
+    assert resolve_shard(parser.parse_args(["--shard.index", "1"]), env) == (3, 1)  # flag wins
+    for bad in (["--shard.count", "2", "--shard.index", "2"], ["--shard.count", "0"]):
+        try:
+            resolve_shard(parser.parse_args(bad), {})
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} accepted")
+
+
+def test_reload_adds_removes_changes_and_keeps_the_rest(simulator, exporter) -> None:
+    for name in ("keep", "drop", "change"):
+        simulator.add_cluster(name, "v2").add_jobs(3, "c", "importing")
+    config = {"defaults": fast_defaults(),
+              "clusters": [simulator.cluster_config(n) for n in ("keep", "drop", "change")]}
+    proc = exporter(config, "--web.enable-lifecycle")
+    proc.wait_for_metrics(lambda m: all(job_counts(m, n) for n in ("keep", "drop", "change")))
+    # watch the unchanged cluster's series on every scrape through the reload
+    simulator.add_cluster("new", "milvus", api_key="u:p").add_jobs(2, "n", "pending")
+    config["clusters"] = [simulator.cluster_config("keep"),
+                          simulator.cluster_config("change", page_size=2),
+                          simulator.cluster_config("new")]
+    proc.write_config(config)
+    status, _, body = proc.get("/-/reload", method="POST")
+    assert status == 200, body
+    gaps = 0
+
+    def settled(m: dict) -> bool:
+        nonlocal gaps
+        gaps += not job_counts(m, "keep")
+        return bool(job_counts(m, "new")) and not samples(m, "zilliz_import_up",
+                                                          cluster_name="drop") \
+            and bool(job_counts(m, "change"))
+    proc.wait_for_metrics(settled, what="reload applied")
+    assert gaps == 0
+    assert "added=new" in proc.logs() and "removed=drop" in proc.logs() \
+        and "changed=change" in proc.logs()
+    assert "keep" not in [l for l in proc.logs().splitlines() if "reloaded" in l][0]
+    # a bad config is refused; the running one stays; the gauge says so
+    config["clusters"][0]["interval"] = "often"
+    proc.write_config(config)
+    status, _, body = proc.get("/-/reload", method="POST")
+    assert status == 400 and b"key 'interval'" in body
+    metrics = proc.metrics()
+    assert metrics[("zilliz_import_config_last_reload_successful", ())] == 0
+    assert job_counts(metrics, "keep")
+    # SIGHUP reloads too, and a good file sets the gauge back to 1
+    config["clusters"][0]["interval"] = "1s"
+    proc.write_config(config)
+    proc.signal(signal.SIGHUP)
+    proc.wait_for_metrics(
+        lambda m: m[("zilliz_import_config_last_reload_successful", ())] == 1)
+
+
+def test_shutdown_writes_history_and_exits_0(simulator, exporter, tmp_path: Path) -> None:
+    simulator.add_cluster("c", "v2").add_jobs(5, "c", "importing")
+    state = tmp_path / "state.db"
+    proc = exporter({"state_file": str(state), "defaults": fast_defaults(),
+                     "clusters": [simulator.cluster_config("c")]})
+    proc.wait_for_metrics(lambda m: job_counts(m, "c"))
+    assert proc.stop() == 0
+    import sqlite3
+    rows = sqlite3.connect(str(state)).execute("SELECT count(*) FROM jobs").fetchone()
+    assert rows == (5,)
+    assert not Path(str(state) + "-wal").exists() or Path(str(state) + "-wal").stat().st_size == 0
+
+
+def test_json_logs_are_one_object_per_line(simulator, exporter) -> None:
+    simulator.add_cluster("c", "v2").fail("500")
+    proc = exporter({"defaults": fast_defaults(),
+                     "clusters": [simulator.cluster_config("c")]},
+                    "--log.format", "json", "--log.level", "debug")
+    wait_until(lambda: "cluster started failing" in proc.logs())
+    events = [json.loads(line) for line in proc.logs().splitlines()]
+    failing = [e for e in events if e["msg"] == "cluster started failing"][0]
+    assert failing["cluster_name"] == "c" and failing["reason"] == "http"
+    assert "duration_seconds" in failing and failing["level"] == "warn"
+    requests = [e for e in events if e["msg"] == "api request"]
+    assert requests and requests[0]["path"] == "/v2/vectordb/jobs/import/list"
+    assert requests[0]["status"] == 500
+
+
+# ---- secrets: one sweep over every way text leaves the process ------------------------
+
+ZILLIZ_KEY = "zk-sweep-4d1c8e2b9a7f6e5d"
+MILVUS_KEY = "sweepuser:Sw33p-Passw0rd-xyz"
+
+
+def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) -> None:
+    good = simulator.add_cluster("good", "v2", api_key=ZILLIZ_KEY)
+    good.add_jobs(3, "c", "importing")
+    simulator.add_cluster("milvus", "milvus", api_key=MILVUS_KEY).add_jobs(1)
+    simulator.add_cluster("refused", "v1", api_key="something-else")
+    http_port = simulator.base_url.rsplit(":", 1)[1]
+    key_file = tmp_path / "key"
+    key_file.write_text(MILVUS_KEY + "\n")
+    clusters = [
+        simulator.cluster_config("good"),
+        {**{k: v for k, v in simulator.cluster_config("milvus").items() if k != "api_key"},
+         "api_key_file": str(key_file)},
+        {**simulator.cluster_config("refused"), "api_key": "${ZKEY}"},
+        {"name": "tls-broken", "url": f"https://127.0.0.1:{http_port}/milvus/milvus",
+         "api": "v2", "api_key": MILVUS_KEY},
+        {"name": "conn-refused", "url": "http://127.0.0.1:9", "api": "v2",
+         "api_key": MILVUS_KEY},
+    ]
+    config = {"defaults": fast_defaults(), "clusters": clusters}
+    env = {"ZKEY": ZILLIZ_KEY}
+    proc = exporter(config, "--log.level", "debug", "--web.enable-lifecycle", env=env)
+    metrics = proc.wait_for_metrics(
+        lambda m: all(samples(m, "zilliz_import_up", cluster_name=c["name"])
+                      for c in clusters), what="every cluster polled once")
+    assert metrics[("zilliz_import_up", (("cluster_name", "good"),))] == 1
+    assert metrics[("zilliz_import_poll_errors_total",
+                    (("cluster_name", "refused"), ("reason", "auth")))] >= 1
+    assert metrics[("zilliz_import_poll_errors_total",
+                    (("cluster_name", "tls-broken"), ("reason", "connection")))] >= 1
+    texts = {"metrics": proc.get("/metrics")[2].decode(), "page": proc.get("/")[2].decode()}
+    assert "refused the credentials" in texts["page"]     # the error is shown, the key not
+    config["clusters"][0]["retries"] = "many"
+    proc.write_config(config)
+    texts["reload"] = proc.get("/-/reload", method="POST")[2].decode()
+    assert "key 'retries'" in texts["reload"]
+    def check_config() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "exporter", "-c", str(proc.config_path),
+                               "--check-config"], capture_output=True, text=True,
+                              env={**os.environ, **env})
+    refused = check_config()
+    assert refused.returncode == 2
+    config["clusters"][0]["retries"] = 0
+    proc.write_config(config)
+    check = check_config()
+    assert check.returncode == 0
+    texts["check-config"] = refused.stderr + check.stdout + check.stderr
+    once = subprocess.run([sys.executable, "-m", "exporter", "-c", str(proc.config_path),
+                           "--once", "--log.level", "debug"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+    texts["once"] = once.stdout + once.stderr
+    proc.stop()
+    texts["logs"] = proc.logs()
+    assert "level=debug" in texts["logs"] and "tls-broken" in texts["logs"]
+    for where, text in texts.items():
+        for secret in (ZILLIZ_KEY, MILVUS_KEY, MILVUS_KEY.split(":")[1], "Bearer "):
+            assert secret not in text, f"{secret!r} leaked into {where}"
+    # the simulator did receive the keys: the sweep looked for strings that were in play
+    assert simulator.clusters["good"].requests and simulator.clusters["milvus"].requests
+    assert yaml.safe_load(check.stdout)["clusters"][0]["api_key"] == "<secret>"
+    assert parse_metrics(once.stdout)
