@@ -187,3 +187,16 @@ def test_sharding_is_stable_and_parses_pod_names() -> None:
     # The assignment is part of the deployment contract: a change would move clusters
     # between replicas on upgrade. These values are sha256-derived and pinned.
     assert [shard_of(f"c{i}", 3) for i in range(8)] == PINNED_SHARDS
+
+
+def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
+    from conftest import ROOT
+    key = tmp_path / "zilliz"
+    key.write_text("k\n")
+    text = (ROOT / "config.example.yaml").read_text().replace("/run/secrets/zilliz", str(key))
+    config = load_config(write(tmp_path, text),
+                         environ={"ZILLIZ_API_KEY": "a", "MILVUS_USER": "u",
+                                  "MILVUS_PASSWORD": "p"})
+    assert [(c.name, c.api) for c in config.clusters] == \
+        [("prod-search", "v1"), ("prod-recs", "v2"), ("onprem-milvus", "v2")]
+    assert config.clusters[2].api_key == "u:p" and config.clusters[1].settings.interval == 120

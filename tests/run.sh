@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs every test.
+#   bash tests/run.sh [pytest arguments]
+# Python packages go into .venv; Prometheus (with promtool) and Chromium come from
+# Debian's packages when missing and this runs as root. Without them the tests that
+# need them are skipped with a reason, except under CI=true, where they fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+missing=()
+{ command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing ${missing[*]} from Debian's packages"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
+      || echo "could not install ${missing[*]}: the tests that need them will skip (or fail under CI=true)"
+  else
+    echo "not root or no apt-get: tests needing ${missing[*]} will skip (or fail under CI=true)"
+  fi
+fi
+
+exec .venv/bin/python -m pytest "$@"

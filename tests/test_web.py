@@ -1,0 +1,252 @@
+"""HTTP layer: TLS, basic auth and the status page, with real clients and a real browser."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import ipaddress
+import os
+import re
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
+
+from conftest import ROOT, fast_defaults, job_counts, require_tool, wait_until
+from exporter.config import ClusterConfig, WebConfig
+from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.web import WebApp, create_server
+
+ARTIFACTS = Path(os.environ.get("ZIE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+# ---- certificates ---------------------------------------------------------------------
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False,
+          server: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject))
+               .issuer_name(issuer_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate | None = None, key=None) -> str:
+    data = b""
+    if cert is not None:
+        data += cert.public_bytes(serialization.Encoding.PEM)
+    if key is not None:
+        data += key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pki() -> dict[str, str]:
+    """A CA, a server cert for 127.0.0.1, a client cert, and an unrelated CA."""
+    directory = Path(tempfile.mkdtemp(prefix="zie-pki-"))
+    out = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test ca", ca_key, _name("test ca"), ca_key, ca=True)
+    out["ca"] = _write(directory / "ca.pem", ca)
+    for role, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(role, key, ca.subject, ca_key, server=server)
+        out[f"{role}_cert"] = _write(directory / f"{role}.pem", cert)
+        out[f"{role}_key"] = _write(directory / f"{role}.key", key=key)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = _cert("other ca", other_key, _name("other ca"), other_key, ca=True)
+    out["other_ca"] = _write(directory / "other-ca.pem", other)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue = _cert("rogue", rogue_key, other.subject, other_key)
+    out["rogue_cert"] = _write(directory / "rogue.pem", rogue)
+    out["rogue_key"] = _write(directory / "rogue.key", key=rogue_key)
+    return out
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+# ---- basic auth and TLS against the real process --------------------------------------
+
+def test_basic_auth_protects_every_endpoint(simulator, exporter, tmp_path: Path) -> None:
+    simulator.add_cluster("c", "v2").add_jobs(2)
+    hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump({"basic_auth_users": {"alice": hashed},
+                                   "http_server_config": {"headers": {
+                                       "X-Content-Type-Options": "nosniff"}}}))
+    proc = exporter({"defaults": fast_defaults(), "clusters": [simulator.cluster_config("c")]},
+                    "--web.config.file", str(web), "--web.enable-lifecycle")
+    for path in ("/metrics", "/", "/-/healthy", "/-/ready"):
+        status, headers, _ = proc.get(path)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+        assert proc.get(path, basic("alice", "wrong"))[0] == 401
+        assert proc.get(path, basic("bob", "s3cret-pass"))[0] == 401
+    assert proc.get("/-/reload", method="POST")[0] == 401
+    status, headers, _ = proc.get("/-/healthy", basic("alice", "s3cret-pass"))
+    assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
+    wait_until(lambda: proc.get("/-/ready", basic("alice", "s3cret-pass"))[0] == 200)
+    status, _, body = proc.get("/metrics", basic("alice", "s3cret-pass"))
+    assert status == 200 and b"zilliz_import_up" in body
+    assert proc.get("/-/reload", basic("alice", "s3cret-pass"), method="POST")[0] == 200
+
+
+def tls_client(pki: dict[str, str], ca: str = "ca", cert: str | None = "client"
+               ) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=pki[ca])
+    if cert:
+        ctx.load_cert_chain(pki[f"{cert}_cert"], pki[f"{cert}_key"])
+    return ctx
+
+
+def test_tls_with_required_client_certificate(simulator, exporter, tmp_path: Path,
+                                              pki: dict[str, str]) -> None:
+    simulator.add_cluster("c", "v2").add_jobs(2)
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump({"tls_server_config": {
+        "cert_file": pki["server_cert"], "key_file": pki["server_key"],
+        "client_ca_file": pki["ca"], "client_auth_type": "RequireAndVerifyClientCert",
+        "min_version": "TLS12"}}))
+    proc = exporter({"defaults": fast_defaults(), "clusters": [simulator.cluster_config("c")]},
+                    "--web.config.file", str(web))
+    proc.scheme = "https"
+    status, _, body = proc.get("/metrics", context=tls_client(pki))
+    assert status == 200 and b"zilliz_import_cluster_info" in body
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        proc.get("/metrics", context=tls_client(pki, cert=None))     # no client cert
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        proc.get("/metrics", context=tls_client(pki, cert="rogue"))  # cert from another CA
+    with pytest.raises(urllib.error.URLError) as info:
+        proc.get("/metrics", context=tls_client(pki, ca="other_ca"))  # server not trusted
+    assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+    proc.scheme = "http"
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        proc.get("/metrics")   # plain HTTP is not served
+    # the server keeps serving after bad handshakes
+    proc.scheme = "https"
+    assert proc.get("/-/healthy", context=tls_client(pki))[0] == 200
+
+
+@pytest.mark.parametrize("doc,key", [
+    ({"tls_server_config": {"cert_file": "/nope.pem", "key_file": "/nope.pem"}},
+     "tls_server_config.cert_file"),
+    ({"basic_auth_users": {"alice": "plaintext"}}, "basic_auth_users.alice"),
+    ({"tls_server_config": {}, "extra": 1}, "extra"),
+])
+def test_bad_web_config_is_a_startup_error(tmp_path: Path, doc: dict, key: str) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump(doc))
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({"clusters": [{"name": "a", "url": "http://x",
+                                                    "api": "v2"}]}))
+    result = subprocess.run([sys.executable, "-m", "exporter", "-c", str(config),
+                             "--web.config.file", str(web)], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)
+    assert result.returncode == 2 and f"key '{key}'" in result.stderr
+
+
+# ---- the HTTP layer alone --------------------------------------------------------------
+
+def test_scrape_does_not_wait_for_anything_but_the_board() -> None:
+    board = SnapshotBoard()
+    cluster = ClusterConfig(name="x", url="http://h", api="v2")
+    board.publish(ClusterSnapshot(cluster=cluster))
+    registry = CollectorRegistry()
+    ready = threading.Event()
+    app = WebApp(registry=registry, board=board, is_ready=ready.is_set,
+                 web_config=WebConfig(), lifecycle=True, reload=lambda: "bad: key 'x'")
+    server = create_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url + "/-/ready", timeout=5)
+        assert info.value.code == 503
+        ready.set()
+        assert urllib.request.urlopen(url + "/-/ready", timeout=5).status == 200
+        request = urllib.request.Request(url + "/-/reload", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 400 and info.value.read() == b"bad: key 'x'\n"
+        page = urllib.request.urlopen(url + "/", timeout=5).read().decode()
+        assert "<td>x</td>" in page and "waiting" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---- the status page in a real browser -------------------------------------------------
+
+def chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    binary = require_tool("chromium")
+    profile = tempfile.mkdtemp(prefix="zie-chromium-")
+    return subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", *args],
+        capture_output=True, text=True, timeout=timeout)
+
+
+def test_status_page_in_headless_chromium(simulator, exporter) -> None:
+    ok = simulator.add_cluster("healthy-one", "v2")
+    for state, n in (("pending", 2), ("importing", 3), ("completed", 4), ("failed", 1)):
+        ok.add_jobs(n, "c", state)
+    simulator.add_cluster("broken-one", "v1").fail("auth_body")
+    proc = exporter({"defaults": fast_defaults(stuck_after="1s"),
+                     "clusters": [simulator.cluster_config("healthy-one"),
+                                  simulator.cluster_config("broken-one")]})
+    proc.wait_for_metrics(lambda m: job_counts(m, "healthy-one") and
+                          ("zilliz_import_up", (("cluster_name", "broken-one"),)) in m)
+    proc.wait_for_metrics(lambda m: m.get(("zilliz_import_jobs_stuck", (
+        ("cluster_name", "healthy-one"), ("collection", "c")))) == 5, what="5 stuck jobs")
+    dom = chromium("--dump-dom", proc.url + "/")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", dom.stdout, re.S):
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+                 for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        if cells:
+            rows[cells[0]] = cells
+    healthy = rows["healthy-one"]
+    assert healthy[1:4] == ["v2", simulator.base_url.split("//")[1], "up"]
+    assert healthy[6:10] == ["2", "3", "4", "1"]          # pending, importing, completed, failed
+    assert int(healthy[11]) == 5                          # all active jobs older than 1s
+    assert healthy[12] == "1s"
+    broken = rows["broken-one"]
+    assert broken[3] == "down" and broken[4] == "never"
+    assert broken[5].startswith("auth:") and "80001" in broken[5]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "status-page.png"
+    if shot.exists():
+        shot.unlink()
+    result = chromium(f"--screenshot={shot}", "--window-size=1400,500", proc.url + "/")
+    assert result.returncode == 0 and shot.stat().st_size > 5000, result.stderr[-2000:]
