@@ -1,0 +1,324 @@
+"""Deployment artefacts: promtool on the rules, a real Prometheus on rules and dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from conftest import ROOT, fast_defaults, require_tool, wait_until
+
+DEPLOY = ROOT / "deploy"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "zilliz-import-exporter.json"
+CONTRACT_ALERTS = {"ZillizImportJobStuck", "ZillizImportJobsFailing", "ZillizImportPollFailing",
+                   "ZillizImportDataStale", "ZillizImportPendingBacklog"}
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def rules() -> list[dict]:
+    return [r for g in load(ALERTS)["groups"] for r in g["rules"]]
+
+
+# ---- static checks ---------------------------------------------------------------------
+
+def test_promtool_checks_and_tests_the_rules() -> None:
+    promtool = require_tool("promtool")
+    check = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], capture_output=True,
+                          text=True, cwd=ALERTS.parent)
+    assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
+
+
+def test_every_alert_is_named_documented_and_tested_both_ways() -> None:
+    assert {r["alert"] for r in rules()} == CONTRACT_ALERTS
+    readme = (ROOT / "README.md").read_text()
+    tests = load(ALERTS.parent / "alerts_test.yml")["tests"]
+    for rule in rules():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"])
+        anchor = rule["alert"].lower()
+        assert rule["annotations"]["runbook_url"].endswith("#" + anchor)
+        assert f"### {rule['alert']}" in readme, f"no runbook for {rule['alert']}"
+        cases = [c for t in tests for c in t["alert_rule_test"]
+                 if c["alertname"] == rule["alert"]]
+        assert any(c["exp_alerts"] for c in cases), f"{rule['alert']} never fires"
+        assert any(not c["exp_alerts"] for c in cases), f"{rule['alert']} never quiet"
+    stuck = next(r for r in rules() if r["alert"] == "ZillizImportJobStuck")
+    assert "$labels.job_id" in stuck["annotations"]["summary"]
+
+
+def test_prometheusrule_embeds_the_same_rules() -> None:
+    rule = load(DEPLOY / "kubernetes" / "prometheusrule.yaml")
+    assert rule["kind"] == "PrometheusRule" and rule["spec"] == load(ALERTS)
+
+
+def containers(doc: dict) -> list[dict]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize("path", ["deployment.yaml", "sharded/statefulset.yaml"])
+def test_kubernetes_workloads(path: str) -> None:
+    doc = load(DEPLOY / "kubernetes" / path)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = containers(doc)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/var/lib/zilliz-import-exporter" in mounts
+    config = load(DEPLOY / "kubernetes" / "configmap.yaml")["data"]["config.yaml"]
+    assert yaml.safe_load(config)["state_file"].startswith("/var/lib/zilliz-import-exporter/")
+    if doc["kind"] == "Deployment":
+        assert doc["spec"]["replicas"] == 1
+        claim = next(v for v in pod["volumes"] if v["name"] == "state")
+        assert claim["persistentVolumeClaim"]["claimName"] == \
+            load(DEPLOY / "kubernetes" / "pvc.yaml")["metadata"]["name"]
+    else:
+        env = {e["name"]: e for e in container["env"]}
+        assert int(env["ZIE_SHARD_COUNT"]["value"]) == doc["spec"]["replicas"]
+        assert env["ZIE_SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("directory", ["kubernetes", "kubernetes/sharded"])
+def test_kustomizations_list_existing_files(directory: str) -> None:
+    base = DEPLOY / directory
+    kustomization = load(base / "kustomization.yaml")
+    kinds = set()
+    for resource in kustomization["resources"]:
+        path = (base / resource).resolve()
+        assert path.exists(), resource
+        kinds.add(load(path)["kind"])
+    assert {"ConfigMap", "Secret", "Service", "ServiceMonitor", "PrometheusRule"} <= kinds
+    assert kinds & {"Deployment", "StatefulSet"}
+    monitor = load(DEPLOY / "kubernetes" / "servicemonitor.yaml")
+    service = load(DEPLOY / "kubernetes" / "service.yaml")
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_compose_stack() -> None:
+    compose = load(DEPLOY / "docker-compose.yml")
+    services = compose["services"]
+    assert set(services) == {"simulator", "exporter", "prometheus", "grafana"}
+    assert "exporter.simulator" in " ".join(services["simulator"]["entrypoint"])
+    mounts = " ".join(services["prometheus"]["volumes"])
+    assert "alerts.yml" in mounts
+    grafana = " ".join(services["grafana"]["volumes"])
+    assert "zilliz-import-exporter.json" in grafana and "provisioning" in grafana
+    for volume in services["prometheus"]["volumes"] + services["grafana"]["volumes"] + \
+            services["exporter"]["volumes"]:
+        source = volume.split(":")[0]
+        if source.startswith("."):
+            assert (DEPLOY / source).exists(), source
+    # the exporter's compose config is valid and points at the simulator service
+    from exporter.config import parse_config
+    config = parse_config(load(DEPLOY / "compose" / "exporter.yaml"), "exporter.yaml",
+                          environ={"MILVUS_DEMO_KEY": "root:Milvus-demo-pass"})
+    assert {c.host for c in config.clusters} == {"simulator:8080"}
+    from exporter.simulator import DEMO_CLUSTERS
+    assert {(c.name, c.api_key) for c in config.clusters} == \
+        {(name, key) for name, _, key, _ in DEMO_CLUSTERS}
+
+
+def test_dockerfile_and_systemd_unit() -> None:
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert dockerfile.count("FROM ") >= 2 and "-slim" in dockerfile
+    assert re.search(r"^USER \d+", dockerfile, re.M)
+    assert "HEALTHCHECK" in dockerfile and "/-/healthy" in dockerfile
+    assert 'VOLUME ["/var/lib/zilliz-import-exporter"]' in dockerfile
+    assert "/etc/zilliz-import-exporter/config.yaml" in dockerfile
+    unit = (DEPLOY / "systemd" / "zilliz-import-exporter.service").read_text()
+    for line in ("DynamicUser=yes", "StateDirectory=zilliz-import-exporter",
+                 "ProtectSystem=strict", "EnvironmentFile=", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in unit
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            out.append((f"panel {panel['title']!r}", target["expr"]))
+    for variable in dash["templating"]["list"]:
+        if variable["type"] == "query":
+            out.append((f"variable {variable['name']}", variable["query"]["query"]))
+    return out
+
+
+def test_dashboard_shape() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert set(variables) == {"datasource", "cluster_name", "collection"}
+    assert variables["datasource"]["type"] == "datasource"
+    for name in ("cluster_name", "collection"):
+        assert variables[name]["query"]["query"].startswith("label_values(")
+    exprs = " ".join(e for _, e in dashboard_queries())
+    for needle in ("zilliz_import_stuck_job_info", "zilliz_import_job_transitions_total",
+                   "zilliz_import_up", "zilliz_import_poll_duration_seconds",
+                   "zilliz_import_poll_errors_total", "zilliz_import_api_requests_total"):
+        assert needle in exprs
+    types = {p["type"] for p in dash["panels"]}
+    assert {"timeseries", "table"} <= types
+    for panel in dash["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}"
+
+
+# ---- end to end: a real Prometheus scraping the real exporter ---------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+
+@pytest.fixture
+def prometheus_for(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(target: str) -> Prometheus:
+        binary = require_tool("prometheus")
+        shortened = load(ALERTS)
+        for group in shortened["groups"]:
+            group["interval"] = "1s"
+            for rule in group["rules"]:
+                if "for" in rule:
+                    rule["for"] = "2s"
+        (tmp_path / "alerts.yml").write_text(yaml.safe_dump(shortened))
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [{"job_name": "zie", "static_configs": [{"targets": [target]}]}],
+        }))
+        port = free_port()
+        log = open(tmp_path / "prometheus.log", "wb")
+        procs.append(subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tempfile.mkdtemp(prefix='zie-tsdb-')}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
+        prom = Prometheus(f"http://127.0.0.1:{port}")
+        wait_until(lambda: prom.api("status/buildinfo"), 30, "Prometheus to start")
+        return prom
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+SET_OPERATOR = re.compile(r"\s(and|or|unless)\s")
+COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s*-?[\d.]+\s*$")
+
+
+def value_parts(expr: str) -> list[str]:
+    """The operands of an alert expression without their threshold comparisons."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(expr):
+        depth += char == "("
+        depth -= char == ")"
+        match = SET_OPERATOR.match(expr, i) if depth == 0 else None
+        if match:
+            parts.append(expr[start:i])
+            start = match.end()
+    parts.append(expr[start:])
+    return [COMPARISON.sub("", p.strip()) for p in parts]
+
+
+def test_value_parts_split_thresholds() -> None:
+    assert value_parts("a > 0\nand\nsum by (x) (b) >= 0") == ["a", "sum by (x) (b)"]
+    assert value_parts("max_over_time(up[15m]) == 0") == ["max_over_time(up[15m])"]
+
+
+def instantiate(expr: str) -> str:
+    return (expr.replace("$cluster_name", ".*").replace("$collection", ".*")
+            .replace("$__rate_interval", "1m"))
+
+
+@pytest.mark.e2e
+def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
+        simulator, exporter, prometheus_for) -> None:
+    main = simulator.add_cluster("main", "v1")
+    stuck = main.add_jobs(1, "medium_articles", "importing", prefix="stuck")[0]
+    v2 = simulator.add_cluster("second", "v2")
+    doomed = v2.add_jobs(2, "images", "importing", progress=10)
+    v2.add_jobs(2, "images", "pending")
+    simulator.add_cluster("locked-out", "v2", api_key="other").add_jobs(1)
+    clusters = [simulator.cluster_config("main"),
+                simulator.cluster_config("second", stuck_after="1h"),
+                {**simulator.cluster_config("locked-out"), "api_key": "wrong-key"}]
+    proc = exporter({"defaults": fast_defaults(stuck_after="3s", stall_after=0),
+                     "clusters": clusters})
+    proc.wait_for_metrics(lambda m: ("zilliz_import_up", (("cluster_name", "second"),)) in m)
+    prom = prometheus_for(f"127.0.0.1:{proc.port}")
+
+    def target_up() -> bool:
+        targets = prom.api("targets")["activeTargets"]
+        return bool(targets) and targets[0]["health"] == "up"
+    wait_until(target_up, 30, "the exporter target to be up")
+    # a failure and a completion the exporter sees after its baseline listing
+    v2.set_state(doomed[0], "failed")
+    v2.set_state(doomed[1], "completed")
+    wait_until(lambda: prom.query('zilliz_import_job_transitions_total{state="failed"} > 0'),
+               30, "the failure to reach Prometheus")
+
+    def stuck_firing() -> list[dict]:
+        return [a for a in prom.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == "ZillizImportJobStuck"
+                and a["state"] == "firing"]
+    firing = wait_until(stuck_firing, 40, "ZillizImportJobStuck to fire")
+    assert [a["labels"]["job_id"] for a in firing] == [stuck]   # one alert, the stuck job
+    assert stuck in firing[0]["annotations"]["summary"]
+    assert firing[0]["labels"]["collection"] == "medium_articles"
+    wait_until(lambda: {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]
+                        if a["state"] == "firing"} >= {"ZillizImportJobsFailing",
+                                                       "ZillizImportPollFailing"},
+               30, "failing imports and polls to fire")
+    # every expression parses and its value side returns data from this Prometheus
+    for rule in rules():
+        prom.query(rule["expr"])                       # parses (else status != success)
+        for part in value_parts(rule["expr"]):
+            assert prom.query(part), f"{rule['alert']}: {part!r} returned no data"
+    for where, expr in dashboard_queries():
+        match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr.strip(), re.S)
+        if match:
+            result = prom.query(instantiate(match.group(1)))
+            assert any(match.group(2) in s["metric"] for s in result), where
+            continue
+        wait_until(lambda: prom.query(instantiate(expr)), 20, f"{where}: {expr}")
