@@ -19,11 +19,12 @@ transport, and scrubbed once more before they leave.
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -83,15 +84,20 @@ class PaginationFailure(ApiFailure):
     reason = "pagination"
 
 
+@functools.lru_cache(maxsize=256)
 def normalise_state(raw: str) -> str:
-    """``ImportCompleted``/``Completed`` -> ``completed``; unknown -> snake_case."""
+    """``ImportCompleted``/``Completed`` -> ``completed``; unknown -> snake_case.
+
+    Cached: a listing holds a handful of distinct states over thousands of jobs.
+    """
     name = raw[6:] if raw.startswith("Import") and raw[6:7].isupper() else raw
     snake = _CAMEL.sub("_", name).lower().replace(" ", "_").replace("-", "_")
     return _STATE_ALIASES.get(snake, snake)
 
 
-@dataclass(frozen=True, slots=True)
-class JobRecord:
+class JobRecord(NamedTuple):
+    """One job as listed; a tuple because a large listing holds 100,000 of them."""
+
     job_id: str
     collection: str
     state: str          # normalised

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterator, Mapping, Protocol
 
 from exporter.client import ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord
 
@@ -62,6 +62,14 @@ class JobSummary:
         for (_, state), n in self.counts.items():
             out[state] = out.get(state, 0) + n
         return out
+
+
+class JobListing(Protocol):
+    """A complete listing: its records, and membership by job id."""
+
+    def __iter__(self) -> Iterator[JobRecord]: ...
+
+    def __contains__(self, job_id: object) -> bool: ...
 
 
 class StateFileInUse(Exception):
@@ -212,13 +220,13 @@ class JobHistory:
         packed = self._jobs.get(job_id)
         return None if packed is None else _RECORD.unpack(packed)[0]
 
-    def apply(self, records: Iterable[JobRecord], *, stuck_after: float, stall_after: float,
+    def apply(self, records: JobListing, *, stuck_after: float, stall_after: float,
               max_stuck_series: int) -> JobSummary:
         """Fold one complete listing into the history and summarise it."""
         with self._lock:
             return self._apply(records, stuck_after, stall_after, max_stuck_series)
 
-    def _apply(self, records: Iterable[JobRecord], stuck_after: float, stall_after: float,
+    def _apply(self, records: JobListing, stuck_after: float, stall_after: float,
                max_stuck_series: int) -> JobSummary:
         now = self._clock()
         jobs = self._jobs
@@ -228,11 +236,9 @@ class JobHistory:
         oldest: dict[str, float] = {}
         candidates: list[StuckJob] = []
         upserts: list[tuple[str, float, float, int, str, int]] = []
-        listed: set[str] = set()
         for record in records:
             job_id, state, progress = record.job_id, record.state, record.progress
             collection = record.collection
-            listed.add(job_id)
             index = self._index(state)
             previous = jobs.get(job_id)
             terminal = state in TERMINAL_STATES
@@ -262,7 +268,7 @@ class JobHistory:
                       and now - since > stall_after):
                     candidates.append(StuckJob(collection, job_id, state, "stalled",
                                                first_seen))
-        deletes = [job_id for job_id in jobs if job_id not in listed]
+        deletes = [job_id for job_id in jobs if job_id not in records]
         for job_id in deletes:
             del jobs[job_id]
         if self._store is not None:

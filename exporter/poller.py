@@ -9,12 +9,14 @@ poll, and a slow cluster delays nobody but itself.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
+from array import array
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import requests
 
@@ -30,16 +32,97 @@ log = logging.getLogger("exporter.poller")
 MAX_BACKOFF = 30.0
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+# Listings this large leave tens of megabytes of freed pages behind; glibc keeps them
+# unless asked, and a container's memory limit counts them.
+TRIM_AFTER_JOBS = 10_000
+
+
 class Stopped(Exception):
     """The poller was told to stop while it waited."""
 
 
-@dataclass(frozen=True)
 class Listing:
-    """A complete listing: every page of it succeeded."""
+    """The jobs of one listing, held compactly while its pages arrive.
 
-    records: dict[str, JobRecord]
-    pages: int
+    A listing of 100,000 jobs must not cost 100,000 objects on top of the job ids:
+    collection and state names are stored once and referred to by index, and the
+    records are rebuilt one at a time when the listing is read. A repeated job id
+    overwrites the earlier one (the later page wins).
+    """
+
+    def __init__(self) -> None:
+        self.pages = 0
+        self._ids: list[str] = []
+        self._seen: set[str] = set()
+        self._positions: dict[str, int] | None = None   # only once a server repeats ids
+        self._names: list[str] = []
+        self._name_index: dict[str, int] = {}
+        self._collection = array("I")
+        self._state = array("I")
+        self._progress = array("i")
+
+    def _name(self, name: str) -> int:
+        index = self._name_index.get(name)
+        if index is None:
+            index = self._name_index[name] = len(self._names)
+            self._names.append(name)
+        return index
+
+    def add(self, record: JobRecord) -> bool:
+        """Add one job; False when its id was already listed."""
+        job_id = record.job_id
+        collection, state = self._name(record.collection), self._name(record.state)
+        if job_id in self._seen:
+            if self._positions is None:
+                self._positions = {j: i for i, j in enumerate(self._ids)}
+            i = self._positions[job_id]
+            self._collection[i], self._state[i] = collection, state
+            self._progress[i] = record.progress
+            return False
+        self._seen.add(job_id)
+        if self._positions is not None:
+            self._positions[job_id] = len(self._ids)
+        self._ids.append(job_id)
+        self._collection.append(collection)
+        self._state.append(state)
+        self._progress.append(record.progress)
+        return True
+
+    @classmethod
+    def of(cls, records: Iterable[JobRecord]) -> "Listing":
+        listing = cls()
+        for record in records:
+            listing.add(record)
+        return listing
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._seen
+
+    def __iter__(self) -> Iterator[JobRecord]:
+        names = self._names
+        for job_id, collection, state, progress in zip(
+                self._ids, self._collection, self._state, self._progress):
+            yield JobRecord(job_id, names[collection], names[state], progress)
+
+    def states(self) -> set[str]:
+        return {self._names[i] for i in set(self._state)}
+
+    def get(self, job_id: str) -> JobRecord | None:
+        for record in self:
+            if record.job_id == job_id:
+                return record
+        return None
 
 
 @dataclass(frozen=True)
@@ -110,7 +193,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     """
     settings = cluster.settings
     rng = rng or random.Random()
-    records: dict[str, JobRecord] = {}
+    listing = Listing()
     total: int | None = None
     page = 0
     while True:
@@ -118,7 +201,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
         if page > settings.max_pages:
             raise PaginationFailure(
                 f"listing did not end within max_pages={settings.max_pages} pages "
-                f"({len(records)} jobs so far)")
+                f"({len(listing)} jobs so far)")
         attempt = 0
         while True:
             try:
@@ -135,19 +218,17 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                 attempt += 1
                 if wait(delay):
                     raise Stopped() from None
-        size = len(records)
-        for record in result.records:
-            records[record.job_id] = record
-        new_ids = len(records) - size
+        new_ids = sum([listing.add(record) for record in result.records])
+        listing.pages = page
         if result.count is not None and result.count > len(result.records):
             total = result.count        # a count larger than its page is a total
         if not result.records or len(result.records) < settings.page_size:
             break
-        if total is not None and len(records) >= total:
+        if total is not None and len(listing) >= total:
             break
         if new_ids == 0:
             break
-    return Listing(records=records, pages=page)
+    return listing
 
 
 class ClusterPoller:
@@ -238,28 +319,30 @@ class ClusterPoller:
                                poll_errors=dict(self._poll_errors),
                                api_requests=dict(self._api_requests))
         else:
-            for record in listing.records.values():
-                if record.state not in CANONICAL_STATES and \
-                        record.state not in self._unknown_states:
-                    self._unknown_states.add(record.state)
+            for state in listing.states() - self._unknown_states:
+                if state not in CANONICAL_STATES:
+                    self._unknown_states.add(state)
                     log.warning("unknown job state; counted under its own name",
                                 extra={"fields": {"cluster_name": cluster.name,
-                                                  "state": record.state}})
+                                                  "state": state}})
             settings = cluster.settings
             summary = self._history.apply(
-                listing.records.values(), stuck_after=settings.stuck_after,
+                listing, stuck_after=settings.stuck_after,
                 stall_after=settings.stall_after,
                 max_stuck_series=settings.max_stuck_job_series)
             duration = time.monotonic() - started
             if self._stop.is_set():
                 raise Stopped()
             fields = {"cluster_name": cluster.name, "duration_seconds": round(duration, 3),
-                      "pages": listing.pages, "jobs": len(listing.records)}
+                      "pages": listing.pages, "jobs": len(listing)}
             if self._failing:
                 log.info("cluster recovered", extra={"fields": fields})
             else:
                 log.debug("poll succeeded", extra={"fields": fields})
             self._failing = False
+            if len(listing) >= TRIM_AFTER_JOBS and _MALLOC_TRIM is not None:
+                del listing
+                _MALLOC_TRIM(0)
             snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
                                last_success=self._clock(), jobs=summary,
                                poll_errors=dict(self._poll_errors),

@@ -8,7 +8,7 @@ from exporter.client import JobRecord
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.poller import ClusterSnapshot, Listing, SnapshotBoard
 
 CLUSTER = ClusterConfig(name="prod", url="https://api.cloud.zilliz.com", api="v2",
                         cluster_id="in01-a", api_key="k",
@@ -28,7 +28,7 @@ def setup(records: list[JobRecord], clock: Clock) -> tuple[CollectorRegistry, Sn
                                                            JobHistory]:
     board = SnapshotBoard()
     history = JobHistory("prod", clock=clock)
-    summary = history.apply(records, stuck_after=100, stall_after=0, max_stuck_series=1)
+    summary = history.apply(Listing.of(records), stuck_after=100, stall_after=0, max_stuck_series=1)
     board.publish(ClusterSnapshot(cluster=CLUSTER, polled=True, up=True,
                                   last_success=clock(), jobs=summary,
                                   api_requests={"200": 2}))
@@ -70,10 +70,10 @@ def test_ages_and_stuck_cap() -> None:
     clock = Clock()
     registry, board, history = setup([rec("1", "a", "importing")], clock)
     clock.now += 50
-    summary = history.apply([rec("1", "a", "importing"), rec("2", "a", "pending")],
+    summary = history.apply(Listing.of([rec("1", "a", "importing"), rec("2", "a", "pending")]),
                             stuck_after=100, stall_after=0, max_stuck_series=1)
     clock.now += 70   # job 1 is 120 s old, job 2 is 70 s old
-    summary = history.apply([rec("1", "a", "importing"), rec("2", "a", "pending")],
+    summary = history.apply(Listing.of([rec("1", "a", "importing"), rec("2", "a", "pending")]),
                             stuck_after=60, stall_after=0, max_stuck_series=1)
     board.publish(replace(board.get("prod"), jobs=summary))  # type: ignore[arg-type]
     clock.now += 5
@@ -108,7 +108,7 @@ def test_collection_leaving_the_listing_leaves_metrics() -> None:
     clock = Clock()
     registry, board, history = setup([rec("1", "a", "importing"), rec("2", "b", "failed")],
                                      clock)
-    summary = history.apply([rec("1", "a", "completed")], stuck_after=100, stall_after=0,
+    summary = history.apply(Listing.of([rec("1", "a", "completed")]), stuck_after=100, stall_after=0,
                             max_stuck_series=1)
     board.publish(replace(board.get("prod"), jobs=summary))  # type: ignore[arg-type]
     names = {s.labels.get("collection") for m in registry.collect() for s in m.samples

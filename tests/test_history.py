@@ -12,6 +12,7 @@ import pytest
 from conftest import fast_defaults, samples, wait_until
 from exporter.client import JobRecord
 from exporter.history import HistoryStore, JobHistory, StateFileInUse
+from exporter.poller import Listing
 
 
 class Clock:
@@ -28,7 +29,7 @@ def rec(job_id: str, state: str, progress: int = -1, collection: str = "c") -> J
 
 def apply(history: JobHistory, *records: JobRecord, stuck_after: float = 3600,
           stall_after: float = 600, cap: int = 100):
-    return history.apply(records, stuck_after=stuck_after, stall_after=stall_after,
+    return history.apply(Listing.of(records), stuck_after=stuck_after, stall_after=stall_after,
                          max_stuck_series=cap)
 
 

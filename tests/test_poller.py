@@ -51,7 +51,7 @@ def run(cluster: ClusterConfig):
 def test_stops_on_short_page() -> None:
     v2_pages([job("a"), job("b")], [job("c")])
     listing, _ = run(v2())
-    assert sorted(listing.records) == ["a", "b", "c"] and listing.pages == 2
+    assert sorted(r.job_id for r in listing) == ["a", "b", "c"] and listing.pages == 2
     assert len(responses.calls) == 2
 
 
@@ -59,7 +59,7 @@ def test_stops_on_short_page() -> None:
 def test_stops_on_empty_page_when_no_total() -> None:
     v2_pages([job("a"), job("b")], [job("c"), job("d")], [])
     listing, _ = run(v2())
-    assert len(listing.records) == 4 and len(responses.calls) == 3
+    assert len(listing) == 4 and len(responses.calls) == 3
 
 
 @responses.activate
@@ -67,7 +67,7 @@ def test_stops_when_v1_total_is_reached() -> None:
     for tasks in ([job("a"), job("b")], [job("c"), job("d")]):
         responses.get(V1URL, json={"code": 200, "data": {"tasks": tasks, "count": 4}})
     listing, _ = run(v1())
-    assert len(listing.records) == 4 and len(responses.calls) == 2  # no empty third page
+    assert len(listing) == 4 and len(responses.calls) == 2  # no empty third page
 
 
 @responses.activate
@@ -76,7 +76,7 @@ def test_v1_count_as_page_length_is_not_taken_for_a_total() -> None:
         responses.get(V1URL, json={"code": 200, "data": {"tasks": tasks,
                                                          "count": len(tasks)}})
     listing, _ = run(v1())
-    assert len(listing.records) == 5 and len(responses.calls) == 3
+    assert len(listing) == 5 and len(responses.calls) == 3
 
 
 @responses.activate
@@ -85,14 +85,15 @@ def test_server_that_ignores_paging_is_listed_once() -> None:
     for _ in range(5):
         responses.post(URL, json={"code": 0, "data": {"records": everything}})
     listing, _ = run(v2())
-    assert len(listing.records) == 3 and len(responses.calls) == 2
+    assert len(listing) == 3 and len(responses.calls) == 2
 
 
 @responses.activate
 def test_later_page_wins_for_a_repeated_id() -> None:
     v2_pages([job("a", "Pending"), job("b")], [job("a", "Completed")])
     listing, _ = run(v2())
-    assert listing.records["a"].state == "completed" and len(listing.records) == 2
+    assert listing.get("a").state == "completed" and len(listing) == 2
+    assert [r.job_id for r in listing] == ["a", "b"]
 
 
 @responses.activate
@@ -108,7 +109,7 @@ def test_retries_with_backoff_then_succeeds() -> None:
     responses.post(URL, status=429, headers={"Retry-After": "3"})
     v2_pages([job("a")])
     listing, delays = run(v2(retries=2))
-    assert len(listing.records) == 1 and len(delays) == 2
+    assert len(listing) == 1 and len(delays) == 2
     assert 0 <= delays[0] <= 0.5 and delays[1] == 3  # Retry-After honoured
 
 
@@ -188,7 +189,7 @@ def test_pages_from_the_simulator_match_the_floor() -> None:
                                    cluster_id=cluster.cluster_id, api_key=cluster.api_key,
                                    settings=PollSettings(page_size=50))
             listing = fetch_listing(make_session(config), config)
-            assert len(listing.records) == 250
+            assert len(listing) == 250
             floor = 5 + (0 if mode == "total" else 1)  # 250 is a multiple of 50
             assert cluster.requests == floor, (name, cluster.pages_served)
 

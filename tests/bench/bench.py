@@ -1,0 +1,410 @@
+"""Benchmark: every figure next to its floor or baseline, measured in the same run.
+
+    .venv/bin/python tests/bench/bench.py [--quick]
+
+The simulator runs in its own process (tests/bench/sim_server.py) so that its CPU is
+not counted as ours; the exporter runs as a real process where the figure is about the
+process (scrape latency, memory, writes). Ratios are ours / floor: below 1 is better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from exporter.client import make_session  # noqa: E402
+from exporter.config import ClusterConfig, PollSettings  # noqa: E402
+from exporter.history import JobHistory  # noqa: E402
+from exporter.poller import ClusterPoller, PollerGroup, SnapshotBoard, fetch_listing  # noqa: E402
+
+RESULTS: list[tuple[str, str, str, str, str]] = []
+
+
+def report(figure: str, ours: str, floor: str, ratio: float | None, target: str) -> None:
+    shown = "-" if ratio is None else f"{ratio:.2f}"
+    RESULTS.append((figure, ours, floor, shown, target))
+    print(f"  {figure:<58} ours {ours:>14}  floor {floor:>14}  ratio {shown:>6}  {target}",
+          flush=True)
+
+
+class SimProcess:
+    def __init__(self, spec: list[dict[str, Any]]) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/bench/sim_server.py"),
+                                      json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        self.spec = {c["name"]: c for c in spec}
+
+    def config(self, name: str, page_size: int = 100, **settings: Any) -> ClusterConfig:
+        flavour = self.spec[name].get("flavour", "v2")
+        url = self.url + (f"/milvus/{name}" if flavour == "milvus" else "")
+        return ClusterConfig(name=name, url=url, api="v1" if flavour == "v1" else "v2",
+                             cluster_id="" if flavour == "milvus" else f"in01-{name}",
+                             api_key=f"key-{name}",
+                             settings=PollSettings(page_size=page_size, **settings))
+
+    def yaml_entry(self, name: str, **extra: Any) -> dict[str, Any]:
+        c = self.config(name)
+        entry: dict[str, Any] = {"name": name, "url": c.url, "api": c.api, "api_key": c.api_key}
+        if c.cluster_id:
+            entry["cluster_id"] = c.cluster_id
+        entry.update(extra)
+        return entry
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bare_loop(cluster: ClusterConfig, pages: int) -> Callable[[], None]:
+    """The floor: a plain keep-alive session that fetches and decodes the same pages."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {cluster.api_key}"
+    url = f"{cluster.url}/v2/vectordb/jobs/import/list"
+
+    def run() -> None:
+        for page in range(1, pages + 1):
+            session.post(url, json={"clusterId": cluster.cluster_id, "pageSize":
+                                    cluster.settings.page_size, "currentPage": page},
+                         timeout=30).json()
+    return run
+
+
+def our_poll(cluster: ClusterConfig) -> Callable[[], None]:
+    """One poll as the exporter does it: every page, then folded into the history."""
+    session = make_session(cluster)
+    history = JobHistory(cluster.name)
+    s = cluster.settings
+
+    def run() -> None:
+        listing = fetch_listing(session, cluster)
+        history.apply(listing, stuck_after=s.stuck_after,
+                      stall_after=s.stall_after, max_stuck_series=s.max_stuck_job_series)
+    return run
+
+
+def compare_poll(cluster: ClusterConfig, jobs: int, repeats: int) -> tuple[float, float,
+                                                                           float, float]:
+    ours, floor = our_poll(cluster), bare_loop(cluster, math.ceil(jobs / 100))
+    ours()   # warm: the first poll inserts every job; steady state is what runs all day
+    floor()
+    o_w, o_c, f_w, f_c = [], [], [], []
+    for _ in range(repeats):       # interleaved, so drift hits both alike
+        w, c = timed(floor)
+        f_w.append(w)
+        f_c.append(c)
+        w, c = timed(ours)
+        o_w.append(w)
+        o_c.append(c)
+    med = statistics.median
+    return med(o_w), med(o_c), med(f_w), med(f_c)
+
+
+# ---- figures ---------------------------------------------------------------------------
+
+def requests_per_poll() -> None:
+    print("Requests per poll (page size 100)")
+    cases = [("v1-total", "v1", "total", 20000), ("v1-pagecount", "v1", "page", 20000),
+             ("v2-count", "v2", "total", 20050), ("milvus-exact", "milvus", "none", 20000),
+             ("milvus-short", "milvus", "none", 20050)]
+    sim = SimProcess([{"name": n, "flavour": f, "count_mode": m, "jobs": j}
+                      for n, f, m, j in cases])
+    try:
+        for name, flavour, mode, jobs in cases:
+            cluster = sim.config(name)
+            codes: list[str] = []
+            listing = fetch_listing(make_session(cluster), cluster, observe=codes.append)
+            assert len(listing) == jobs
+            total_known = mode == "total"
+            floor = math.ceil(jobs / 100) + (0 if total_known or jobs % 100 else 1)
+            report(f"requests, {name} ({jobs} jobs, count={mode})", str(len(codes)),
+                   str(floor), len(codes) / floor, "= 1.00")
+    finally:
+        sim.close()
+
+
+def poll_cost(sizes: list[int], repeats: int) -> None:
+    print("One poll of one cluster, page size 100, against a bare requests.Session loop")
+    sim = SimProcess([{"name": f"c{n}", "flavour": "v2", "jobs": n, "collections": 20,
+                       "states": ["pending", "importing", "completed", "failed"]}
+                      for n in sizes])
+    try:
+        for n in sizes:
+            o_w, o_c, f_w, f_c = compare_poll(sim.config(f"c{n}"), n,
+                                              repeats if n <= 20000 else max(2, repeats // 3))
+            report(f"poll wall time, {n} jobs", f"{o_w * 1000:.1f} ms", f"{f_w * 1000:.1f} ms",
+                   o_w / f_w, "<= 1.25" if n == 20000 else "")
+            report(f"poll CPU time, {n} jobs", f"{o_c * 1000:.1f} ms", f"{f_c * 1000:.1f} ms",
+                   o_c / f_c, "<= 1.25" if n == 20000 else "")
+            report(f"poll CPU per job, {n} jobs", f"{o_c / n * 1e6:.2f} us",
+                   f"{f_c / n * 1e6:.2f} us", None, "flat = linear")
+    finally:
+        sim.close()
+
+
+def round_of_clusters(repeats: int) -> None:
+    print("A round of 20 clusters x 2,000 jobs, 20 ms latency per request")
+    names = [f"r{i:02d}" for i in range(20)]
+    sim = SimProcess([{"name": n, "flavour": "v2", "jobs": 2000, "latency": 0.02}
+                      for n in names])
+    try:
+        single = ClusterPoller(sim.config(names[0]), SnapshotBoard(), JobHistory(names[0]))
+        group = PollerGroup(SnapshotBoard())
+        group.apply(tuple(sim.config(n) for n in names), start=False)
+        single.poll_once()
+        group.poll_all_once()
+        singles, rounds = [], []
+        for _ in range(repeats):
+            singles.append(timed(single.poll_once)[0])
+            rounds.append(timed(group.poll_all_once)[0])
+        s, r = statistics.median(singles), statistics.median(rounds)
+        report("round of 20 clusters vs one cluster's poll", f"{r * 1000:.0f} ms",
+               f"{s * 1000:.0f} ms", r / s, "<= 1.5")
+    finally:
+        sim.close()
+
+
+class Exporter:
+    """The real exporter process, as in the tests."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path, *args: str) -> None:
+        self.config_path = tmp / f"config-{time.monotonic_ns()}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log = open(tmp / "exporter.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "-c", str(self.config_path),
+             "--web.listen-address", "127.0.0.1:0", "--web.enable-lifecycle", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.write(line)
+            match = re.search(rb"msg=listening address=[\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.session = requests.Session()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.write(line)
+
+    def get(self, path: str) -> requests.Response:
+        return self.session.get(f"http://127.0.0.1:{self.port}{path}", timeout=60)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config))
+        assert self.session.post(f"http://127.0.0.1:{self.port}/-/reload").status_code == 200
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while self.get("/-/ready").status_code != 200:
+            assert time.monotonic() < deadline, "exporter never became ready"
+            time.sleep(0.1)
+
+    def rss(self) -> int:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore
+
+    def write_bytes(self) -> int:
+        text = Path(f"/proc/{self.proc.pid}/io").read_text()
+        return int(re.search(r"write_bytes: (\d+)", text).group(1))  # type: ignore
+
+    def requests_to(self, cluster: str) -> float:
+        total = 0.0
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith("zilliz_import_api_requests_total{") and \
+                    f'cluster_name="{cluster}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def scrape_latencies(exporter_get: Callable[[], requests.Response], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = exporter_get()
+        response.content
+        out.append(time.perf_counter() - start)
+    return out
+
+
+FLOOR_SERVER = r"""
+import sys, threading
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+disable_created_metrics()   # our counters carry no _created samples either
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from exporter.poller import SnapshotBoard
+from exporter.web import WebApp, create_server
+registry = CollectorRegistry()
+ProcessCollector(registry=registry); PlatformCollector(registry=registry); GCCollector(registry=registry)
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    if not family.name.startswith("zilliz_import_"):
+        continue
+    labels = sorted({k for s in family.samples for k in s.labels})
+    kind = Counter if family.type == "counter" else Gauge
+    metric = kind(family.name, family.documentation, labels, registry=registry)
+    for s in family.samples:
+        if s.name.endswith("_created"):
+            continue
+        child = metric.labels(**s.labels) if labels else metric
+        child.inc(s.value) if kind is Counter else child.set(s.value)
+server = create_server(WebApp(registry=registry, board=SnapshotBoard()), "127.0.0.1", 0)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def scrape_and_memory(tmp: Path, scrapes: int, big_jobs: int) -> None:
+    print(f"/metrics latency, 2,000 collections x 4 states, {scrapes} scrapes each")
+    sim = SimProcess([
+        {"name": "wide", "flavour": "v2", "jobs": 8000, "collections": 2000,
+         "states": ["pending", "importing", "completed", "failed"]},
+        {"name": "big", "flavour": "v2", "jobs": big_jobs, "collections": 1},
+        {"name": "empty", "flavour": "v2", "jobs": 0}])
+    try:
+        exporter = Exporter({"defaults": {"interval": "1h", "stuck_after": "1h"},
+                             "clusters": [sim.yaml_entry("wide")]}, tmp)
+        exporter.wait_ready()
+        exposition = tmp / "exposition.txt"
+        exposition.write_text(exporter.get("/metrics").text)
+        floor_proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(exposition)],
+                                      stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert floor_proc.stdout is not None
+        floor_port = int(floor_proc.stdout.readline())
+        floor_session = requests.Session()
+
+        def floor_get() -> requests.Response:
+            return floor_session.get(f"http://127.0.0.1:{floor_port}/metrics", timeout=60)
+        samples_ours = sum(1 for l in exposition.read_text().splitlines()
+                           if l.startswith("zilliz_import_"))
+        samples_floor = sum(1 for l in floor_get().text.splitlines()
+                            if l.startswith("zilliz_import_"))
+        print(f"  samples: ours {samples_ours}, floor {samples_floor}")
+        scrape_latencies(lambda: exporter.get("/metrics"), 20)
+        scrape_latencies(floor_get, 20)
+        idle = scrape_latencies(lambda: exporter.get("/metrics"), scrapes)
+        floor = scrape_latencies(floor_get, scrapes)
+        floor_proc.terminate()
+        med = statistics.median
+        report("scrape median, idle", f"{med(idle) * 1000:.2f} ms",
+               f"{med(floor) * 1000:.2f} ms", med(idle) / med(floor), "<= 1.3")
+        p99 = lambda xs: sorted(xs)[int(len(xs) * 0.99) - 1]  # noqa: E731
+        report("scrape p99, idle", f"{p99(idle) * 1000:.2f} ms",
+               f"{p99(floor) * 1000:.2f} ms", p99(idle) / p99(floor), "")
+        # now a poll of the big cluster runs back to back while we scrape
+        exporter.write_config({"defaults": {"interval": "1h", "stuck_after": "1h"},
+                               "clusters": [sim.yaml_entry("wide"),
+                                            sim.yaml_entry("big", interval="1s")]})
+        while exporter.requests_to("big") < 3:
+            time.sleep(0.01)
+        busy = scrape_latencies(lambda: exporter.get("/metrics"), scrapes)
+        in_flight = exporter.requests_to("big")
+        report(f"scrape p99 during a {big_jobs}-job poll vs idle median",
+               f"{p99(busy) * 1000:.2f} ms", f"{med(idle) * 1000:.2f} ms",
+               p99(busy) / med(idle), "<= 2.0")
+        report("scrape median during the poll vs idle median", f"{med(busy) * 1000:.2f} ms",
+               f"{med(idle) * 1000:.2f} ms", med(busy) / med(idle), "")
+        print(f"  ({in_flight:.0f} list requests had been sent to the big cluster by the end)")
+        exporter.stop()
+    finally:
+        pass
+    print(f"Memory per tracked job ({big_jobs} jobs, state_file set), and writes")
+    try:
+        state = tmp / "state.db"
+        empty = Exporter({"state_file": str(tmp / "empty.db"), "defaults": {"interval": "2s"},
+                          "clusters": [sim.yaml_entry("empty")]}, tmp)
+        empty.wait_ready()
+        time.sleep(5)
+        base = empty.rss()
+        empty.stop()
+        full = Exporter({"state_file": str(state), "defaults": {"interval": "2s"},
+                         "clusters": [sim.yaml_entry("big")]}, tmp)
+        full.wait_ready()
+        first = full.requests_to("big")
+        pages = math.ceil(big_jobs / 100)
+        while full.requests_to("big") < first + 2 * pages:   # two more complete polls
+            time.sleep(0.2)
+        rss = full.rss()
+        per_job = (rss - base) / big_jobs
+        report(f"RSS per tracked job at {big_jobs} jobs", f"{per_job:.0f} B",
+               f"{base / 2**20:.1f} MiB empty", None, "<= 300 B")
+        files = [state, Path(str(state) + "-wal")]
+        before = [(p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None
+                  for p in files]
+        wrote = full.write_bytes()
+        start = full.requests_to("big")
+        while full.requests_to("big") < start + 3 * pages:   # three unchanged polls
+            time.sleep(0.2)
+        after = [(p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None
+                 for p in files]
+        written = full.write_bytes() - wrote
+        report("bytes written by 3 polls that changed nothing", f"{written} B", "0 B", None,
+               "= 0")
+        report("state file and WAL untouched (size, mtime)", str(before == after), "True",
+               None, "")
+        full.stop()
+    finally:
+        sim.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+    print(f"zilliz-import-exporter benchmark, {time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+          f"Python {platform.python_version()}")
+    with tempfile.TemporaryDirectory(prefix="zie-bench-") as tmp:
+        requests_per_poll()
+        poll_cost([1000, 10000, 20000, 100000], repeats)
+        round_of_clusters(repeats)
+        scrape_and_memory(Path(tmp), 200 if args.quick else 400, 100000)
+    print("\n| figure | ours | floor | ratio | target |\n|---|---|---|---|---|")
+    for row in RESULTS:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
