@@ -25,6 +25,7 @@ from exporter.config import (
 )
 from exporter.history import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
+from exporter.memory import limit_malloc_arenas
 from exporter.poller import PollerGroup, SnapshotBoard, select_shard
 from exporter.web import WebApp, create_server
 
@@ -185,6 +186,7 @@ def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool]) -> Colle
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_malloc_arenas()
     setup_logging(args.log_level, args.log_format)
     try:
         shard = resolve_shard(args, dict(os.environ))

@@ -9,7 +9,6 @@ poll, and a slow cluster delays nobody but itself.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import random
 from array import array
@@ -26,22 +25,14 @@ from exporter.client import (
 )
 from exporter.config import ClusterConfig, Config, shard_of
 from exporter.history import HistoryStore, JobHistory, JobSummary
+from exporter.memory import release_free_memory
 
 log = logging.getLogger("exporter.poller")
 
 MAX_BACKOFF = 30.0
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-# Listings this large leave tens of megabytes of freed pages behind; glibc keeps them
-# unless asked, and a container's memory limit counts them.
+# After a listing this large, hand the pages it used back (see exporter.memory).
 TRIM_AFTER_JOBS = 10_000
 
 
@@ -340,9 +331,9 @@ class ClusterPoller:
             else:
                 log.debug("poll succeeded", extra={"fields": fields})
             self._failing = False
-            if len(listing) >= TRIM_AFTER_JOBS and _MALLOC_TRIM is not None:
+            if len(listing) >= TRIM_AFTER_JOBS:
                 del listing
-                _MALLOC_TRIM(0)
+                release_free_memory()
             snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
                                last_success=self._clock(), jobs=summary,
                                poll_errors=dict(self._poll_errors),

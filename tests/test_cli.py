@@ -210,3 +210,30 @@ def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) ->
     assert simulator.clusters["good"].requests and simulator.clusters["milvus"].requests
     assert yaml.safe_load(check.stdout)["clusters"][0]["api_key"] == "<secret>"
     assert parse_metrics(once.stdout)
+
+
+def test_replicas_split_the_clusters_exactly_once(simulator, exporter, tmp_path: Path) -> None:
+    names = [f"cluster-{i}" for i in range(9)]
+    for name in names:
+        simulator.add_cluster(name, "v2").add_jobs(1)
+    config = {"defaults": fast_defaults(), "clusters": [simulator.cluster_config(n)
+                                                         for n in names]}
+    replicas = []
+    for index in range(3):
+        directory = tmp_path / f"replica-{index}"
+        directory.mkdir()
+        # replica 2 takes its index from a StatefulSet pod name in the environment
+        args = ["--shard.count", "3"] + ([] if index == 2 else ["--shard.index", str(index)])
+        replicas.append(exporter(config, *args, tmp=directory,
+                                 env={"ZIE_SHARD_INDEX": "zilliz-import-exporter-2"}))
+    owners: dict[str, list[int]] = {n: [] for n in names}
+    for index, proc in enumerate(replicas):
+        wait_until(lambda: proc.get("/-/ready")[0] == 200, what=f"replica {index} ready")
+        metrics = proc.metrics()
+        for key in samples(metrics, "zilliz_import_up"):
+            owners[dict(key[1])["cluster_name"]].append(index)
+        for key in samples(metrics, "zilliz_import_cluster_info"):
+            assert dict(key[1])["shard"] == str(index)
+    assert all(len(o) == 1 for o in owners.values()), owners
+    assert len({o[0] for o in owners.values()}) == 3       # every replica has work
+    assert all(simulator.clusters[n].requests for n in names)
