@@ -20,7 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter import __version__
 from exporter.collector import ImportCollector
 from exporter.config import (
-    Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
+    ClusterConfig, Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
     parse_shard_index, redacted,
 )
 from exporter.history import HistoryStore, StateFileInUse
@@ -137,7 +137,7 @@ class Runtime:
         self.reload_ok = True
         self._ready = False
 
-    def clusters(self, config: Config) -> tuple:
+    def clusters(self, config: Config) -> tuple[ClusterConfig, ...]:
         return select_shard(config, *self.shard)
 
     def start(self) -> None:
@@ -286,10 +286,10 @@ def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name="http", daemon=True)
     thread.start()
-    bound_host, bound_port = server.server_address[:2]
-    shown = bound_host if bound_host not in ("", "0.0.0.0", "::") else "0.0.0.0"
+    bound = str(server.server_address[0])
+    shown = bound if bound not in ("", "0.0.0.0", "::") else "0.0.0.0"
     log.info("listening", extra={"fields": {
-        "address": f"{shown}:{bound_port}", "tls": web_config.tls is not None,
+        "address": f"{shown}:{server.server_port}", "tls": web_config.tls is not None,
         "version": __version__}})
     while not stop.wait(1.0):
         pass

@@ -169,11 +169,11 @@ def _list_page(session: requests.Session, cluster: ClusterConfig, current_page: 
     settings = cluster.settings
     try:
         if cluster.api == "v1":
-            response = session.get(
-                f"{cluster.url}/v1/vector/collections/import/list",
-                params={"clusterId": cluster.cluster_id, "pageSize": settings.page_size,
-                        "currentPage": current_page},
-                timeout=settings.timeout)
+            params: dict[str, str | int] = {
+                "clusterId": cluster.cluster_id, "pageSize": settings.page_size,
+                "currentPage": current_page}
+            response = session.get(f"{cluster.url}/v1/vector/collections/import/list",
+                                   params=params, timeout=settings.timeout)
         else:
             body = {"clusterId": cluster.cluster_id, "pageSize": settings.page_size,
                     "currentPage": current_page, "dbName": cluster.db_name,

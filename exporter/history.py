@@ -83,6 +83,7 @@ class HistoryStore:
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._closed = False
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -155,6 +156,8 @@ class HistoryStore:
         if not upserts and not deletes and not baseline:
             return
         with self._lock:
+            if self._closed:   # shutting down: the poller's listing is abandoned
+                return
             conn = self._conn
             conn.execute("BEGIN")
             try:
@@ -173,6 +176,8 @@ class HistoryStore:
     def forget(self, cluster: str) -> None:
         """Drop a cluster that left the configuration."""
         with self._lock:
+            if self._closed:
+                return
             self._conn.execute("BEGIN")
             self._conn.execute("DELETE FROM jobs WHERE cluster=?", (cluster,))
             self._conn.execute("DELETE FROM clusters WHERE cluster=?", (cluster,))
@@ -180,6 +185,9 @@ class HistoryStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:

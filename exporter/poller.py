@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
-from array import array
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -174,7 +174,7 @@ def backoff_delay(attempt: int, retry_after: float | None, cap: float,
 
 def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                   observe: Callable[[str], None] = lambda code: None,
-                  wait: Callable[[float], bool] = lambda s: (time.sleep(s), False)[1],
+                  wait: Callable[[float], bool] | None = None,
                   rng: random.Random | None = None) -> Listing:
     """Page through one listing; raise ApiFailure (never return half a listing).
 
@@ -184,6 +184,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     """
     settings = cluster.settings
     rng = rng or random.Random()
+    wait = wait or threading.Event().wait
     listing = Listing()
     total: int | None = None
     page = 0

@@ -149,8 +149,9 @@ class Simulator:
 
     @property
     def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        host = self._server.server_address[0]
+        text = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{text}:{self._server.server_port}"
 
     def add_cluster(self, name: str, flavour: str = "v2", api_key: str = "",
                     **settings: Any) -> SimCluster:

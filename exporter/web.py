@@ -253,7 +253,7 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
                 headers["Content-Encoding"] = "gzip"
             self._send(200, body, content_type, headers)
 
-    server_class = ExporterServer
+    server_class: type[ExporterServer] = ExporterServer
     if ":" in host:
         server_class = type("ExporterServer6", (ExporterServer,),
                             {"address_family": socket.AF_INET6})
