@@ -17,7 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} from Debian's packages"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
+        apt-get install -y -qq "${missing[@]}" >/dev/null; } \
       || echo "could not install ${missing[*]}: the tests that need them will skip (or fail under CI=true)"
   else
     echo "not root or no apt-get: tests needing ${missing[*]} will skip (or fail under CI=true)"
