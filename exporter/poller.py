@@ -103,7 +103,7 @@ class Listing:
     def __iter__(self) -> Iterator[JobRecord]:
         names = self._names
         for job_id, collection, state, progress in zip(
-                self._ids, self._collection, self._state, self._progress):
+                self._ids, self._collection, self._state, self._progress, strict=True):
             yield JobRecord(job_id, names[collection], names[state], progress)
 
     def states(self) -> set[str]:

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import random
+import ssl
 import sys
 import threading
 import time
@@ -139,19 +140,23 @@ class SimCluster:
 class Simulator:
     """The HTTP server holding any number of simulated clusters."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.clusters: dict[str, SimCluster] = {}
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
+        self._scheme = "http"
+        if tls is not None:   # an API behind a private CA, as some Milvus installs are
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._thread: threading.Thread | None = None
-        self.seen_auth_headers: list[str] = []
 
     @property
     def base_url(self) -> str:
         host = self._server.server_address[0]
         text = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{text}:{self._server.server_port}"
+        return f"{self._scheme}://{text}:{self._server.server_port}"
 
     def add_cluster(self, name: str, flavour: str = "v2", api_key: str = "",
                     **settings: Any) -> SimCluster:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +18,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import Simulator
@@ -163,6 +170,62 @@ class ExporterProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+# ---- certificates ---------------------------------------------------------------------
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False,
+          server: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject))
+               .issuer_name(issuer_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate | None = None, key=None) -> str:
+    data = b""
+    if cert is not None:
+        data += cert.public_bytes(serialization.Encoding.PEM)
+    if key is not None:
+        data += key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pki() -> dict[str, str]:
+    """A CA, a server cert for 127.0.0.1, a client cert, and an unrelated CA."""
+    directory = Path(tempfile.mkdtemp(prefix="zie-pki-"))
+    out = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test ca", ca_key, _name("test ca"), ca_key, ca=True)
+    out["ca"] = _write(directory / "ca.pem", ca)
+    for role, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(role, key, ca.subject, ca_key, server=server)
+        out[f"{role}_cert"] = _write(directory / f"{role}.pem", cert)
+        out[f"{role}_key"] = _write(directory / f"{role}.key", key=key)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = _cert("other ca", other_key, _name("other ca"), other_key, ca=True)
+    out["other_ca"] = _write(directory / "other-ca.pem", other)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue = _cert("rogue", rogue_key, other.subject, other_key)
+    out["rogue_cert"] = _write(directory / "rogue.pem", rogue)
+    out["rogue_key"] = _write(directory / "rogue.key", key=rogue_key)
+    return out
 
 
 @pytest.fixture

@@ -228,7 +228,7 @@ def test_replicas_split_the_clusters_exactly_once(simulator, exporter, tmp_path:
                                  env={"ZIE_SHARD_INDEX": "zilliz-import-exporter-2"}))
     owners: dict[str, list[int]] = {n: [] for n in names}
     for index, proc in enumerate(replicas):
-        wait_until(lambda: proc.get("/-/ready")[0] == 200, what=f"replica {index} ready")
+        wait_until(lambda p=proc: p.get("/-/ready")[0] == 200, what=f"replica {index} ready")
         metrics = proc.metrics()
         for key in samples(metrics, "zilliz_import_up"):
             owners[dict(key[1])["cluster_name"]].append(index)

@@ -321,4 +321,4 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
             result = prom.query(instantiate(match.group(1)))
             assert any(match.group(2) in s["metric"] for s in result), where
             continue
-        wait_until(lambda: prom.query(instantiate(expr)), 20, f"{where}: {expr}")
+        wait_until(lambda e=expr: prom.query(instantiate(e)), 20, f"{where}: {expr}")

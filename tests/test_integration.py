@@ -219,3 +219,28 @@ def test_once_writes_exposition_atomically(simulator, tmp_path: Path) -> None:
     metrics = parse_metrics(result.stdout.decode())
     assert metrics[("zilliz_import_up", (("cluster_name", "bad"),))] == 0
     assert job_counts(metrics, "good") == truth(good)
+
+
+def test_api_behind_a_private_ca(exporter, pki, tmp_path: Path) -> None:
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki["server_cert"], pki["server_key"])
+    with Simulator(tls=tls) as sim:
+        assert sim.base_url.startswith("https://127.0.0.1:")
+        for name in ("trusted", "untrusted", "unverified"):
+            seed(sim.add_cluster(name, "v2"), {"c": {"importing": 2}})
+        proc = exporter({"defaults": fast_defaults(), "clusters": [
+            sim.cluster_config("trusted", tls_ca_file=pki["ca"]),
+            sim.cluster_config("untrusted"),                       # system CAs only
+            sim.cluster_config("unverified", tls_insecure_skip_verify=True)]})
+        metrics = proc.wait_for_metrics(
+            lambda m: all(("zilliz_import_up", (("cluster_name", n),)) in m
+                          for n in ("trusted", "untrusted", "unverified")))
+        assert job_counts(metrics, "trusted") == truth(sim.clusters["trusted"])
+        assert job_counts(metrics, "unverified") == truth(sim.clusters["unverified"])
+        assert metrics[("zilliz_import_up", (("cluster_name", "untrusted"),))] == 0
+        assert metrics[("zilliz_import_poll_errors_total",
+                        (("cluster_name", "untrusted"), ("reason", "connection")))] >= 1
+        assert "certificate verify failed" in proc.logs().lower() or \
+            "CERTIFICATE_VERIFY_FAILED" in proc.logs()
+        proc.stop()
