@@ -261,11 +261,16 @@ def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
             progress = item.get("progress")
         except (TypeError, KeyError, AttributeError):
             raise DecodeFailure(f"{host} answered a job without jobId or state") from None
-        if not isinstance(job_id, (str, int)) or not isinstance(state, str):
-            raise DecodeFailure(f"{host} answered a job whose jobId or state is malformed")
-        records.append(JobRecord(
-            job_id=str(job_id), collection=str(collection), state=normalise_state(state),
-            progress=int(progress) if isinstance(progress, (int, float)) else -1))
+        if type(job_id) is not str:
+            if not isinstance(job_id, int) or isinstance(job_id, bool):
+                raise DecodeFailure(f"{host} answered a job whose jobId is malformed")
+            job_id = str(job_id)
+        if type(state) is not str:
+            raise DecodeFailure(f"{host} answered a job whose state is malformed")
+        if type(progress) is not int:
+            progress = int(progress) if isinstance(progress, float) else -1
+        records.append(JobRecord(job_id, collection if type(collection) is str
+                                 else str(collection), normalise_state(state), progress))
     count = data.get("count")
     if isinstance(count, bool) or not isinstance(count, int):
         count = None

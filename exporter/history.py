@@ -70,6 +70,8 @@ class JobListing(Protocol):
 
     def __iter__(self) -> Iterator[JobRecord]: ...
 
+    def __len__(self) -> int: ...
+
     def __contains__(self, job_id: object) -> bool: ...
 
 
@@ -252,30 +254,35 @@ class JobHistory:
         oldest: dict[str, float] = {}
         candidates: list[StuckJob] = []
         upserts: list[tuple[str, float, float, int, str, int]] = []
-        for record in records:
-            job_id, state, progress = record.job_id, record.state, _clamp(record.progress)
-            collection = record.collection
-            index = self._index(state)
+        state_index, terminal_states, active_states = self._state_index, TERMINAL_STATES, \
+            ACTIVE_STATES
+        for job_id, collection, state, progress in records:
+            if progress < 0 or progress > 127:
+                progress = _clamp(progress)
+            index = state_index.get(state)
+            if index is None:
+                index = self._index(state)
             previous = jobs.get(job_id)
-            terminal = state in TERMINAL_STATES
+            terminal = state in terminal_states
             if previous is None:
                 first_seen = since = now
                 counted = 1 if terminal else 0
                 if terminal and baseline_done:
                     self._transitions[(collection, state)] += 1
+                changed = True
             else:
                 first_seen, since, old_progress, old_index, counted = unpack(previous)
-                if progress != old_progress or index != old_index:
+                changed = progress != old_progress or index != old_index
+                if changed:
                     since = now
                 if terminal and not counted:
-                    counted = 1
+                    counted, changed = 1, True
                     self._transitions[(collection, state)] += 1
-            packed = pack(first_seen, since, progress, index, counted)
-            if packed != previous:
-                jobs[job_id] = packed
+            if changed:
+                jobs[job_id] = pack(first_seen, since, progress, index, counted)
                 upserts.append((job_id, first_seen, since, progress, state, counted))
             counts[(collection, state)] += 1
-            if state in ACTIVE_STATES:
+            if state in active_states:
                 if first_seen < oldest.get(collection, now + 1):
                     oldest[collection] = first_seen
                 if now - first_seen > stuck_after:
@@ -284,7 +291,9 @@ class JobHistory:
                       and now - since > stall_after):
                     candidates.append(StuckJob(collection, job_id, state, "stalled",
                                                first_seen))
-        deletes = [job_id for job_id in jobs if job_id not in records]
+        # Every listed id is in jobs now, so equal sizes mean nobody left.
+        deletes = [] if len(jobs) == len(records) else \
+            [job_id for job_id in jobs if job_id not in records]
         for job_id in deletes:
             del jobs[job_id]
         if self._store is not None:

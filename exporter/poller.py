@@ -67,31 +67,42 @@ class Listing:
             self._names.append(name)
         return index
 
-    def add(self, record: JobRecord) -> bool:
-        """Add one job; False when its id was already listed."""
-        job_id = record.job_id
-        collection, state = self._name(record.collection), self._name(record.state)
-        if job_id in self._seen:
-            if self._positions is None:
-                self._positions = {j: i for i, j in enumerate(self._ids)}
-            i = self._positions[job_id]
-            self._collection[i], self._state[i] = collection, state
-            self._progress[i] = record.progress
-            return False
-        self._seen.add(job_id)
-        if self._positions is not None:
-            self._positions[job_id] = len(self._ids)
-        self._ids.append(job_id)
-        self._collection.append(collection)
-        self._state.append(state)
-        self._progress.append(record.progress)
-        return True
+    def extend(self, records: Iterable[JobRecord]) -> int:
+        """Add one page of jobs; returns how many of their ids were new."""
+        seen, ids, names = self._seen, self._ids, self._name_index
+        add_collection, add_state = self._collection.append, self._state.append
+        add_progress = self._progress.append
+        new = 0
+        for job_id, collection_name, state_name, progress in records:
+            collection = names.get(collection_name)
+            if collection is None:
+                collection = self._name(collection_name)
+            state = names.get(state_name)
+            if state is None:
+                state = self._name(state_name)
+            if job_id in seen:
+                self._overwrite(job_id, collection, state, progress)
+                continue
+            seen.add(job_id)
+            if self._positions is not None:
+                self._positions[job_id] = len(ids)
+            ids.append(job_id)
+            add_collection(collection)
+            add_state(state)
+            add_progress(progress)
+            new += 1
+        return new
+
+    def _overwrite(self, job_id: str, collection: int, state: int, progress: int) -> None:
+        if self._positions is None:
+            self._positions = {j: i for i, j in enumerate(self._ids)}
+        i = self._positions[job_id]
+        self._collection[i], self._state[i], self._progress[i] = collection, state, progress
 
     @classmethod
     def of(cls, records: Iterable[JobRecord]) -> "Listing":
         listing = cls()
-        for record in records:
-            listing.add(record)
+        listing.extend(records)
         return listing
 
     def __len__(self) -> int:
@@ -210,7 +221,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                 attempt += 1
                 if wait(delay):
                     raise Stopped() from None
-        new_ids = sum([listing.add(record) for record in result.records])
+        new_ids = listing.extend(result.records)
         listing.pages = page
         if result.count is not None and result.count > len(result.records):
             total = result.count        # a count larger than its page is a total
