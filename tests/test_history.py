@@ -53,7 +53,7 @@ def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
     assert transitions(fourth) == transitions(second)
 
 
-def test_ages_stuck_and_stalls() -> None:
+def test_ages_stuck_and_stalls(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     h = JobHistory("x", clock=clock)
     apply(h, rec("old", "importing", 10), rec("moving", "importing", 10),
@@ -77,6 +77,9 @@ def test_ages_stuck_and_stalls() -> None:
                    rec("v1", "importing"), cap=2)
     assert [j.job_id for j in capped.stuck_jobs] == ["moving", "old"]  # oldest, then id
     assert capped.stuck == {"c": 3}
+    apply(h, rec("old", "importing", 12), rec("moving", "importing", 40),
+          rec("v1", "importing"), cap=2)
+    assert caplog.text.count("more stuck jobs than max_stuck_job_series") == 1  # once
 
 
 def test_jobs_leaving_the_listing_are_forgotten() -> None:
