@@ -49,7 +49,7 @@ class ImportCollector(Collector):
             "stalled), at most max_stuck_job_series per cluster." + _FROM_POLL,
             labels=["cluster_name", "collection", "job_id", "state", "reason"])
         transitions = CounterMetricFamily(
-            "zilliz_import_job_transitions", "Jobs seen reaching completed or failed after "
+            "zilliz_import_job_transitions_total", "Jobs seen reaching completed or failed after "
             "the cluster's first listing." + _FROM_POLL,
             labels=["cluster_name", "collection", "state"])
         up = GaugeMetricFamily("zilliz_import_up", "1 when the cluster's last poll "
@@ -60,10 +60,10 @@ class ImportCollector(Collector):
         duration = GaugeMetricFamily("zilliz_import_poll_duration_seconds",
                                      "How long the cluster's last poll took.",
                                      labels=["cluster_name"])
-        errors = CounterMetricFamily("zilliz_import_poll_errors", "Failed polls by reason.",
+        errors = CounterMetricFamily("zilliz_import_poll_errors_total", "Failed polls by reason.",
                                      labels=["cluster_name", "reason"])
         requests = CounterMetricFamily(
-            "zilliz_import_api_requests", "HTTP requests sent to the list API; code is the "
+            "zilliz_import_api_requests_total", "HTTP requests sent to the list API; code is the "
             "HTTP status, or error when none came back.", labels=["cluster_name", "code"])
         info = GaugeMetricFamily("zilliz_import_cluster_info", "Cluster metadata for joins.",
                                  labels=["cluster_name", "cluster_id", "api", "host", "shard"])

@@ -120,12 +120,6 @@ class Listing:
     def states(self) -> set[str]:
         return {self._names[i] for i in set(self._state)}
 
-    def get(self, job_id: str) -> JobRecord | None:
-        for record in self:
-            if record.job_id == job_id:
-                return record
-        return None
-
 
 @dataclass(frozen=True)
 class ClusterSnapshot:

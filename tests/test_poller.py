@@ -92,7 +92,7 @@ def test_server_that_ignores_paging_is_listed_once() -> None:
 def test_later_page_wins_for_a_repeated_id() -> None:
     v2_pages([job("a", "Pending"), job("b")], [job("a", "Completed")])
     listing, _ = run(v2())
-    assert listing.get("a").state == "completed" and len(listing) == 2
+    assert {r.job_id: r.state for r in listing}["a"] == "completed" and len(listing) == 2
     assert [r.job_id for r in listing] == ["a", "b"]
 
 
