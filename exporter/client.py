@@ -112,6 +112,25 @@ class ListingPage:
     count: int | None
 
 
+class NameIndex:
+    """Small integers for the few names (collections, states) that thousands of jobs
+    repeat, so per-job storage holds an index instead of another string.
+
+    Hot loops try ``index.get(name)`` first and call the object only for a new name.
+    """
+
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.names: list[str] = list(names)
+        self.index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
+
+    def __call__(self, name: str) -> int:
+        found = self.index.get(name)
+        if found is None:
+            found = self.index[name] = len(self.names)
+            self.names.append(name)
+        return found
+
+
 def make_session(cluster: ClusterConfig) -> requests.Session:
     """A keep-alive session carrying the cluster's credentials and TLS settings."""
     session = requests.Session()

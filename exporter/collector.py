@@ -84,9 +84,9 @@ class ImportCollector(Collector):
             summary = snap.jobs
             if summary is None or snap.is_stale(now):
                 continue
-            for (collection, state), count in sorted(summary.counts.items()):
+            for (collection, state), count in summary.counts.items():
                 jobs.add_metric([name, collection, state], count)
-            for collection, count in sorted(summary.stuck.items()):
+            for collection, count in summary.stuck.items():
                 stuck.add_metric([name, collection], count)
                 first_seen = summary.oldest_active.get(collection)
                 age = 0.0 if first_seen is None else max(0.0, now - first_seen)
@@ -94,7 +94,7 @@ class ImportCollector(Collector):
             for job in summary.stuck_jobs:
                 stuck_info.add_metric([name, job.collection, job.job_id, job.state,
                                        job.reason], 1)
-            for (collection, state), count in sorted(summary.transitions.items()):
+            for (collection, state), count in summary.transitions.items():
                 transitions.add_metric([name, collection, state], count)
         yield from (jobs, stuck, oldest, stuck_info, transitions, up, last_success, duration,
                     errors, requests, info)

@@ -24,7 +24,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Protocol
 
-from exporter.client import ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord
+from exporter.client import (
+    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, NameIndex,
+)
 
 log = logging.getLogger("exporter.history")
 
@@ -48,6 +50,7 @@ class StuckJob:
 class JobSummary:
     """What one published listing says, ready to render; never mutated."""
 
+    # The mappings keyed by collection are sorted by key, the order they render in.
     counts: Mapping[tuple[str, str], int]          # (collection, state) -> jobs
     stuck: Mapping[str, int]                       # collection -> stuck jobs
     oldest_active: Mapping[str, float]             # collection -> first_seen; absent: none
@@ -210,8 +213,7 @@ class JobHistory:
         self.cluster = cluster
         self._store = store
         self._clock = clock
-        self._states: list[str] = list(CANONICAL_STATES)
-        self._state_index = {s: i for i, s in enumerate(self._states)}
+        self._state_index = NameIndex(CANONICAL_STATES)
         self._jobs: dict[str, bytes] = {}
         self._transitions: Counter[tuple[str, str]] = Counter()
         self._baseline_done = False
@@ -221,18 +223,11 @@ class JobHistory:
             self._baseline_done, rows = store.load(cluster)
             for job_id, first_seen, since, progress, state, counted in rows:
                 self._jobs[job_id] = _RECORD.pack(int(first_seen), int(since),
-                                                  _clamp(progress), self._index(state),
+                                                  _clamp(progress), self._state_index(state),
                                                   counted)
 
     def __len__(self) -> int:
         return len(self._jobs)
-
-    def _index(self, state: str) -> int:
-        index = self._state_index.get(state)
-        if index is None:
-            index = self._state_index[state] = len(self._states)
-            self._states.append(state)
-        return index
 
     def first_seen(self, job_id: str) -> float | None:
         packed = self._jobs.get(job_id)
@@ -254,14 +249,14 @@ class JobHistory:
         oldest: dict[str, float] = {}
         candidates: list[StuckJob] = []
         upserts: list[tuple[str, float, float, int, str, int]] = []
-        state_index, terminal_states, active_states = self._state_index, TERMINAL_STATES, \
-            ACTIVE_STATES
+        state_index, terminal_states, active_states = self._state_index.index, \
+            TERMINAL_STATES, ACTIVE_STATES
         for job_id, collection, state, progress in records:
             if progress < 0 or progress > 127:
                 progress = _clamp(progress)
             index = state_index.get(state)
             if index is None:
-                index = self._index(state)
+                index = self._state_index(state)
             previous = jobs.get(job_id)
             terminal = state in terminal_states
             if previous is None:
@@ -304,7 +299,7 @@ class JobHistory:
         for collection in collections:
             for state in CANONICAL_STATES:
                 counts.setdefault((collection, state), 0)
-        stuck = dict.fromkeys(collections, 0)
+        stuck = dict.fromkeys(sorted(collections), 0)
         for job in candidates:
             stuck[job.collection] += 1
         candidates.sort(key=lambda job: (job.first_seen, job.job_id))
@@ -315,10 +310,12 @@ class JobHistory:
                         extra={"fields": {"cluster_name": self.cluster,
                                           "stuck": len(candidates),
                                           "max_stuck_job_series": max_stuck_series}})
-        transitions = {key: n for key, n in self._transitions.items()}
+        transitions = dict(self._transitions)
         for collection in collections:
             for state in ("completed", "failed"):
                 transitions.setdefault((collection, state), 0)
-        return JobSummary(counts=dict(counts), stuck=stuck, oldest_active=oldest,
+        # Sorted once here, so every scrape renders them in order without sorting.
+        return JobSummary(counts=dict(sorted(counts.items())), stuck=stuck,
+                          oldest_active=oldest,
                           stuck_jobs=tuple(candidates[:max_stuck_series]),
-                          transitions=transitions)
+                          transitions=dict(sorted(transitions.items())))

@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 import requests
 
 from exporter.client import (
-    CANONICAL_STATES, ApiFailure, JobRecord, PaginationFailure, list_import_jobs,
-    make_session,
+    CANONICAL_STATES, ApiFailure, JobRecord, NameIndex, PaginationFailure,
+    list_import_jobs, make_session,
 )
 from exporter.config import ClusterConfig, Config, shard_of
 from exporter.history import HistoryStore, JobHistory, JobSummary
@@ -54,32 +54,24 @@ class Listing:
         self._ids: list[str] = []
         self._seen: set[str] = set()
         self._positions: dict[str, int] | None = None   # only once a server repeats ids
-        self._names: list[str] = []
-        self._name_index: dict[str, int] = {}
+        self._names = NameIndex()
         self._collection = array("I")
         self._state = array("I")
         self._progress = array("i")
 
-    def _name(self, name: str) -> int:
-        index = self._name_index.get(name)
-        if index is None:
-            index = self._name_index[name] = len(self._names)
-            self._names.append(name)
-        return index
-
     def extend(self, records: Iterable[JobRecord]) -> int:
         """Add one page of jobs; returns how many of their ids were new."""
-        seen, ids, names = self._seen, self._ids, self._name_index
+        seen, ids, names = self._seen, self._ids, self._names.index
         add_collection, add_state = self._collection.append, self._state.append
         add_progress = self._progress.append
         new = 0
         for job_id, collection_name, state_name, progress in records:
             collection = names.get(collection_name)
             if collection is None:
-                collection = self._name(collection_name)
+                collection = self._names(collection_name)
             state = names.get(state_name)
             if state is None:
-                state = self._name(state_name)
+                state = self._names(state_name)
             if job_id in seen:
                 self._overwrite(job_id, collection, state, progress)
                 continue
@@ -112,13 +104,13 @@ class Listing:
         return job_id in self._seen
 
     def __iter__(self) -> Iterator[JobRecord]:
-        names = self._names
+        names = self._names.names
         for job_id, collection, state, progress in zip(
                 self._ids, self._collection, self._state, self._progress, strict=True):
             yield JobRecord(job_id, names[collection], names[state], progress)
 
     def states(self) -> set[str]:
-        return {self._names[i] for i in set(self._state)}
+        return {self._names.names[i] for i in set(self._state)}
 
 
 @dataclass(frozen=True)
