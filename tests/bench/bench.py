@@ -19,17 +19,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import ExporterProcess, wait_until  # noqa: E402
 from exporter.client import make_session  # noqa: E402
 from exporter.config import ClusterConfig, PollSettings  # noqa: E402
 from exporter.history import JobHistory  # noqa: E402
@@ -191,65 +191,43 @@ def round_of_clusters(repeats: int) -> None:
         sim.close()
 
 
-class Exporter:
-    """The real exporter process, as in the tests."""
+class Exporter(ExporterProcess):
+    """The tests' exporter process, plus what the benchmark reads off it."""
 
-    def __init__(self, config: dict[str, Any], tmp: Path, *args: str) -> None:
-        self.config_path = tmp / f"config-{time.monotonic_ns()}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log = open(tmp / "exporter.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "-c", str(self.config_path),
-             "--web.listen-address", "127.0.0.1:0", "--web.enable-lifecycle", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.write(line)
-            match = re.search(rb"msg=listening address=[\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.session = requests.Session()
+    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
+        super().__init__(directory, config, ["--web.enable-lifecycle"],
+                         env={"PYTHONPATH": str(ROOT)})
+        self.start()
+        self.session = requests.Session()   # keep-alive, as Prometheus scrapes
 
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.write(line)
+    def fetch(self, path: str) -> requests.Response:
+        return self.session.get(f"{self.url}{path}", timeout=60)
 
-    def get(self, path: str) -> requests.Response:
-        return self.session.get(f"http://127.0.0.1:{self.port}{path}", timeout=60)
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        self.config_path.write_text(yaml.safe_dump(config))
-        assert self.session.post(f"http://127.0.0.1:{self.port}/-/reload").status_code == 200
+    def reload_with(self, config: dict[str, Any]) -> None:
+        self.write_config(config)
+        assert self.session.post(f"{self.url}/-/reload").status_code == 200
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while self.get("/-/ready").status_code != 200:
-            assert time.monotonic() < deadline, "exporter never became ready"
-            time.sleep(0.1)
+        wait_until(lambda: self.fetch("/-/ready").status_code == 200, timeout, "ready")
 
     def rss(self) -> int:
+        assert self.proc is not None
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore
 
     def write_bytes(self) -> int:
+        assert self.proc is not None
         text = Path(f"/proc/{self.proc.pid}/io").read_text()
         return int(re.search(r"write_bytes: (\d+)", text).group(1))  # type: ignore
 
     def requests_to(self, cluster: str) -> float:
         total = 0.0
-        for line in self.get("/metrics").text.splitlines():
+        for line in self.fetch("/metrics").text.splitlines():
             if line.startswith("zilliz_import_api_requests_total{") and \
                     f'cluster_name="{cluster}"' in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def scrape_latencies(exporter_get: Callable[[], requests.Response], n: int) -> list[float]:
@@ -301,7 +279,7 @@ def scrape_latency(tmp: Path, scrapes: int, big_jobs: int) -> None:
                              "clusters": [sim.yaml_entry("wide")]}, tmp)
         exporter.wait_ready()
         exposition = tmp / "exposition.txt"
-        exposition.write_text(exporter.get("/metrics").text)
+        exposition.write_text(exporter.fetch("/metrics").text)
         floor_proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(exposition)],
                                       stdout=subprocess.PIPE, text=True, cwd=ROOT,
                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -316,9 +294,9 @@ def scrape_latency(tmp: Path, scrapes: int, big_jobs: int) -> None:
         samples_floor = sum(1 for l in floor_get().text.splitlines()
                             if l.startswith("zilliz_import_"))
         print(f"  samples: ours {samples_ours}, floor {samples_floor}")
-        scrape_latencies(lambda: exporter.get("/metrics"), 20)
+        scrape_latencies(lambda: exporter.fetch("/metrics"), 20)
         scrape_latencies(floor_get, 20)
-        idle = scrape_latencies(lambda: exporter.get("/metrics"), scrapes)
+        idle = scrape_latencies(lambda: exporter.fetch("/metrics"), scrapes)
         floor = scrape_latencies(floor_get, scrapes)
         floor_proc.terminate()
         med = statistics.median
@@ -328,12 +306,12 @@ def scrape_latency(tmp: Path, scrapes: int, big_jobs: int) -> None:
         report("scrape p99, idle", f"{p99(idle) * 1000:.2f} ms",
                f"{p99(floor) * 1000:.2f} ms", p99(idle) / p99(floor), "")
         # now a poll of the big cluster runs back to back while we scrape
-        exporter.write_config({"defaults": {"interval": "1h", "stuck_after": "1h"},
+        exporter.reload_with({"defaults": {"interval": "1h", "stuck_after": "1h"},
                                "clusters": [sim.yaml_entry("wide"),
                                             sim.yaml_entry("big", interval="1s")]})
         while exporter.requests_to("big") < 3:
             time.sleep(0.01)
-        busy = scrape_latencies(lambda: exporter.get("/metrics"), scrapes)
+        busy = scrape_latencies(lambda: exporter.fetch("/metrics"), scrapes)
         in_flight = exporter.requests_to("big")
         report(f"scrape p99 during a {big_jobs}-job poll vs idle median",
                f"{p99(busy) * 1000:.2f} ms", f"{med(idle) * 1000:.2f} ms",
