@@ -21,7 +21,7 @@ from exporter import __version__
 from exporter.collector import ImportCollector
 from exporter.config import (
     ClusterConfig, Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
-    parse_shard_index, redacted,
+    parse_shard_index, redacted, shared_rate_notes,
 )
 from exporter.history import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
@@ -124,6 +124,11 @@ def write_atomically(path: str, data: bytes) -> None:
         raise
 
 
+def _log_rate_notes(config: Config) -> None:
+    for note in shared_rate_notes(config):
+        log.warning("clusters share a rate limit", extra={"fields": {"note": note}})
+
+
 class Runtime:
     """Holds the running configuration and applies reloads (SIGHUP or /-/reload)."""
 
@@ -159,6 +164,7 @@ class Runtime:
                 return str(exc)
             if config.state_file != self.config.state_file:
                 log.warning("state_file changes take effect at the next restart")
+            _log_rate_notes(config)
             changes = self.group.apply(self.clusters(config))
             self.config = config
             self.reload_ok = True
@@ -215,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     if args.check_config:
         print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+        for note in shared_rate_notes(config):
+            print(f"note: {note}", file=sys.stderr)
         return EXIT_OK
+    _log_rate_notes(config)
     try:
         web_config = load_web_config(args.web_config_file) if args.web_config_file \
             else WebConfig()

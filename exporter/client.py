@@ -39,6 +39,9 @@ ACTIVE_STATES = frozenset({"pending", "importing"})
 TERMINAL_STATES = frozenset({"completed", "failed"})
 
 AUTH_BODY_CODES = frozenset({80001, 21119, 1800})
+V1_SUCCESS_CODES = frozenset({200})
+# Milvus 2.4.0 to about 2.4.4 answered 200 in v2 bodies; later servers answer 0.
+V2_SUCCESS_CODES = frozenset({0, 200})
 
 _STATE_ALIASES = {"running": "importing", "importing": "importing"}
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -255,12 +258,12 @@ def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
     if not isinstance(payload, dict) or "code" not in payload:
         raise DecodeFailure(f"{host} answered JSON without a 'code'")
     code = payload.get("code")
-    success = 200 if cluster.api == "v1" else 0
-    if code != success:
+    success = V1_SUCCESS_CODES if cluster.api == "v1" else V2_SUCCESS_CODES
+    if type(code) is not int or code not in success:   # a list or object is no code
         message = str(payload.get("message") or "no message")[:200]
-        if code in AUTH_BODY_CODES:
+        if type(code) is int and code in AUTH_BODY_CODES:
             raise AuthFailure(f"{host} refused the credentials: code {code}: {message}")
-        raise ApiFailure(f"{host} answered code {code}: {message}")
+        raise ApiFailure(f"{host} answered code {str(code)[:40]}: {message}")
     data = payload.get("data")
     if data is None:
         data = {}

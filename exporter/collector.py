@@ -65,6 +65,10 @@ class ImportCollector(Collector):
         requests = CounterMetricFamily(
             "zilliz_import_api_requests_total", "HTTP requests sent to the list API; code is the "
             "HTTP status, or error when none came back.", labels=["cluster_name", "code"])
+        waited = CounterMetricFamily(
+            "zilliz_import_rate_limit_wait_seconds_total", "Time the cluster's requests "
+            "waited for the exporter's own rate limiter (requests_per_second).",
+            labels=["cluster_name"])
         info = GaugeMetricFamily("zilliz_import_cluster_info", "Cluster metadata for joins.",
                                  labels=["cluster_name", "cluster_id", "api", "host", "shard"])
         for snap in sorted(self._board.snapshots(), key=lambda s: s.cluster.name):
@@ -81,6 +85,7 @@ class ImportCollector(Collector):
                 errors.add_metric([name, reason], snap.poll_errors.get(reason, 0))
             for code, count in sorted(snap.api_requests.items()):
                 requests.add_metric([name, code], count)
+            waited.add_metric([name], snap.rate_limit_wait)
             summary = snap.jobs
             if summary is None or snap.is_stale(now):
                 continue
@@ -97,7 +102,7 @@ class ImportCollector(Collector):
             for (collection, state), count in summary.transitions.items():
                 transitions.add_metric([name, collection, state], count)
         yield from (jobs, stuck, oldest, stuck_info, transitions, up, last_success, duration,
-                    errors, requests, info)
+                    errors, requests, waited, info)
         build = GaugeMetricFamily("zilliz_import_exporter_build_info",
                                   "Exporter version and Python version.",
                                   labels=["version", "python_version"])

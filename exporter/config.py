@@ -46,20 +46,27 @@ class PollSettings:
     stall_after: float = 1800.0
     stale_after: float = 300.0
     max_stuck_job_series: int = 100
+    requests_per_second: float = 10.0
 
 
 # key -> (kind, minimum, maximum); durations in seconds.
 _SETTING_RULES: dict[str, tuple[str, float, float]] = {
     "interval": ("duration", 1, 86400),
     "timeout": ("duration", 0.1, 3600),
-    "page_size": ("int", 1, 10000),
+    "page_size": ("int", 1, 100),          # narrowed per flavour: PAGE_SIZE_RANGES
     "max_pages": ("int", 1, 10_000_000),
     "retries": ("int", 0, 10),
     "stuck_after": ("duration", 1, 365 * 86400),
     "stall_after": ("duration", 0, 365 * 86400),
     "stale_after": ("duration", 0, 365 * 86400),
     "max_stuck_job_series": ("int", 0, 100_000),
+    # Zilliz Cloud allows about 20 per second per user and endpoint; 10 leaves room
+    # for the key's other users (the import pipeline itself).
+    "requests_per_second": ("number", 0.01, 10_000),
 }
+
+# Zilliz Cloud refuses other page sizes: code 80003 (v1) and 96008 (v2).
+PAGE_SIZE_RANGES = {"v1": (5, 100), "v2": (1, 100)}
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,10 @@ def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
         try:
             if kind == "duration":
                 number: float = parse_duration(value)
+            elif kind == "number":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"must be a number, got {value!r}")
+                number = float(value)
             else:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"must be a whole number, got {value!r}")
@@ -269,6 +280,11 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
     if not api_key and "api_key" not in raw and not key_file and (
             api == "v1" or _is_zilliz_cloud(url)):
         problems.add(where, "api_key", "is required for Zilliz Cloud (or api_key_file)")
+    if api in PAGE_SIZE_RANGES:
+        low, high = PAGE_SIZE_RANGES[api]
+        if not low <= settings.page_size <= high:
+            problems.add(where, "page_size", f"{settings.page_size} is out of range for api "
+                         f"{api} ({low} to {high}: Zilliz Cloud refuses other page sizes)")
     if api == "v1":
         for key in ("db_name", "project_id", "region_id"):
             if values.get(key):
@@ -381,6 +397,26 @@ def redacted(config: Config) -> dict[str, Any]:
         clusters.append(item)
     return {"state_file": config.state_file, "defaults": settings(config.defaults),
             "clusters": clusters}
+
+
+def shared_rate_notes(config: Config) -> list[str]:
+    """One line per group of clusters that share a rate limit but configure different rates.
+
+    Clusters with the same host and API key draw from the same token buckets, so the
+    lowest of their ``requests_per_second`` applies to all of them.
+    """
+    groups: dict[tuple[str, str], list[ClusterConfig]] = {}
+    for cluster in config.clusters:
+        groups.setdefault((cluster.host, cluster.api_key), []).append(cluster)
+    notes = []
+    for (host, _), members in groups.items():
+        rates = {c.settings.requests_per_second for c in members}
+        if len(rates) > 1:
+            names = ", ".join(repr(c.name) for c in members)
+            notes.append(f"{config.path}: clusters {names} share host {host} and API key, "
+                         f"so their lowest requests_per_second ({min(rates):g}) applies "
+                         f"to all of them")
+    return notes
 
 
 def shard_of(name: str, count: int) -> int:

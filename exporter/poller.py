@@ -26,6 +26,7 @@ from exporter.client import (
 from exporter.config import ClusterConfig, Config, shard_of
 from exporter.history import HistoryStore, JobHistory, JobSummary
 from exporter.memory import release_free_memory
+from exporter.ratelimit import PacedAdapter, RateLimits, pace
 
 log = logging.getLogger("exporter.poller")
 
@@ -128,6 +129,7 @@ class ClusterSnapshot:
     jobs: JobSummary | None = None
     poll_errors: Mapping[str, int] = field(default_factory=dict)
     api_requests: Mapping[str, int] = field(default_factory=dict)
+    rate_limit_wait: float = 0.0      # seconds, cumulative
 
     def is_stale(self, now: float) -> bool:
         """Job series are withdrawn once stale_after has passed without a success."""
@@ -176,7 +178,9 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     """Page through one listing; raise ApiFailure (never return half a listing).
 
     Stops on a short or empty page, on a reached total, on a page that brings
-    no new job id (servers that ignore paging), and fails past max_pages.
+    no new job id (servers that ignore paging), and fails past max_pages. A first
+    page holding more jobs than were asked for is a server that ignores paging
+    (Milvus): it is the whole listing, and no second request is sent.
     ``wait`` sleeps between retries and returns True when the poller must stop.
     """
     settings = cluster.settings
@@ -209,6 +213,8 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                     raise Stopped() from None
         new_ids = listing.extend(result.records)
         listing.pages = page
+        if page == 1 and len(result.records) > settings.page_size:
+            break
         if result.count is not None and result.count > len(result.records):
             total = result.count        # a count larger than its page is a total
         if not result.records or len(result.records) < settings.page_size:
@@ -220,6 +226,15 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     return listing
 
 
+def next_poll_delay(interval: float, elapsed: float) -> float:
+    """Seconds from the end of a poll to the start of the next.
+
+    Polls start ``interval`` apart; one that took longer than that (500 pages at
+    10 requests per second) is followed at once by the next, never overlapped.
+    """
+    return max(0.0, interval - elapsed)
+
+
 class ClusterPoller:
     """Polls one cluster on its own schedule and publishes its snapshots."""
 
@@ -227,13 +242,17 @@ class ClusterPoller:
                  shard: int = 0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
                  session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
-                 ) -> None:
+                 limits: RateLimits | None = None) -> None:
         self.cluster = cluster
         self._board = board
         self._history = history
         self._clock = clock
         self._rng = rng or random.Random()
         self._session = session_factory(cluster)
+        self._pacer: PacedAdapter | None = None
+        if limits is not None:
+            self._pacer = pace(self._session, limits, cluster.host, cluster.api_key,
+                               cluster.settings.requests_per_second)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_errors: dict[str, int] = {}
@@ -249,6 +268,9 @@ class ClusterPoller:
 
     def _current(self) -> bool:
         return not self._stop.is_set()
+
+    def _rate_limit_wait(self) -> float:
+        return 0.0 if self._pacer is None else self._pacer.waited
 
     def _observe(self, code: str) -> None:
         self._api_requests[code] = self._api_requests.get(code, 0) + 1
@@ -280,8 +302,7 @@ class ClusterPoller:
             except Exception:  # a bug must not kill the cluster's schedule
                 log.exception("poll crashed", extra={"fields": {
                     "cluster_name": self.cluster.name}})
-            elapsed = time.monotonic() - started
-            if self._stop.wait(max(0.0, interval - elapsed % interval)):
+            if self._stop.wait(next_poll_delay(interval, time.monotonic() - started)):
                 return
 
     def poll_once(self) -> ClusterSnapshot:
@@ -306,7 +327,8 @@ class ClusterPoller:
             snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
                                last_error_reason=failure.reason, last_error=str(failure),
                                poll_errors=dict(self._poll_errors),
-                               api_requests=dict(self._api_requests))
+                               api_requests=dict(self._api_requests),
+                               rate_limit_wait=self._rate_limit_wait())
         else:
             for state in listing.states() - self._unknown_states:
                 if state not in CANONICAL_STATES:
@@ -335,7 +357,8 @@ class ClusterPoller:
             snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
                                last_success=self._clock(), jobs=summary,
                                poll_errors=dict(self._poll_errors),
-                               api_requests=dict(self._api_requests))
+                               api_requests=dict(self._api_requests),
+                               rate_limit_wait=self._rate_limit_wait())
         self._snapshot = snapshot
         self._board.publish(snapshot, self._current)
         return snapshot
@@ -353,6 +376,7 @@ class PollerGroup:
         self._shard = shard
         self._clock = clock
         self._session_factory = session_factory
+        self._limits = RateLimits()
         self._pollers: dict[str, ClusterPoller] = {}
         self._histories: dict[str, JobHistory] = {}
         self._lock = threading.Lock()
@@ -369,6 +393,8 @@ class PollerGroup:
         changes: dict[str, str] = {}
         with self._lock:
             wanted = {c.name: c for c in clusters}
+            self._limits.configure((c.host, c.api_key, c.settings.requests_per_second)
+                                   for c in clusters)
             for name, poller in list(self._pollers.items()):
                 if name not in wanted:
                     poller.stop()
@@ -393,7 +419,8 @@ class PollerGroup:
                                                                  self._clock)
                 poller = ClusterPoller(cluster, self._board, history, shard=self._shard,
                                        clock=self._clock,
-                                       session_factory=self._session_factory)
+                                       session_factory=self._session_factory,
+                                       limits=self._limits)
                 self._pollers[name] = poller
                 if start:
                     poller.start()

@@ -3,9 +3,14 @@
 It serves Zilliz Cloud v1 (GET, body code 200, ``tasks`` and ``count``), Zilliz
 Cloud v2 (POST, body code 0, ``records``, optional ``count``) and self-hosted
 Milvus v2 (no cluster id, no count, ``user:password`` keys, served under
-``/milvus/<name>``). Every way a server can misbehave is a switch a test can
-flip at run time: paging ignored, ``count`` as page length, bad keys as body
-codes or HTTP 401, 429 with Retry-After, 5xx, malformed JSON, latency, hangs.
+``/milvus/<name>``; like the real one it ignores paging and answers every job in
+a new random order each time). Every way a server can misbehave is a switch a
+test can flip at run time: paging ignored, ``count`` as page length, bad keys as
+body codes or HTTP 401, 429 with Retry-After, 5xx, malformed JSON, latency,
+hangs, code 200 on v2 (Milvus 2.4.0-2.4.4), and Zilliz's per-user rate limit
+(``Simulator.rate_limit``: 429 above N requests per second per key and endpoint).
+Every request is logged with its arrival time (``Simulator.log``) so tests can
+measure the rate the server saw.
 
 ``python -m exporter.simulator`` runs it alone with the demo clusters moving.
 """
@@ -13,6 +18,7 @@ codes or HTTP 401, 429 with Retry-After, 5xx, malformed JSON, latency, hangs.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import random
@@ -23,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from exporter.client import normalise_state
@@ -54,7 +60,9 @@ class SimCluster:
     api_key: str
     cluster_id: str = ""
     count_mode: str = "total"     # v1/v2: "total", "page" (length of page) or "none"
-    ignore_paging: bool = False
+    ignore_paging: bool = False   # Milvus: every request answers every job
+    shuffle: bool = False         # Milvus: a new random order on every request
+    v2_success_code: int = 0      # Milvus 2.4.0-2.4.4 answered 200 in v2 bodies
     latency: float = 0.0
     retry_after: str = "1"
     jobs: dict[str, SimJob] = field(default_factory=dict)
@@ -124,6 +132,8 @@ class SimCluster:
     def _page(self, page: int, size: int) -> tuple[list[dict[str, Any]], int]:
         with self._lock:
             jobs = list(self.jobs.values())
+            if self.shuffle:
+                random.shuffle(jobs)
             chosen = jobs if self.ignore_paging else jobs[(page - 1) * size: page * size]
             states = _V1_STATES if self.flavour == "v1" else _V2_STATES
             out = []
@@ -137,12 +147,39 @@ class SimCluster:
             return out, len(jobs)
 
 
+def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
+    """The most of ``times`` that fall within any half-open window ``width`` long."""
+    ordered, busiest, first = sorted(times), 0, 0
+    for last, at in enumerate(ordered):
+        while at - ordered[first] >= width:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    return busiest
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    """One request as the server saw it."""
+
+    at: float            # time.monotonic() on arrival
+    endpoint: str        # last path segment: "list", ...
+    cluster: str         # "" when no cluster matched
+    status: int
+
+
 class Simulator:
     """The HTTP server holding any number of simulated clusters."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  tls: ssl.SSLContext | None = None) -> None:
         self.clusters: dict[str, SimCluster] = {}
+        # Zilliz Cloud's limit: at most rate_limit requests in any one second per API key
+        # and endpoint (0: none); a refused request is a 429, with Retry-After if set.
+        self.rate_limit = 0
+        self.rate_limit_retry_after: str | None = "1"
+        self.log: collections.deque[SimRequest] = collections.deque(maxlen=100_000)
+        self._admitted: dict[tuple[str, str], collections.deque[float]] = {}
+        self._log_lock = threading.Lock()
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
@@ -164,7 +201,9 @@ class Simulator:
             raise ValueError(flavour)
         cluster_id = "" if flavour == "milvus" else settings.pop("cluster_id", f"in01-{name}")
         if flavour == "milvus":
-            settings.setdefault("count_mode", "none")
+            for key, value in (("count_mode", "none"), ("ignore_paging", True),
+                               ("shuffle", True)):
+                settings.setdefault(key, value)
         cluster = SimCluster(name=name, flavour=flavour, cluster_id=cluster_id,
                              api_key=api_key or f"key-{name}", **settings)
         self.clusters[name] = cluster
@@ -211,9 +250,48 @@ class Simulator:
                 return cluster
         return None
 
+    def busiest_second(self, endpoint: str | None = None, status: int | None = None) -> int:
+        """The most requests that arrived within any one second (of one endpoint/status)."""
+        with self._log_lock:
+            return busiest_window(r.at for r in self.log
+                                  if (endpoint is None or r.endpoint == endpoint)
+                                  and (status is None or r.status == status))
+
+    def throttled(self) -> int:
+        """Requests refused with 429 by the rate limit."""
+        with self._log_lock:
+            return sum(1 for r in self.log if r.status == 429)
+
+    def _admit(self, auth: str, endpoint: str, now: float) -> bool:
+        """Zilliz-style limit: a sliding one-second window per (API key, endpoint)."""
+        with self._log_lock:
+            window = self._admitted.setdefault((auth, endpoint), collections.deque())
+            while window and now - window[0] >= 1.0:
+                window.popleft()
+            if len(window) >= self.rate_limit:
+                return False
+            window.append(now)
+            return True
+
     def answer(self, method: str, path: str, query: dict[str, str], body: dict[str, Any],
                auth: str) -> tuple[int, dict[str, str], bytes]:
-        """(status, headers, body) for one request."""
+        """(status, headers, body) for one request, logged with its arrival time."""
+        now = time.monotonic()
+        endpoint = path.rstrip("/").rsplit("/", 1)[-1]
+        cluster = self.find(path, str((query if method == "GET" else body).get("clusterId")
+                                      or ""))
+        if self.rate_limit and not self._admit(auth, endpoint, now):
+            retry = self.rate_limit_retry_after
+            status, headers, payload = 429, {"Retry-After": retry} if retry else {}, \
+                b'{"code": 429, "message": "rate limit exceeded"}'
+        else:
+            status, headers, payload = self._answer(method, path, query, body, auth)
+        with self._log_lock:
+            self.log.append(SimRequest(now, endpoint, cluster.name if cluster else "", status))
+        return status, headers, payload
+
+    def _answer(self, method: str, path: str, query: dict[str, str], body: dict[str, Any],
+                auth: str) -> tuple[int, dict[str, str], bytes]:
         v1 = path.endswith("/v1/vector/collections/import/list")
         v2 = path.endswith("/v2/vectordb/jobs/import/list")
         if not (v1 and method == "GET") and not (v2 and method == "POST"):
@@ -266,7 +344,7 @@ class Simulator:
         if cluster.flavour == "v2" and cluster.count_mode != "none":
             data.update(count=total if cluster.count_mode == "total" else len(items),
                         currentPage=page, pageSize=size)
-        return json.dumps({"code": 0, "data": data}).encode()
+        return json.dumps({"code": cluster.v2_success_code, "data": data}).encode()
 
 
 def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:

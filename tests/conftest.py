@@ -58,6 +58,19 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") 
     raise AssertionError(f"timed out waiting for {what or check}: last error {last_error!r}")
 
 
+class FakeClock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, sorted labels): value} of an exposition."""
     out = {}

@@ -66,13 +66,25 @@ def test_v2_posts_json_body_with_empty_optionals_and_db_header() -> None:
     assert page.records[0].progress == 40 and page.count is None
 
 
+@pytest.mark.parametrize("code", [0, 200])
+@responses.activate
+def test_v2_accepts_code_0_and_the_old_milvus_200(code: int) -> None:
+    """Milvus 2.4.0 to about 2.4.4 answered success with body code 200 on v2 routes."""
+    responses.post(V2_URL, json={"code": code, "data": {"records": [
+        {"collectionName": "c", "jobId": "j", "state": "Completed", "progress": 100}]}})
+    page, _ = fetch(V2)
+    assert [(r.job_id, r.state) for r in page.records] == [("j", "completed")]
+
+
 @pytest.mark.parametrize("cluster,url,body,error,reason", [
     (V1, V1_URL, {"code": 80001, "message": "Invalid token"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 21119, "message": "The apikey is illegal."}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 1800, "message": "user hasn't authenticated"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 100, "message": "collection not found"}, ApiFailure, "api"),
     (V1, V1_URL, {"code": 0, "data": {}}, ApiFailure, "api"),  # v1 success is 200
-    (V2, V2_URL, {"code": 200, "data": {}}, ApiFailure, "api"),  # v2 success is 0
+    (V2, V2_URL, {"code": 1, "data": {}}, ApiFailure, "api"),   # v2 success is 0 (or 200)
+    (V2, V2_URL, {"code": [0], "data": {}}, ApiFailure, "api"),  # a list is no code
+    (V1, V1_URL, {"code": {"a": 1}, "message": "x"}, ApiFailure, "api"),
     (V2, V2_URL, {"data": {}}, DecodeFailure, "decode"),
     (V2, V2_URL, {"code": 0, "data": {"records": {"a": 1}}}, DecodeFailure, "decode"),
     (V2, V2_URL, {"code": 0, "data": {"records": [{"jobId": "x"}]}}, DecodeFailure, "decode"),

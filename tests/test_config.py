@@ -9,7 +9,7 @@ import yaml
 
 from exporter.config import (
     ConfigError, load_config, load_web_config, parse_config, parse_duration,
-    parse_shard_index, redacted, shard_of,
+    parse_shard_index, redacted, shard_of, shared_rate_notes,
 )
 
 SECRET = "sk-config-test-7f3a9c2e1d"
@@ -91,6 +91,16 @@ def test_env_and_key_file(tmp_path: Path) -> None:
     ({"clusters": [cluster(interval="5x")]}, "cluster 'prod': key 'interval': bad duration"),
     ({"clusters": [cluster(page_size=0)]}, "key 'page_size': 0 is out of range"),
     ({"clusters": [cluster(retries=99)]}, "key 'retries': 99 is out of range"),
+    # Zilliz Cloud's own limits: 5-100 on v1 (code 80003), 1-100 on v2 (code 96008)
+    ({"clusters": [cluster(page_size=4)]},
+     "cluster 'prod': key 'page_size': 4 is out of range for api v1 (5 to 100"),
+    ({"defaults": {"page_size": 3}, "clusters": [cluster()]},
+     "cluster 'prod': key 'page_size': 3 is out of range for api v1"),
+    ({"clusters": [cluster(api="v2", page_size=101)]}, "key 'page_size': 101 is out of range"),
+    ({"clusters": [cluster(requests_per_second=0)]},
+     "cluster 'prod': key 'requests_per_second': 0 is out of range"),
+    ({"defaults": {"requests_per_second": "fast"}, "clusters": [cluster()]},
+     "defaults: key 'requests_per_second': must be a number"),
     ({"clusters": [cluster(max_pages="lots")]}, "key 'max_pages': must be a whole number"),
     ({"defaults": {"timeout": "0s"}, "clusters": [cluster()]},
      "defaults: key 'timeout': '0s' is out of range"),
@@ -110,6 +120,25 @@ def test_each_rule_is_one_line_naming_file_cluster_and_key(
     lines = errors(tmp_path, doc)
     assert any(expected in line for line in lines), lines
     assert all(line.startswith(str(tmp_path / "config.yaml") + ": ") for line in lines)
+
+
+def test_page_size_ranges_per_flavour(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"defaults": {"page_size": 1}, "clusters": [
+        {"name": "milvus", "url": "http://milvus:19530", "api_key": "root:pw"},
+        cluster(page_size=5), cluster(name="v2", api="v2", page_size=100)]}), environ={})
+    assert [c.settings.page_size for c in config.clusters] == [1, 5, 100]
+
+
+def test_requests_per_second_and_lowest_shared_rate_is_noted(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"defaults": {"requests_per_second": 18}, "clusters": [
+        cluster(), cluster(name="b", cluster_id="in01-b", requests_per_second=2.5),
+        cluster(name="c", cluster_id="in01-c", api_key="other-key", requests_per_second=1),
+    ]}), environ={})
+    assert [c.settings.requests_per_second for c in config.clusters] == [18, 2.5, 1]
+    notes = shared_rate_notes(config)
+    assert len(notes) == 1 and "'prod', 'b'" in notes[0] and "(2.5)" in notes[0]
+    assert SECRET not in notes[0] and "'c'" not in notes[0]
+    assert "requests_per_second: 18" in yaml.safe_dump(redacted(config))
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

@@ -62,9 +62,11 @@ def test_counts_equal_ground_truth_for_every_paging_behaviour(simulator, exporte
         cluster.remove_jobs(ids[-3:])
         cluster.add_jobs(5, "gamma", "pending")
     proc.wait_for_metrics(all_match(simulator, names), what="moved counts to match")
-    # a server that ignores paging is asked twice per poll, not max_pages times
-    assert simulator.clusters["v2-ignores-paging"].pages_served[:2] == [1, 2]
-    assert 3 not in simulator.clusters["v2-ignores-paging"].pages_served
+    # a server that ignores paging (Milvus: in a new random order every time) answers
+    # more than page_size jobs at once: one request per poll, never a second page
+    for name in ("v2-ignores-paging", "milvus", "exact-multiple"):
+        served = simulator.clusters[name].pages_served
+        assert len(served) >= 2 and set(served) == {1}, (name, served)
     assert "waiting_for_retry" in proc.logs()       # unknown state logged once per cluster
     assert proc.logs().count("state=waiting_for_retry") == len(names)
 
@@ -89,8 +91,8 @@ def test_every_fault_is_classified_and_isolated(simulator, exporter) -> None:
         seed(cluster, {"c": {"pending": 2}})
         cluster.fail(fault)
         configs.append(simulator.cluster_config(f"f-{fault}"))
-    pages = simulator.add_cluster("f-pagination", "milvus", api_key="u:p")
-    pages.add_jobs(30)
+    pages = simulator.add_cluster("f-pagination", "v2", count_mode="none")
+    pages.add_jobs(30)     # 6 pages of 5, but max_pages is 2
     configs.append(simulator.cluster_config("f-pagination", max_pages=2, page_size=5))
     configs.append({"name": "f-connection", "url": f"http://127.0.0.1:{free_port()}",
                     "api": "v2"})

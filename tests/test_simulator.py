@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 from conftest import wait_until
@@ -72,3 +73,49 @@ def test_runs_alone_as_a_module() -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def list_v2(sim: Simulator, path: str, body: dict, key: str) -> tuple[int, dict, dict]:
+    """(HTTP status, headers, body) of one v2 list call, errors included."""
+    request = urllib.request.Request(f"{sim.base_url}{path}/v2/vectordb/jobs/import/list",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.load(error)
+
+
+def test_milvus_ignores_paging_and_shuffles_and_old_milvus_answers_200(simulator) -> None:
+    milvus = simulator.add_cluster("m", "milvus", api_key="u:p")
+    milvus.add_jobs(30)
+    orders = set()
+    for _ in range(5):
+        _, _, body = list_v2(simulator, "/milvus/m", {"pageSize": 5, "currentPage": 3}, "u:p")
+        records = body["data"]["records"]
+        assert len(records) == 30 and "count" not in body["data"]
+        orders.add(tuple(r["jobId"] for r in records))
+    assert len(orders) > 1                         # a new order on (almost) every call
+    assert body["code"] == 0
+    milvus.v2_success_code = 200
+    assert list_v2(simulator, "/milvus/m", {}, "u:p")[2]["code"] == 200
+
+
+def test_rate_limit_per_key_and_endpoint_with_and_without_retry_after(simulator) -> None:
+    simulator.rate_limit = 3
+    simulator.add_cluster("a", "v2", api_key="k1")
+    simulator.add_cluster("b", "v2", api_key="k1")
+    simulator.add_cluster("c", "v2", api_key="k2")
+    statuses = [list_v2(simulator, "", {"clusterId": f"in01-{name}"}, key)[0]
+                for name, key in (("a", "k1"), ("b", "k1"), ("a", "k1"), ("b", "k1"),
+                                  ("c", "k2"))]
+    assert statuses == [200, 200, 200, 429, 200]      # a and b share key k1; c has its own
+    status, headers, body = list_v2(simulator, "", {"clusterId": "in01-a"}, "k1")
+    assert status == 429 and headers["Retry-After"] == "1" and body["code"] == 429
+    simulator.rate_limit_retry_after = None
+    status, headers, _ = list_v2(simulator, "", {"clusterId": "in01-a"}, "k1")
+    assert status == 429 and "Retry-After" not in headers
+    assert simulator.throttled() == 3 and len(simulator.log) == 7
+    assert simulator.busiest_second(status=200) == 4       # 3 for k1 + 1 for k2
+    assert [r.cluster for r in simulator.log][:5] == ["a", "b", "a", "b", "c"]
