@@ -385,6 +385,11 @@ class PollerGroup:
     def pollers(self) -> dict[str, ClusterPoller]:
         return dict(self._pollers)
 
+    @property
+    def limits(self) -> RateLimits:
+        """The rate limits every poller of this group shares."""
+        return self._limits
+
     def apply(self, clusters: tuple[ClusterConfig, ...], start: bool = True) -> dict[str, str]:
         """Start added, stop removed and restart changed clusters; keep the rest.
 

@@ -5,7 +5,8 @@ cluster polled with the same API key counts against the same allowance. So the
 limit is kept per (host, API key, endpoint) in one ``TokenBucket`` that every
 cluster using that host and key shares. A bucket holds a single token: requests
 are spaced evenly, ``1/rate`` apart, so no one-second window ever holds more than
-``rate`` of them, and a burst from many clusters is queued first come, first served.
+``rate`` of them, and a burst from many clusters is queued first come, first served
+(so every cluster of a fleet moves through its pages at the same pace).
 
 When the server still answers 429 (someone else uses the same key, or its limit is
 lower than ours), the bucket halves its rate for everyone sharing it and recovers
@@ -19,6 +20,7 @@ knowing; closing the session interrupts a request waiting for its token.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import threading
 import time
@@ -35,18 +37,31 @@ class Interrupted(requests.RequestException):
     """The session was closed while a request waited for its token."""
 
 
+class Ticket:
+    """A request's place in a bucket's queue; ``turn`` is set when it reaches the head."""
+
+    __slots__ = ("turn",)
+
+    def __init__(self) -> None:
+        self.turn = threading.Event()
+
+
 class TokenBucket:
     """Spaces the requests of everyone sharing it ``1/rate`` seconds apart.
 
-    ``reserve`` hands out the next free slot (first come, first served) and says how
-    long to wait for it; the caller sleeps outside the lock.
+    Requests queue first come, first served (``enqueue``); only the head of the queue
+    waits for the clock, and ``release`` lets it go once ``1/rate`` has passed since the
+    request before it went. The spacing is measured from when requests really went, so
+    a thread that woke late never squeezes the next one against it, and a lowered rate
+    applies at once to everyone already queued.
     """
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.configured = rate
         self._clock = clock
         self._lock = threading.Lock()
-        self._next = 0.0                   # monotonic time of the next free slot
+        self._queue: collections.deque[Ticket] = collections.deque()
+        self._released = float("-inf")    # when the last request went
         self._floor = rate                 # rate right after the last 429
         self._throttled_at: float | None = None
 
@@ -66,13 +81,40 @@ class TokenBucket:
             self.configured = rate
             self._floor = min(self._floor, rate)
 
-    def reserve(self) -> tuple[float, float]:
-        """(slot, seconds to wait for it): the next request may go at ``slot``."""
+    def enqueue(self) -> Ticket:
+        """Join the queue; the ticket's ``turn`` is set once it is at the head."""
+        ticket = Ticket()
+        with self._lock:
+            self._queue.append(ticket)
+            if self._queue[0] is ticket:
+                ticket.turn.set()
+        return ticket
+
+    def release(self, ticket: Ticket) -> tuple[float, float]:
+        """For the head of the queue: (now, 0) when it may go now, else (now, seconds left)."""
         with self._lock:
             now = self._clock()
-            slot = max(now, self._next)
-            self._next = slot + 1.0 / self.rate(slot)
-            return slot, slot - now
+            if not self._queue or self._queue[0] is not ticket:
+                raise RuntimeError("only the head of the queue may be released")
+            earliest = self._released + 1.0 / self.rate(now)
+            if now < earliest:
+                return now, earliest - now
+            self._released = now
+            self._pass_turn()
+            return now, 0.0
+
+    def leave(self, ticket: Ticket) -> None:
+        """Give up a place (an interrupted wait); a no-op once released."""
+        with self._lock:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                if self._queue and not self._queue[0].turn.is_set():
+                    self._queue[0].turn.set()
+
+    def _pass_turn(self) -> None:
+        self._queue.popleft()
+        if self._queue:
+            self._queue[0].turn.set()
 
     def throttled(self, sent_at: float) -> None:
         """A request sent at ``sent_at`` got a 429: halve the rate for everyone.
@@ -86,7 +128,6 @@ class TokenBucket:
             now = self._clock()
             self._floor = self.rate(now) / 2
             self._throttled_at = now
-            self._next = max(self._next, now + 1.0 / self._floor)
 
 
 def endpoint_of(url: str) -> str:
@@ -159,25 +200,37 @@ class PacedAdapter(HTTPAdapter):
         self._closed = threading.Event()
         self._sleep = sleep or self._closed.wait
         self._lock = threading.Lock()
+        self._ticket: Ticket | None = None     # the request waiting now, if any
         self.waited = 0.0
 
     def send(self, request: requests.PreparedRequest, *args: Any,
              **kwargs: Any) -> requests.Response:
         bucket = self._limits.bucket(*self._user, endpoint_of(request.url or ""), self._rate)
         started = self._clock()
-        slot, delay = bucket.reserve()
-        interrupted = delay > 0 and self._sleep(delay)
-        with self._lock:
-            self.waited += max(0.0, self._clock() - started)
-        if interrupted or self._closed.is_set():
-            raise Interrupted("stopped while waiting for the rate limiter")
+        ticket = self._ticket = bucket.enqueue()
+        try:
+            while True:
+                ticket.turn.wait()             # set at the head of the queue, or by close()
+                if self._closed.is_set():
+                    raise Interrupted("stopped while waiting for the rate limiter")
+                sent, delay = bucket.release(ticket)
+                if delay <= 0:
+                    break
+                if self._sleep(delay):
+                    raise Interrupted("stopped while waiting for the rate limiter")
+        finally:
+            bucket.leave(ticket)
+            with self._lock:
+                self.waited += max(0.0, self._clock() - started)
         response = super().send(request, *args, **kwargs)
         if response.status_code == 429:
-            bucket.throttled(slot)
+            bucket.throttled(sent)
         return response
 
     def close(self) -> None:
         self._closed.set()
+        if self._ticket is not None:
+            self._ticket.turn.set()           # wake a request queued behind others
         super().close()
 
 

@@ -20,48 +20,79 @@ from exporter.simulator import Simulator, busiest_window
 from prometheus_client import CollectorRegistry
 
 
+def take(bucket: TokenBucket, clock: FakeClock) -> float:
+    """One request through the bucket on a fake clock: the time it went."""
+    ticket = bucket.enqueue()
+    assert ticket.turn.is_set()             # alone in the queue: at its head at once
+    sent, delay = bucket.release(ticket)
+    if delay > 0:
+        clock.advance(delay)
+        sent, delay = bucket.release(ticket)
+    assert delay == 0
+    return sent
+
+
 def test_one_token_spaces_requests_evenly_and_no_second_holds_more_than_the_rate() -> None:
     clock = FakeClock(100.0)
     bucket = TokenBucket(18, clock)
-    slots = [bucket.reserve()[0] for _ in range(100)]     # a burst from many clusters
-    gaps = {round(b - a, 9) for a, b in zip(slots, slots[1:])}
-    assert gaps == {round(1 / 18, 9)} and slots[0] == 100.0
-    assert busiest_window(slots) == 18
+    sent = [take(bucket, clock) for _ in range(100)]
+    gaps = {round(b - a, 9) for a, b in zip(sent, sent[1:])}
+    assert gaps == {round(1 / 18, 9)} and sent[0] == 100.0
+    assert busiest_window(sent) == 18
     # a bucket left idle does not save up tokens for a burst
     clock.advance(60)
-    later = [bucket.reserve()[0] for _ in range(3)]
-    assert later[0] == clock() and later[1] - later[0] == pytest.approx(1 / 18)
+    later = [take(bucket, clock) for _ in range(3)]
+    assert later[1] - later[0] == pytest.approx(1 / 18)
+    assert later[2] - later[1] == pytest.approx(1 / 18)
+
+
+def test_requests_queue_first_come_first_served_and_only_the_head_waits() -> None:
+    clock = FakeClock(0.0)
+    bucket = TokenBucket(10, clock)
+    first, second, third = bucket.enqueue(), bucket.enqueue(), bucket.enqueue()
+    assert [t.turn.is_set() for t in (first, second, third)] == [True, False, False]
+    with pytest.raises(RuntimeError):
+        bucket.release(second)
+    assert bucket.release(first) == (0.0, 0.0)
+    assert second.turn.is_set() and not third.turn.is_set()
+    clock.advance(0.13)                # the second request's thread woke 30 ms late...
+    assert bucket.release(second) == (0.13, 0.0)
+    clock.advance(0.07)                # ...so the third goes 0.1 s after it, not at 0.2
+    now, wait = bucket.release(third)
+    assert now == pytest.approx(0.2) and wait == pytest.approx(0.03)
+    # an interrupted request gives up its place, and the one behind it moves up
+    fourth, fifth = bucket.enqueue(), bucket.enqueue()
+    bucket.leave(third)
+    assert fourth.turn.is_set() and not fifth.turn.is_set()
 
 
 def test_a_429_halves_the_rate_which_recovers_linearly_over_a_minute() -> None:
     clock = FakeClock(0.0)
     bucket = TokenBucket(10, clock)
-    slot, _ = bucket.reserve()
+    sent = take(bucket, clock)
     clock.advance(1)
-    bucket.throttled(slot)
+    bucket.throttled(sent)
     assert bucket.rate() == 5
     clock.advance(RECOVERY_SECONDS / 2)
     assert bucket.rate() == pytest.approx(7.5)
     clock.advance(RECOVERY_SECONDS / 2)
     assert bucket.rate() == 10
-    # the next slot after a 429 is spaced at the halved rate
+    # the next request after a 429 is spaced at the halved rate
     bucket = TokenBucket(10, clock)
-    first, _ = bucket.reserve()
+    first = take(bucket, clock)
     bucket.throttled(first)
-    second, _ = bucket.reserve()
-    assert second - clock() == pytest.approx(1 / 5)
+    assert take(bucket, clock) - first == pytest.approx(1 / 5)
 
 
 def test_a_burst_of_429s_for_requests_sent_before_the_halving_halves_once() -> None:
     clock = FakeClock(0.0)
     bucket = TokenBucket(16, clock)
-    sent = [bucket.reserve()[0] for _ in range(4)]
+    sent = [take(bucket, clock) for _ in range(4)]
     clock.advance(0.5)
-    for slot in sent:
-        bucket.throttled(slot)
+    for at in sent:
+        bucket.throttled(at)
     assert bucket.rate() == 8
-    after, _ = bucket.reserve()
-    clock.advance(after - clock() + 0.01)
+    after = take(bucket, clock)
     bucket.throttled(after)         # sent at the lowered rate and still refused: halve again
     assert bucket.rate() == pytest.approx(4, rel=0.01)
 
@@ -180,7 +211,7 @@ def test_throttled_by_a_lower_server_limit_the_fleet_backs_off_and_completes(
     throttled = simulator.throttled()
     print(f"{throttled} of {len(simulator.log)} requests throttled")
     assert 0 < throttled < len(simulator.log) / 2
-    bucket = next(iter(group._limits.buckets().values()))
+    bucket = next(iter(group.limits.buckets().values()))
     assert bucket.rate() < 100          # halved for everyone sharing the key
 
 

@@ -29,11 +29,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import ExporterProcess, wait_until  # noqa: E402
+from conftest import ExporterProcess, job_counts, parse_metrics, wait_until  # noqa: E402
 from exporter.client import make_session  # noqa: E402
 from exporter.config import ClusterConfig, PollSettings  # noqa: E402
 from exporter.history import JobHistory  # noqa: E402
 from exporter.poller import ClusterPoller, PollerGroup, SnapshotBoard, fetch_listing  # noqa: E402
+from exporter.ratelimit import RateLimits, pace  # noqa: E402
+from exporter.simulator import Simulator  # noqa: E402
+
+# Sections that measure our own cost set a rate no poll ever waits for: pacing has its
+# own sections below.
+UNPACED = 100_000.0
 
 RESULTS: list[tuple[str, str, str, str, str]] = []
 
@@ -58,14 +64,16 @@ class SimProcess:
     def config(self, name: str, page_size: int = 100, **settings: Any) -> ClusterConfig:
         flavour = self.spec[name].get("flavour", "v2")
         url = self.url + (f"/milvus/{name}" if flavour == "milvus" else "")
+        settings.setdefault("requests_per_second", UNPACED)
         return ClusterConfig(name=name, url=url, api="v1" if flavour == "v1" else "v2",
                              cluster_id="" if flavour == "milvus" else f"in01-{name}",
-                             api_key=f"key-{name}",
+                             api_key=self.spec[name].get("api_key", f"key-{name}"),
                              settings=PollSettings(page_size=page_size, **settings))
 
     def yaml_entry(self, name: str, **extra: Any) -> dict[str, Any]:
         c = self.config(name)
-        entry: dict[str, Any] = {"name": name, "url": c.url, "api": c.api, "api_key": c.api_key}
+        entry: dict[str, Any] = {"name": name, "url": c.url, "api": c.api, "api_key": c.api_key,
+                                 "requests_per_second": UNPACED}
         if c.cluster_id:
             entry["cluster_id"] = c.cluster_id
         entry.update(extra)
@@ -97,9 +105,11 @@ def bare_loop(cluster: ClusterConfig, pages: int) -> Callable[[], None]:
     return run
 
 
-def our_poll(cluster: ClusterConfig) -> Callable[[], None]:
+def our_poll(cluster: ClusterConfig, paced: bool = False) -> Callable[[], None]:
     """One poll as the exporter does it: every page, then folded into the history."""
     session = make_session(cluster)
+    if paced:
+        pace(session, RateLimits(), cluster.host, cluster.api_key, UNPACED)
     history = JobHistory(cluster.name)
     s = cluster.settings
 
@@ -144,6 +154,8 @@ def requests_per_poll() -> None:
             assert len(listing) == jobs
             total_known = mode == "total"
             floor = math.ceil(jobs / 100) + (0 if total_known or jobs % 100 else 1)
+            if name.startswith("milvus"):
+                floor = 1            # Milvus ignores paging: one answer holds every job
             report(f"requests, {name} ({jobs} jobs, count={mode})", str(len(codes)),
                    str(floor), len(codes) / floor, "= 1.00")
     finally:
@@ -189,6 +201,98 @@ def round_of_clusters(repeats: int) -> None:
                f"{s * 1000:.0f} ms", r / s, "<= 1.5")
     finally:
         sim.close()
+
+
+def limiter_cost(repeats: int) -> None:
+    print("The rate limiter's own cost: one poll of 20,000 jobs, paced at a rate it never "
+          "waits for, against the same poll unpaced")
+    sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 20000, "collections": 20}])
+    try:
+        cluster = sim.config("c")
+        plain, paced = our_poll(cluster), our_poll(cluster, paced=True)
+        plain()
+        paced()
+        cpu_plain, cpu_paced = [], []
+        for _ in range(repeats * 2):         # interleaved, so drift hits both alike
+            cpu_plain.append(timed(plain)[1])
+            cpu_paced.append(timed(paced)[1])
+        p, q = statistics.median(cpu_plain), statistics.median(cpu_paced)
+        report("poll CPU time, 20,000 jobs, paced vs unpaced", f"{q * 1000:.1f} ms",
+               f"{p * 1000:.1f} ms", q / p, "<= 1.05")
+    finally:
+        sim.close()
+
+
+def paced_round() -> None:
+    print("A round of 20 clusters x 500 jobs sharing one key at 10 requests per second")
+    names = [f"p{i:02d}" for i in range(20)]
+    sim = SimProcess([{"name": n, "flavour": "v2", "jobs": 500, "api_key": "one-key"}
+                      for n in names])
+    try:
+        group = PollerGroup(SnapshotBoard())
+        group.apply(tuple(sim.config(n, requests_per_second=10) for n in names), start=False)
+        wall, _ = timed(group.poll_all_once)
+        sent = sum(sum(s.api_requests.values()) for s in group.poll_all_once())
+        floor = sent / 2 / 10                # two rounds were sent; the limit sets the pace
+        report(f"round wall time ({sent // 2} requests at a shared 10/s)", f"{wall:.2f} s",
+               f"{floor:.2f} s", wall / floor, "<= 1.10")
+    finally:
+        sim.close()
+
+
+def fleet_trial(tmp: Path, minutes: float) -> None:
+    """The issue's acceptance trial: 20 clusters x 2,000 jobs on one key, as a user runs it."""
+    for server_limit in (20, 5):
+        print(f"Fleet trial: 20 clusters x 2,000 jobs on one key, page size 100, interval "
+              f"30s, requests_per_second 18; the server allows {server_limit}/s per key and "
+              f"endpoint; {minutes:g} minutes")
+        sim = Simulator()
+        sim.rate_limit = server_limit
+        names = [f"f{i:02d}" for i in range(20)]
+        for name in names:
+            sim.add_cluster(name, "v2", api_key="fleet-key").add_jobs(2000, "docs", "importing")
+        sim.start()
+        exporter = Exporter({"defaults": {"interval": "30s", "page_size": 100,
+                                          "requests_per_second": 18, "timeout": "30s"},
+                             "clusters": [sim.cluster_config(n) for n in names]}, tmp)
+        started = time.monotonic()
+        longest = 0.0
+        successes: dict[str, set[float]] = {n: set() for n in names}
+        exact = True
+        while time.monotonic() - started < minutes * 60:
+            metrics = parse_metrics(exporter.fetch("/metrics").text)
+            for name in names:
+                labels = (("cluster_name", name),)
+                longest = max(longest, metrics.get(("zilliz_import_poll_duration_seconds",
+                                                    labels), 0.0))
+                when = metrics.get(("zilliz_import_last_success_timestamp_seconds", labels))
+                if when is not None:
+                    successes[name].add(when)
+                    exact &= job_counts(metrics, name) == {("docs", "importing"): 2000.0}
+            time.sleep(1)
+        failed_polls = sum(v for (name, _), v in metrics.items()
+                           if name == "zilliz_import_poll_errors_total")
+        exporter.stop()
+        sim.stop()
+        log = list(sim.log)
+        after = [r for r in log if r.at - log[0].at >= 60]
+        throttled_after = sum(r.status == 429 for r in after)
+        report(f"throttled requests, server limit {server_limit}/s",
+               f"{sim.throttled()} of {len(log)}", "0", None,
+               "= 0" if server_limit == 20 else "")
+        if server_limit == 20:
+            report("most requests the server saw in one second", str(sim.busiest_second()),
+                   "20", sim.busiest_second() / 20, "<= 1.00")
+            report("longest poll (a round must fit its interval)", f"{longest:.1f} s",
+                   "30 s", longest / 30, "< 1.00")
+        else:
+            share = throttled_after / max(1, len(after))
+            report("throttled after the first minute, server limit 5/s",
+                   f"{throttled_after} of {len(after)}", f"{0.05 * len(after):.0f}", share / 0.05,
+                   "< 1.00 (5%)")
+        report(f"published listings per cluster, fewest (limit {server_limit}/s)",
+               str(min(len(v) for v in successes.values())), "-", None, "> 0, all exact")
+        print(f"  every published count exact: {exact}; failed polls: {failed_polls:.0f}")
 
 
 class Exporter(ExporterProcess):
@@ -375,10 +479,13 @@ def memory_and_writes(tmp: Path, big_jobs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
-    parser.add_argument("--only", choices=["requests", "poll", "round", "scrape", "memory"],
-                        action="append", help="run only these sections")
+    parser.add_argument("--only", choices=["requests", "poll", "round", "limiter", "paced",
+                                           "scrape", "memory", "fleet"],
+                        action="append", help="run only these sections (fleet, the "
+                        "6-minute rate-limit trial, runs only when named)")
     args = parser.parse_args()
-    wanted = set(args.only or ["requests", "poll", "round", "scrape", "memory"])
+    wanted = set(args.only or ["requests", "poll", "round", "limiter", "paced", "scrape",
+                               "memory"])
     repeats = 3 if args.quick else 7
     print(f"zilliz-import-exporter benchmark, {time.strftime('%Y-%m-%d')}, "
           f"{os.cpu_count()} cores, "
@@ -391,6 +498,12 @@ def main() -> None:
             poll_cost([1000, 10000, 20000, 100000], repeats)
         if "round" in wanted:
             round_of_clusters(repeats)
+        if "limiter" in wanted:
+            limiter_cost(repeats)
+        if "paced" in wanted:
+            paced_round()
+        if "fleet" in wanted:
+            fleet_trial(Path(tmp), 1.5 if args.quick else 3)
         if "scrape" in wanted:
             scrape_latency(Path(tmp), 200 if args.quick else 400, 100000)
         if "memory" in wanted:

@@ -2,7 +2,7 @@
 
     python tests/bench/sim_server.py '<json list of clusters>'
 
-Each cluster: {"name", "flavour", "jobs", "collections", "latency", "count_mode",
+Each cluster: {"name", "flavour", "jobs", "collections", "latency", "count_mode", "api_key",
 "states": [...] (cycled over jobs)}. Prints the base URL, then serves until stdin closes.
 """
 
@@ -19,6 +19,7 @@ def main() -> None:
     sim = Simulator()
     for item in spec:
         cluster = sim.add_cluster(item["name"], item.get("flavour", "v2"),
+                                  api_key=item.get("api_key", ""),
                                   latency=item.get("latency", 0.0),
                                   count_mode=item.get("count_mode", "total"))
         collections = item.get("collections", 1)
