@@ -62,58 +62,6 @@ def test_every_alert_is_named_documented_and_tested_both_ways() -> None:
     assert "$labels.job_id" in stuck["annotations"]["summary"]
 
 
-def test_prometheusrule_embeds_the_same_rules() -> None:
-    rule = load(DEPLOY / "kubernetes" / "prometheusrule.yaml")
-    assert rule["kind"] == "PrometheusRule" and rule["spec"] == load(ALERTS)
-
-
-def containers(doc: dict) -> list[dict]:
-    return doc["spec"]["template"]["spec"]["containers"]
-
-
-@pytest.mark.parametrize("path", ["deployment.yaml", "sharded/statefulset.yaml"])
-def test_kubernetes_workloads(path: str) -> None:
-    doc = load(DEPLOY / "kubernetes" / path)
-    pod = doc["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    (container,) = containers(doc)
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
-    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
-    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert "/var/lib/zilliz-import-exporter" in mounts
-    config = load(DEPLOY / "kubernetes" / "configmap.yaml")["data"]["config.yaml"]
-    assert yaml.safe_load(config)["state_file"].startswith("/var/lib/zilliz-import-exporter/")
-    if doc["kind"] == "Deployment":
-        assert doc["spec"]["replicas"] == 1
-        claim = next(v for v in pod["volumes"] if v["name"] == "state")
-        assert claim["persistentVolumeClaim"]["claimName"] == \
-            load(DEPLOY / "kubernetes" / "pvc.yaml")["metadata"]["name"]
-    else:
-        env = {e["name"]: e for e in container["env"]}
-        assert int(env["ZIE_SHARD_COUNT"]["value"]) == doc["spec"]["replicas"]
-        assert env["ZIE_SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-
-
-@pytest.mark.parametrize("directory", ["kubernetes", "kubernetes/sharded"])
-def test_kustomizations_list_existing_files(directory: str) -> None:
-    base = DEPLOY / directory
-    kustomization = load(base / "kustomization.yaml")
-    kinds = set()
-    for resource in kustomization["resources"]:
-        path = (base / resource).resolve()
-        assert path.exists(), resource
-        kinds.add(load(path)["kind"])
-    assert {"ConfigMap", "Secret", "Service", "ServiceMonitor", "PrometheusRule"} <= kinds
-    assert kinds & {"Deployment", "StatefulSet"}
-    monitor = load(DEPLOY / "kubernetes" / "servicemonitor.yaml")
-    service = load(DEPLOY / "kubernetes" / "service.yaml")
-    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
-
-
 def test_compose_stack() -> None:
     compose = load(DEPLOY / "docker-compose.yml")
     services = compose["services"]
