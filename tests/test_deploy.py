@@ -87,6 +87,38 @@ def test_compose_stack() -> None:
         {(name, key) for name, _, key, _ in DEMO_CLUSTERS}
 
 
+def test_compose_prometheus_config_passes_promtool() -> None:
+    promtool = require_tool("promtool")
+    config = DEPLOY / "compose" / "prometheus.yml"
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "rules found" in check.stdout            # it found and checked alerts.yml
+    # inside the container the same relative path lands on the mounted alerts.yml
+    mounts = dict(reversed(v.split(":")[:2]) for v in
+                  load(DEPLOY / "docker-compose.yml")["services"]["prometheus"]["volumes"])
+    for rule_file in load(config)["rule_files"]:
+        source = mounts[f"/etc/prometheus/{rule_file}"]
+        assert (DEPLOY / source).resolve() == (config.parent / rule_file).resolve() == \
+            ALERTS.resolve()
+
+
+def test_readme_states_when_the_compose_stacks_stuck_alert_fires() -> None:
+    """stuck_after, then the rule's for, plus one poll, scrape and evaluation."""
+    exporter = load(DEPLOY / "compose" / "exporter.yaml")["defaults"]
+    prometheus = load(DEPLOY / "compose" / "prometheus.yml")["global"]
+    stuck = next(r for r in rules() if r["alert"] == "ZillizImportJobStuck")
+    from exporter.config import parse_duration
+    seconds = sum(parse_duration(v) for v in (
+        exporter["stuck_after"], stuck.get("for", 0), exporter["interval"],
+        prometheus["scrape_interval"], prometheus["evaluation_interval"]))
+    match = re.search(r"stuck job alert fires after about (\d+)(¼|½|¾)? minutes",
+                      (ROOT / "README.md").read_text())
+    assert match, "the README no longer says when the compose stack's stuck alert fires"
+    claimed = int(match.group(1)) + {"¼": .25, "½": .5, "¾": .75}.get(match.group(2) or "", 0)
+    assert abs(claimed * 60 - seconds) <= 30, f"README says {claimed} min, files give {seconds} s"
+
+
 def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     unit = (DEPLOY / "systemd" / "zilliz-import-exporter.service").read_text()
     for line in ("DynamicUser=yes", "StateDirectory=zilliz-import-exporter",
@@ -139,6 +171,42 @@ def test_dashboard_shape() -> None:
     for panel in dash["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a README heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_dashboard_keeps_clusters_apart_shows_state_and_links_the_runbooks() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dash["panels"]}
+    # same-named collections in two clusters are two rows
+    per_collection = panels["Jobs per collection"]
+    for target in per_collection["targets"]:
+        assert "by (cluster_name, collection)" in target["expr"], target["expr"]
+    steps = {t["id"]: t["options"] for t in per_collection["transformations"]}
+    assert "groupingToMatrix" not in steps and "merge" in steps
+    assert list(steps["organize"]["indexByName"])[:2] == ["cluster_name", "collection"]
+    # a reason shows only while it happens
+    (errors,) = panels["Poll errors by reason"]["targets"]
+    assert re.search(r"\)\s*>\s*0$", errors["expr"]), errors["expr"]
+    # up/down, not a 0/1 line
+    up = panels["Cluster up"]
+    assert up["type"] == "state-timeline"
+    (mapping,) = up["fieldConfig"]["defaults"]["mappings"]
+    assert {k: v["text"] for k, v in mapping["options"].items()} == {"0": "down", "1": "up"}
+    # links to the README's runbooks, each to a heading that exists
+    readme = (ROOT / "README.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#{2,3} (.+)$", readme, re.M)}
+    runbooks = {r["annotations"]["runbook_url"] for r in rules()}
+    links = dash["links"] + [link for p in dash["panels"] for link in p.get("links", [])]
+    assert any(link["url"].endswith("#alert-runbooks") for link in dash["links"])
+    assert len(links) > len(dash["links"])
+    for link in links:
+        anchor = link["url"].rsplit("#", 1)[1]
+        assert anchor in anchors, link
+        assert anchor == "alert-runbooks" or link["url"] in runbooks, link
 
 
 # ---- end to end: a real Prometheus scraping the real exporter ---------------------------
