@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from conftest import ROOT, fast_defaults, require_tool, wait_until
+from conftest import ROOT, fast_defaults, require_module, require_tool, wait_until
 
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -349,3 +352,24 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
             assert any(match.group(2) in s["metric"] for s in result), where
             continue
         wait_until(lambda e=expr: prom.query(instantiate(e)), 20, f"{where}: {expr}")
+    draw_dashboard(prom)
+
+
+def draw_dashboard(prom: Prometheus) -> None:
+    """The README's picture, from this Prometheus; ZIE_UPDATE_DASHBOARD_PICTURE=1 stores
+    it in deploy/grafana/ (see tests/dashboard_picture.py)."""
+    require_module("matplotlib")
+    from dashboard_picture import render
+    end = time.time()
+
+    def matrix(expr: str) -> list[dict]:
+        return prom.api("query_range", query=instantiate(expr), start=str(end - 60),
+                        end=str(end), step="1")["result"]
+    out = ROOT / "test-artifacts" / "dashboard.png"
+    out.parent.mkdir(exist_ok=True)
+    dash = json.loads(DASHBOARD.read_text())
+    drawn = render(dash, lambda e: prom.query(instantiate(e)), matrix, out)
+    assert drawn == [p["title"] for p in dash["panels"] if p["type"] != "row"]
+    assert out.read_bytes().startswith(b"\x89PNG")
+    if os.environ.get("ZIE_UPDATE_DASHBOARD_PICTURE") == "1":
+        shutil.copyfile(out, DASHBOARD.with_name("dashboard.png"))
