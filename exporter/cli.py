@@ -143,10 +143,9 @@ class ConfigWatcher:
     the kubelet swapping a symlink, and nobody sends SIGHUP; hashing the content (not the
     mtime) sees that swap and ignores a rewrite with the same text."""
 
-    def __init__(self, path: str, interval: float, reload: Callable[[], str | None]) -> None:
+    def __init__(self, path: str, interval: float) -> None:
         self.path = path
         self.interval = interval
-        self._reload = reload
         self._digest = self._read()     # taken before the first load: no edit is missed
 
     def _read(self) -> bytes | None:
@@ -156,19 +155,19 @@ class ConfigWatcher:
         except OSError:
             return None     # mid-swap or removed: the running config stays
 
-    def check(self) -> bool:
+    def check(self, reload: Callable[[], str | None]) -> bool:
         """Reload once per new content (a refused file is not retried until it changes)."""
         digest = self._read()
         if digest is None or digest == self._digest:
             return False
         self._digest = digest
         log.info("config file changed", extra={"fields": {"file": self.path}})
-        self._reload()
+        reload()
         return True
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, reload: Callable[[], str | None], stop: threading.Event) -> None:
         while not stop.wait(self.interval):
-            self.check()
+            self.check(reload)
 
 
 class Runtime:
@@ -258,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         def loader() -> Config:
             return load_config(args.config_file)
         if reload_interval:
-            watcher = ConfigWatcher(args.config_file, reload_interval,
-                                    lambda: runtime.reload())
+            watcher = ConfigWatcher(args.config_file, reload_interval)
         try:
             config = loader()
         except ConfigError as exc:
@@ -337,8 +335,8 @@ def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
     signal.signal(signal.SIGHUP, on_hup)
     runtime.start()
     if watcher is not None:
-        threading.Thread(target=watcher.run, args=(stop,), name="config-watcher",
-                         daemon=True).start()
+        threading.Thread(target=watcher.run, args=(runtime.reload, stop),
+                         name="config-watcher", daemon=True).start()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name="http", daemon=True)
     thread.start()

@@ -29,17 +29,20 @@ def test_watcher_reloads_once_per_new_content(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("a: 1\n")
     reloads: list[str] = []
-    watcher = ConfigWatcher(str(path), 30, lambda: reloads.append(path.read_text()) or None)
-    assert not watcher.check()                  # unchanged
+
+    def reload() -> None:
+        reloads.append(path.read_text())
+    watcher = ConfigWatcher(str(path), 30)
+    assert not watcher.check(reload)            # unchanged
     path.write_text("a: 1\n")                   # rewritten, same content: not a change
-    assert not watcher.check()
+    assert not watcher.check(reload)
     path.write_text("a: 2\n")
-    assert watcher.check() and reloads == ["a: 2\n"]
-    assert not watcher.check()                  # reloaded once, not on every check
+    assert watcher.check(reload) and reloads == ["a: 2\n"]
+    assert not watcher.check(reload)            # reloaded once, not on every check
     path.unlink()                               # gone (mid-swap): nothing happens
-    assert not watcher.check()
+    assert not watcher.check(reload)
     path.write_text("a: 2\n")                   # back with the content already applied
-    assert not watcher.check() and reloads == ["a: 2\n"]
+    assert not watcher.check(reload) and reloads == ["a: 2\n"]
 
 
 class KubeletVolume:
