@@ -88,10 +88,11 @@ def render(dashboard: dict[str, Any], instant: Query, matrix: Query, out: Path) 
                         fontsize=22, ha="center", va="center", weight="bold",
                         transform=ax.transAxes)
                 drawn.append(panel["title"])
-        elif panel["type"] == "table":
-            if _table(ax, panel, instant):
+        elif panel["type"] not in ("timeseries", "state-timeline"):
+            # tables, and as a table any kind not drawn here (gauges, bar gauges)
+            if targets and _table(ax, panel, instant):
                 drawn.append(panel["title"])
-        elif panel["type"] in ("timeseries", "state-timeline"):
+        else:
             series = [(legend(t.get("legendFormat"), s["metric"]),
                        [datetime.datetime.fromtimestamp(float(t_)) for t_, _ in s["values"]],
                        [float(v) for _, v in s["values"]])
