@@ -121,6 +121,16 @@ def check_monitoring(docs: list[dict[str, Any]], tmp_path: Path) -> None:
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_example_secret_holds_the_key_file_the_config_names() -> None:
+    base = ROOT / "deploy" / "kubernetes" / "base"
+    secret = yaml.safe_load((base / "secret.example.yaml").read_text())
+    validate_strictly([secret])
+    config = yaml.safe_load(yaml.safe_load((base / "configmap.yaml").read_text())
+                            ["data"]["config.yaml"])
+    key_files = {posixpath.basename(c["api_key_file"]) for c in config["clusters"]}
+    assert key_files <= set(secret["stringData"])
+
+
 def test_prometheusrule_is_generated_from_alerts_yml() -> None:
     assert yaml.safe_load(PROMETHEUSRULE.read_text()) == prometheusrule(), \
         "deploy/kubernetes/base/prometheusrule.yaml is stale: run .venv/bin/python tests/generate.py"
@@ -131,7 +141,8 @@ def test_prometheusrule_is_generated_from_alerts_yml() -> None:
 def test_kustomize_overlays_render_and_validate(overlay: str, kind: str,
                                                 tmp_path: Path) -> None:
     docs = kustomize(overlay)
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Secret", "Service", "ServiceMonitor",
+    # no Secret: applying an example over the real API key would replace it
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Service", "ServiceMonitor",
                                          "PrometheusRule", kind} | \
         ({"PersistentVolumeClaim"} if kind == "Deployment" else set())
     validate_strictly(docs)
