@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from exporter import __version__
 from exporter.collector import ImportCollector
 from exporter.config import (
     ClusterConfig, Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
-    parse_shard_index, redacted, shared_rate_notes,
+    parse_duration, parse_shard_index, redacted, shared_rate_notes,
 )
 from exporter.history import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config.file", dest="config_file", default="config.yaml",
                    help="cluster configuration (YAML)")
+    p.add_argument("--config.auto-reload-interval", dest="auto_reload_interval", default="0",
+                   help="check the config file's content at this interval (30s, 1m) and "
+                        "reload when it changed, as on SIGHUP; 0 is off")
     p.add_argument("--web.listen-address", dest="listen_address", default=":9636",
                    help="host:port to serve on")
     p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
@@ -84,6 +88,16 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"--web.listen-address {value!r} must be host:port")
     return host.strip("[]"), int(port)
+
+
+def parse_reload_interval(value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"--config.auto-reload-interval: {exc}") from None
+    if seconds < 0:
+        raise ValueError(f"--config.auto-reload-interval {value!r} must not be negative")
+    return seconds
 
 
 def resolve_shard(args: argparse.Namespace, environ: dict[str, str]) -> tuple[int, int]:
@@ -127,6 +141,38 @@ def write_atomically(path: str, data: bytes) -> None:
 def _log_rate_notes(config: Config) -> None:
     for note in shared_rate_notes(config):
         log.warning("clusters share a rate limit", extra={"fields": {"note": note}})
+
+
+class ConfigWatcher:
+    """Reloads when the config file's content changes. A mounted ConfigMap is updated by
+    the kubelet swapping a symlink, and nobody sends SIGHUP; hashing the content (not the
+    mtime) sees that swap and ignores a rewrite with the same text."""
+
+    def __init__(self, path: str, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self._digest = self._read()     # taken before the first load: no edit is missed
+
+    def _read(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as fh:
+                return hashlib.sha256(fh.read()).digest()
+        except OSError:
+            return None     # mid-swap or removed: the running config stays
+
+    def check(self, reload: Callable[[], str | None]) -> bool:
+        """Reload once per new content (a refused file is not retried until it changes)."""
+        digest = self._read()
+        if digest is None or digest == self._digest:
+            return False
+        self._digest = digest
+        log.info("config file changed", extra={"fields": {"file": self.path}})
+        reload()
+        return True
+
+    def run(self, reload: Callable[[], str | None], stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            self.check(reload)
 
 
 class Runtime:
@@ -197,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shard = resolve_shard(args, dict(os.environ))
         host, port = parse_listen_address(args.listen_address)
+        reload_interval = parse_reload_interval(args.auto_reload_interval)
     except ValueError as exc:
         print(f"zilliz-import-exporter: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     stoppers: list[Callable[[], None]] = []
+    watcher: ConfigWatcher | None = None
     if args.demo:
         from exporter.simulator import DemoDirector, Simulator
         sim = Simulator().start()
@@ -214,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         def loader() -> Config:
             return load_config(args.config_file)
+        if reload_interval:
+            watcher = ConfigWatcher(args.config_file, reload_interval)
         try:
             config = loader()
         except ConfigError as exc:
@@ -244,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.once:
             return _run_once(runtime, registry, args.output)
-        return _serve(runtime, registry, board, web_config, args, host, port)
+        return _serve(runtime, registry, board, web_config, args, host, port, watcher)
     finally:
         group.stop()
         if store is not None:
@@ -270,7 +320,8 @@ def _run_once(runtime: Runtime, registry: CollectorRegistry, output: str) -> int
 
 
 def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
-           web_config: WebConfig, args: argparse.Namespace, host: str, port: int) -> int:
+           web_config: WebConfig, args: argparse.Namespace, host: str, port: int,
+           watcher: ConfigWatcher | None) -> int:
     app = WebApp(registry=registry, board=board, telemetry_path=args.telemetry_path,
                  web_config=web_config, lifecycle=args.lifecycle, reload=runtime.reload,
                  is_ready=runtime.is_ready)
@@ -292,6 +343,9 @@ def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
     runtime.start()
+    if watcher is not None:
+        threading.Thread(target=watcher.run, args=(runtime.reload, stop),
+                         name="config-watcher", daemon=True).start()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name="http", daemon=True)
     thread.start()

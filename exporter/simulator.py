@@ -22,6 +22,7 @@ import collections
 import itertools
 import json
 import random
+import signal
 import ssl
 import sys
 import threading
@@ -476,10 +477,13 @@ def main(argv: list[str] | None = None) -> int:
         c = sim.clusters[name]
         print(f"{name}: flavour={c.flavour} url={sim.url_for(name)} "
               f"cluster_id={c.cluster_id or '-'}", flush=True)
+    # As PID 1 in a container nothing stops us on SIGTERM unless we handle it ourselves.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):
+            pass
     finally:
         director.stop()
         sim.stop()

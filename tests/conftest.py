@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import ipaddress
 import os
 import re
@@ -14,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import pytest
 import yaml
@@ -30,16 +31,29 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
 
 
-def require_tool(name: str) -> str:
-    """The tool's path; skip with a reason when it is missing, fail under CI=true."""
-    path = shutil.which(name)
+def require_tool(name: str, install: str = "apt-get install -y prometheus brings promtool "
+                 "and prometheus; chromium for the browser test") -> str:
+    """The tool's path (on PATH or beside this Python, as in .venv/bin); skip with a
+    reason when it is missing, fail under CI=true."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        message = f"{name} is not installed (apt-get install -y prometheus brings promtool " \
-                  f"and prometheus; chromium for the browser test)"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}")
-        pytest.skip(message)
+        missing(f"{name} is not installed ({install})")
     return path
+
+
+def require_module(name: str) -> Any:
+    """Import a test-only package; skip when it is missing, fail under CI=true."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"Python package {name} is not installed (bash tests/run.sh installs the "
+                f"'test' extra)")
+
+
+def missing(message: str) -> NoReturn:
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}")
+    pytest.skip(message)
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
