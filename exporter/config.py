@@ -380,8 +380,12 @@ def redacted(config: Config) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(s):
             value = getattr(s, f.name)
-            out[f.name] = format_duration(value) if _SETTING_RULES[f.name][0] == "duration" \
-                else value
+            kind = _SETTING_RULES[f.name][0]
+            if kind == "duration":
+                value = format_duration(value)
+            elif kind == "number" and value == int(value):
+                value = int(value)        # 10, not 10.0
+            out[f.name] = value
         return out
 
     clusters = []
