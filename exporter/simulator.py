@@ -1,4 +1,5 @@
-"""A faithful fake of both "list import jobs" APIs, on 127.0.0.1, for tests and --demo.
+"""A faithful fake of both import-job APIs (list and describe), on 127.0.0.1, for tests
+and --demo.
 
 It serves Zilliz Cloud v1 (GET, body code 200, ``tasks`` and ``count``), Zilliz
 Cloud v2 (POST, body code 0, ``records``, optional ``count``) and self-hosted
@@ -6,6 +7,14 @@ Milvus v2 (no cluster id, no count, ``user:password`` keys, served under
 ``/milvus/<name>``). Every way a server can misbehave is a switch a test can
 flip at run time: paging ignored, ``count`` as page length, bad keys as body
 codes or HTTP 401, 429 with Retry-After, 5xx, malformed JSON, latency, hangs.
+
+Describe answers follow API-NOTES.md: v1 ``readyPercentage``/``errorMessage`` (no
+state, no rows); v2 ``state``, ``progress``, ``importedRows``, ``totalRows`` and
+``reason`` (Milvus leaves ``reason`` out when empty and reports progress 0 and rows 0
+for a failed job). ``legacy_describe`` plays Milvus 2.4.0-2.4.12 (``describe`` is
+404, only ``get_progress``), ``v2_success_code`` 200 plays Milvus 2.4.0-2.4.4, and
+``unknown_describes`` counts describes of ids the cluster does not hold (which
+crash old Milvus).
 
 ``python -m exporter.simulator`` runs it alone with the demo clusters moving.
 """
@@ -43,6 +52,8 @@ class SimJob:
     state: str            # canonical, or any raw API state (e.g. "WaitingForRetry")
     progress: int = 0
     reason: str = ""
+    imported_rows: int = 0
+    total_rows: int = 0
 
 
 @dataclass
@@ -60,6 +71,12 @@ class SimCluster:
     jobs: dict[str, SimJob] = field(default_factory=dict)
     requests: int = 0
     pages_served: list[int] = field(default_factory=list)
+    v2_success_code: int = 0      # Milvus 2.4.0 to about 2.4.4 answered 200
+    legacy_describe: bool = False  # Milvus 2.4.0-2.4.12: only get_progress
+    reasons_in_list: bool = True  # list records carry reason (Milvus does)
+    describe_fault: str = ""      # "500", "api_error" or "hang": every describe misbehaves
+    described: list[str] = field(default_factory=list)   # job ids, in order
+    unknown_describes: int = 0
     _fault: str = ""
     _fault_left: int | None = None
     _fault_from_page: int = 1
@@ -87,6 +104,16 @@ class SimCluster:
     def set_progress(self, job_id: str, progress: int) -> None:
         with self._lock:
             self.jobs[job_id].progress = progress
+
+    def set_rows(self, job_id: str, imported: int, total: int) -> None:
+        with self._lock:
+            job = self.jobs[job_id]
+            job.imported_rows, job.total_rows = imported, total
+
+    def set_reason(self, job_id: str, reason: str) -> None:
+        """The job's failure text, as the server reports it."""
+        with self._lock:
+            self.jobs[job_id].reason = reason
 
     def remove_jobs(self, job_ids: list[str]) -> None:
         with self._lock:
@@ -132,9 +159,43 @@ class SimCluster:
                                         "state": states.get(job.state, job.state)}
                 if self.flavour != "v1":
                     item["progress"] = job.progress
-                    item["reason"] = job.reason
+                    if self.reasons_in_list and (job.reason or self.flavour == "v2"):
+                        item["reason"] = job.reason   # Milvus: absent when empty
                 out.append(item)
             return out, len(jobs)
+
+    def _details(self, job_id: str) -> dict[str, Any] | None:
+        """The ``data`` of a describe answer, or None for an unknown id."""
+        with self._lock:
+            self.described.append(job_id)
+            job = self.jobs.get(job_id)
+            if job is None:
+                self.unknown_describes += 1
+                return None
+            state = normalise_state(job.state)
+            done = state in ("completed", "failed")
+            if self.flavour == "v1":
+                return {"collectionName": job.collection, "jobId": job.job_id,
+                        "fileName": f"{job.job_id}/1.parquet", "fileSize": 19599887,
+                        "readyPercentage": 100 if state == "completed" else job.progress,
+                        "completeTime": "2024-06-01 10:00:00" if done else None,
+                        "errorMessage": (job.reason or "import failed")
+                        if state == "failed" else None,
+                        "details": []}
+            failed = state == "failed"
+            data: dict[str, Any] = {
+                "jobId": job.job_id, "collectionName": job.collection,
+                "state": _V2_STATES.get(job.state, job.state),
+                "progress": 0 if failed else job.progress,
+                "importedRows": 0 if failed else job.imported_rows,
+                "totalRows": 0 if failed else job.total_rows,
+                "fileSize": 19599887, "completeTime": "2024-06-01T10:00:00Z" if done else "",
+                "details": []}
+            if failed and job.reason:
+                data["reason"] = job.reason
+            elif self.flavour == "v2":
+                data["reason"] = ""          # Zilliz: always present; Milvus: absent
+            return data
 
 
 class Simulator:
@@ -216,12 +277,18 @@ class Simulator:
         """(status, headers, body) for one request."""
         v1 = path.endswith("/v1/vector/collections/import/list")
         v2 = path.endswith("/v2/vectordb/jobs/import/list")
-        if not (v1 and method == "GET") and not (v2 and method == "POST"):
+        v1_get = path.endswith("/v1/vector/collections/import/get")
+        v2_describe = path.endswith(("/v2/vectordb/jobs/import/describe",
+                                     "/v2/vectordb/jobs/import/get_progress"))
+        if not ((v1 or v1_get) and method == "GET") and \
+                not ((v2 or v2_describe) and method == "POST"):
             return 404, {}, b'{"code": 404, "message": "not found"}'
-        params = query if v1 else body
+        params = query if v1 or v1_get else body
         cluster = self.find(path, str(params.get("clusterId") or ""))
-        if cluster is None or (cluster.flavour == "v1") != v1:
+        if cluster is None or (cluster.flavour == "v1") != (v1 or v1_get):
             return 200, {}, b'{"code": 100, "message": "cluster not found"}'
+        if v1_get or v2_describe:
+            return self._describe_answer(cluster, path, str(params.get("jobId") or ""), auth)
         try:
             page = int(params.get("currentPage") or 1)
             size = int(params.get("pageSize") or 10)
@@ -247,12 +314,45 @@ class Simulator:
             return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}}}'
         if fault == "api_error":
             return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
-        if fault == "auth_body" or (cluster.api_key and auth != f"Bearer {cluster.api_key}"):
-            code, message = {"v1": (80001, "Invalid token"),
-                             "v2": (21119, "The apikey is illegal."),
-                             "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
-            return 200, {}, json.dumps({"code": code, "message": message}).encode()
+        if fault == "auth_body" or not self._authorised(cluster, auth):
+            return self._refusal(cluster)
         return 200, {}, self._page_answer(cluster, page, size)
+
+    @staticmethod
+    def _authorised(cluster: SimCluster, auth: str) -> bool:
+        return not cluster.api_key or auth == f"Bearer {cluster.api_key}"
+
+    @staticmethod
+    def _refusal(cluster: SimCluster) -> tuple[int, dict[str, str], bytes]:
+        code, message = {"v1": (80001, "Invalid token"),
+                         "v2": (21119, "The apikey is illegal."),
+                         "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
+        return 200, {}, json.dumps({"code": code, "message": message}).encode()
+
+    def _describe_answer(self, cluster: SimCluster, path: str, job_id: str,
+                         auth: str) -> tuple[int, dict[str, str], bytes]:
+        if cluster.legacy_describe and path.endswith("/describe"):
+            return 404, {}, b'404 page not found'
+        if not self._authorised(cluster, auth):
+            return self._refusal(cluster)
+        if cluster.latency:
+            time.sleep(cluster.latency)
+        fault = cluster.describe_fault
+        if fault == "hang":
+            self._closing.wait(3600)
+            return 504, {}, b""
+        if fault == "500":
+            return 500, {}, b'{"message": "internal error"}'
+        if fault == "api_error":
+            return 200, {}, b'{"code": 65535, "message": "internal: describe failed"}'
+        data = cluster._details(job_id)
+        if data is None:
+            if cluster.flavour == "v1":
+                return 200, {}, b'{"code": 80020, "message": "job not found"}'
+            return 200, {}, json.dumps({"code": 2100, "message": "import job does not exist, "
+                                        f"jobID={job_id}"}).encode()
+        success = 200 if cluster.flavour == "v1" else cluster.v2_success_code
+        return 200, {}, json.dumps({"code": success, "data": data}).encode()
 
     @staticmethod
     def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:

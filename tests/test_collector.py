@@ -31,7 +31,7 @@ def setup(records: list[JobRecord], clock: Clock) -> tuple[CollectorRegistry, Sn
     summary = history.apply(Listing.of(records), stuck_after=100, stall_after=0, max_stuck_series=1)
     board.publish(ClusterSnapshot(cluster=CLUSTER, polled=True, up=True,
                                   last_success=clock(), jobs=summary,
-                                  api_requests={"200": 2}))
+                                  api_requests={("list", "200"): 2}))
     registry = CollectorRegistry()
     registry.register(ImportCollector(board, clock=clock))
     return registry, board, history
@@ -57,7 +57,7 @@ def test_all_four_states_present_with_zeros() -> None:
                                         "state": "waiting_for_retry"}) == 1
     assert value("zilliz_import_up", {"cluster_name": "prod"}) == 1
     assert value("zilliz_import_api_requests_total", {"cluster_name": "prod",
-                                                      "code": "200"}) == 2
+                                                      "endpoint": "list", "code": "200"}) == 2
     assert value("zilliz_import_poll_errors_total", {"cluster_name": "prod",
                                                      "reason": "pagination"}) == 0
     assert value("zilliz_import_cluster_info", {"cluster_name": "prod", "cluster_id": "in01-a",
