@@ -151,8 +151,8 @@ MILVUS_KEY = "sweepuser:Sw33p-Passw0rd-xyz"
 
 
 def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) -> None:
-    good = simulator.add_cluster("good", "v2", api_key=ZILLIZ_KEY)
-    good.add_jobs(3, "c", "importing")
+    good = simulator.add_cluster("good", "v2", api_key=ZILLIZ_KEY, reasons_in_list=False)
+    echoing = good.add_jobs(3, "c", "importing")[0]
     simulator.add_cluster("milvus", "milvus", api_key=MILVUS_KEY).add_jobs(1)
     simulator.add_cluster("refused", "v1", api_key="something-else")
     http_port = simulator.base_url.rsplit(":", 1)[1]
@@ -175,6 +175,13 @@ def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) ->
         lambda m: all(samples(m, "zilliz_import_up", cluster_name=c["name"])
                       for c in clusters), what="every cluster polled once")
     assert metrics[("zilliz_import_up", (("cluster_name", "good"),))] == 1
+    # a server that echoes the key in a failure text (read through describe)
+    good.set_state(echoing, "failed")
+    good.set_reason(echoing, f"token {ZILLIZ_KEY} has no access to s3://bucket/f.parquet")
+    metrics = proc.wait_for_metrics(
+        lambda m: samples(m, "zilliz_import_failed_job_info", job_id=echoing))
+    (labels,) = [dict(k[1]) for k in samples(metrics, "zilliz_import_failed_job_info")]
+    assert labels["reason"] == "token <secret> has no access to s3://bucket/f.parquet"
     assert metrics[("zilliz_import_poll_errors_total",
                     (("cluster_name", "refused"), ("reason", "auth")))] >= 1
     assert metrics[("zilliz_import_poll_errors_total",
