@@ -35,7 +35,8 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         message = f"{name} is not installed (apt-get install -y prometheus brings promtool " \
-                  f"and prometheus; chromium for the browser test)"
+                  f"and prometheus; prometheus-alertmanager brings it and amtool; chromium " \
+                  f"for the browser test)"
         if IN_CI:
             pytest.fail(f"CI=true and {message}")
         pytest.skip(message)

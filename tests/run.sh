@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs every test.
 #   bash tests/run.sh [pytest arguments]
-# Python packages go into .venv; Prometheus (with promtool) and Chromium come from
-# Debian's packages when missing and this runs as root. Without them the tests that
+# Python packages go into .venv; Prometheus (with promtool), Alertmanager (with amtool)
+# and Chromium come from Debian's packages when missing and this runs as root. Without them the tests that
 # need them are skipped with a reason, except under CI=true, where they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,8 @@ python3 -m venv .venv
 
 missing=()
 { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
+{ command -v prometheus-alertmanager || command -v alertmanager; } >/dev/null \
+  || missing+=(prometheus-alertmanager)
 command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
