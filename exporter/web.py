@@ -27,7 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from exporter import __version__
 from exporter.client import CANONICAL_STATES
 from exporter.config import TLSServerConfig, WebConfig
-from exporter.poller import SnapshotBoard
+from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 log = logging.getLogger("exporter.web")
 
@@ -117,20 +117,81 @@ class ExporterServer(ThreadingHTTPServer):
         log.debug("connection error", extra={"fields": {"client": client_address[0]}})
 
 
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
     if seconds < 120:
-        return f"{seconds}s ago"
+        return f"{seconds}s"
     if seconds < 7200:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _age(seconds: float) -> str:
+    return _duration(seconds) + " ago"
+
+
+def _rows(imported: int, total: int) -> str:
+    return f"{imported:,} / {total:,}" if total >= 0 else "-"
+
+
+def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
+    """Stuck jobs, running jobs and recent failures of every cluster, each capped
+    like its series (the summaries are), every value escaped."""
+    stuck, running, failed = [], [], []
+    for snap in snapshots:
+        summary = snap.jobs
+        if summary is None or snap.is_stale(now):
+            continue
+        cluster = html.escape(snap.cluster.name)
+        for job in summary.stuck_jobs:
+            stuck.append((job.first_seen, (
+                f"<tr><td>{cluster}</td><td>{html.escape(job.collection)}</td>"
+                f"<td>{html.escape(job.job_id)}</td><td>{html.escape(job.state)}</td>"
+                f"<td>{_duration(now - job.first_seen)}</td>"
+                f"<td>{html.escape(job.reason)}</td></tr>")))
+        for run in summary.running:
+            if run.progress is None:
+                bar = "-"
+            else:
+                percent = round(run.progress * 100)
+                bar = (f'<progress max="100" value="{percent}"></progress> '
+                       f"<span>{percent}%</span>")
+            eta = "-" if run.eta is None else _duration(run.eta)
+            running.append((run.first_seen, (
+                f"<tr><td>{cluster}</td><td>{html.escape(run.collection)}</td>"
+                f"<td>{html.escape(run.job_id)}</td><td>{html.escape(run.state)}</td>"
+                f'<td class="bar">{bar}</td><td>{_rows(run.imported_rows, run.total_rows)}'
+                f"</td><td>{eta}</td></tr>")))
+        for fail in summary.failed:
+            failed.append((-fail.failed_at, (
+                f"<tr><td>{cluster}</td><td>{html.escape(fail.collection)}</td>"
+                f"<td>{html.escape(fail.job_id)}</td><td>{_age(now - fail.failed_at)}</td>"
+                f'<td class="reason">{html.escape(fail.reason)}</td></tr>')))
+
+    def table(table_id: str, title: str, head: tuple[str, ...],
+              rows: list[tuple[float, str]], empty: str) -> str:
+        cells = "".join(f"<th>{h}</th>" for h in head)
+        body = "".join(row for _, row in sorted(rows, key=lambda r: r[0])) or \
+            f'<tr><td colspan="{len(head)}" class="none">{empty}</td></tr>'
+        return (f'<h2>{title}</h2>\n<table id="{table_id}"><thead><tr>{cells}</tr></thead>'
+                f"<tbody>{body}</tbody></table>\n")
+
+    return (table("stuck", "Stuck jobs", ("cluster", "collection", "job id", "state", "age",
+                                          "reason"), stuck, "none stuck")
+            + table("running", "Running jobs", ("cluster", "collection", "job id", "state",
+                                                "progress", "rows imported / total", "ETA"),
+                    running, "none running")
+            + table("failed", "Recent failures", ("cluster", "collection", "job id",
+                                                  "first seen failed", "reason"),
+                    failed, "no failures within failed_job_window"))
 
 
 def render_status_page(app: WebApp) -> str:
-    """The landing page: links and one row per cluster, plain HTML."""
+    """The landing page: links, one row per cluster, then the jobs that need a look."""
     now = app.clock()
     rows = []
-    for snap in sorted(app.board.snapshots(), key=lambda s: s.cluster.name):
+    snapshots = sorted(app.board.snapshots(), key=lambda s: s.cluster.name)
+    for snap in snapshots:
         c = snap.cluster
         by_state = snap.jobs.by_state() if snap.jobs is not None and not snap.is_stale(now) \
             else {}
@@ -156,9 +217,12 @@ def render_status_page(app: WebApp) -> str:
     metrics = html.escape(app.telemetry_path)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Zilliz Import Exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.up{{color:#080}}
-.down{{color:#c00;font-weight:bold}}.wait{{color:#888}}.err{{max-width:30em}}</style>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}
+table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+.up{{color:#080}}.down{{color:#c00;font-weight:bold}}.wait{{color:#888}}
+.err{{max-width:30em}}.reason{{max-width:40em;overflow-wrap:anywhere}}
+.none{{color:#888}}.bar{{white-space:nowrap}}progress{{width:10em}}</style>
 </head><body><h1>Zilliz Import Exporter</h1>
 <p>Version {__version__}. <a href="{metrics}">Metrics</a> ·
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
@@ -167,7 +231,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.up{{color:#080}}
 <th>last success</th><th>last error</th>{head}<th>other</th><th>stuck</th>
 <th>interval</th></tr></thead><tbody>
 {''.join(rows)}
-</tbody></table></body></html>
+</tbody></table>
+{_job_sections(snapshots, now)}</body></html>
 """
 
 
