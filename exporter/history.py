@@ -93,7 +93,10 @@ class DetailRules:
     max_job_series: int = 100
     max_failed_series: int = 100
     failed_window: float = 6 * 3600.0
-    rows_on_completion: bool = True    # v2: describe a newly completed job for its rows
+    # v2 lists progress and describes rows (so a newly completed job is described for
+    # its rows); v1 lists no progress and describes no rows (its progress comes from
+    # describe).
+    api: str = "v2"
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,26 @@ def _clamp(progress: int) -> int:
     return -1 if progress < 0 else min(progress, 127)
 
 
-_PERCENT, _ROWS = 1, 2    # what an ETA observation counts
+@dataclass(slots=True)
+class _Track:
+    """The first and latest observation of one measure of a job's movement."""
+
+    first_at: float = 0.0
+    first: float = -1.0
+    last_at: float = 0.0
+    last: float = -1.0
+
+    def observe(self, now: float, value: float) -> None:
+        if value < self.last or self.first < 0:    # first sighting, or started over
+            self.first_at, self.first = now, value
+        self.last_at, self.last = now, value
+
+    def eta(self, target: float, now: float) -> float | None:
+        """Seconds until ``target`` at the rate seen since the first observation."""
+        if self.last_at <= self.first_at or self.last <= self.first:
+            return None
+        rate = (self.last - self.first) / (self.last_at - self.first_at)
+        return max(0.0, (target - self.last) / rate - (now - self.last_at))
 
 
 @dataclass(slots=True)
@@ -305,26 +327,25 @@ class _Details:
     failed_at: float = 0.0       # 0: not seen failing after the first listing
     described_at: float = 0.0
     failed_describe: bool = False    # the last describe failed (in memory only)
-    # ETA: the first and latest observation of the job's movement, in one unit
-    unit: int = 0
-    first_at: float = 0.0
-    first_value: float = 0.0
-    last_at: float = 0.0
-    last_value: float = 0.0
+    percent: _Track | None = None    # ETA observations, importing jobs only
+    rows: _Track | None = None
 
-    def observe(self, now: float, unit: int, value: float) -> None:
-        if self.unit != unit or value < self.last_value:   # other unit, or restarted
-            self.unit, self.first_at, self.first_value = unit, now, value
-        self.last_at, self.last_value = now, value
+    def observe(self, now: float, percent: int) -> None:
+        if percent >= 0:
+            if self.percent is None:
+                self.percent = _Track()
+            self.percent.observe(now, percent)
+        if self.total_rows > 0 and self.imported_rows >= 0:
+            if self.rows is None:
+                self.rows = _Track()
+            self.rows.observe(now, self.imported_rows)
 
     def eta(self, now: float) -> float | None:
-        """Seconds to completion at the rate seen since the first observation."""
-        if not self.unit or self.last_at <= self.first_at \
-                or self.last_value <= self.first_value:
-            return None
-        rate = (self.last_value - self.first_value) / (self.last_at - self.first_at)
-        target = self.total_rows if self.unit == _ROWS else 100.0
-        return max(0.0, (target - self.last_value) / rate - (now - self.last_at))
+        """Rows when they moved, else progress; None until one of them moved."""
+        by_rows = None if self.rows is None else self.rows.eta(self.total_rows, now)
+        if by_rows is not None:
+            return by_rows
+        return None if self.percent is None else self.percent.eta(100.0, now)
 
     def row(self, job_id: str) -> DetailRow:
         return (job_id, self.progress, self.imported_rows, self.total_rows, self.reason,
@@ -387,7 +408,7 @@ class JobHistory:
         now = int(self._clock())
         jobs, details = self._jobs, self._details
         listed_reasons = records.reasons
-        rows_on_completion = self._rules.rows_on_completion
+        rows_on_completion = self._rules.api == "v2"
         failed_window = self._rules.failed_window
         pack, unpack = _RECORD.pack, _RECORD.unpack
         baseline_done = self._baseline_done
@@ -461,8 +482,9 @@ class JobHistory:
                     known = details.get(job_id)
                     if known is None:
                         known = details[job_id] = _Details()
-                    if known.unit != _ROWS:
-                        known.observe(now, _PERCENT, listed)
+                    if known.percent is None:
+                        known.percent = _Track()
+                    known.percent.observe(now, listed)
             elif job_id in details:
                 known = details[job_id]
                 if state == "failed" and known.failed_at \
@@ -560,16 +582,18 @@ class JobHistory:
                 known.imported_rows, known.total_rows = answer.imported_rows, answer.total_rows
             if answer.reason:
                 known.reason = answer.reason
-            if known.total_rows > 0 and known.imported_rows >= 0:
-                known.observe(now, _ROWS, known.imported_rows)
-            elif known.progress >= 0 and known.unit != _ROWS:
-                known.observe(now, _PERCENT, known.progress)
+            if waiting is None and self._state_of(packed) == "importing":
+                known.observe(now, answer.progress if self._rules.api == "v1" else -1)
             self._dirty.add(job_id)
             if waiting is not None:
                 collection, state = waiting
                 if state == "completed" and known.total_rows >= 0:
                     self._rows_imported[collection] += known.total_rows
                 self._end_wait(job_id, packed)
+
+    def _state_of(self, packed: bytes) -> str:
+        index: int = _RECORD.unpack(packed)[3]
+        return self._state_index.names[index]
 
     def _end_wait(self, job_id: str, packed: bytes) -> None:
         first_seen, since, progress, index, flags = _RECORD.unpack(packed)

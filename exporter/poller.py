@@ -243,7 +243,7 @@ def detail_rules(cluster: ClusterConfig) -> DetailRules:
                        max_job_series=settings.max_job_series,
                        max_failed_series=settings.max_failed_job_series,
                        failed_window=settings.failed_job_window,
-                       rows_on_completion=cluster.api == "v2")
+                       api=cluster.api)
 
 
 class ClusterPoller:

@@ -192,8 +192,16 @@ def test_dashboard_shape() -> None:
     exprs = " ".join(e for _, e in dashboard_queries())
     for needle in ("zilliz_import_stuck_job_info", "zilliz_import_job_transitions_total",
                    "zilliz_import_up", "zilliz_import_poll_duration_seconds",
-                   "zilliz_import_poll_errors_total", "zilliz_import_api_requests_total"):
+                   "zilliz_import_poll_errors_total", "zilliz_import_api_requests_total",
+                   "zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
+                   "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info",
+                   "zilliz_import_rows_imported_total"):
         assert needle in exprs
+    running = next(p for p in dash["panels"] if p["title"] == "Running jobs")
+    progress = next(o for o in running["fieldConfig"]["overrides"]
+                    if o["matcher"]["options"] == "progress")
+    assert {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}} in \
+        progress["properties"]
     types = {p["type"] for p in dash["panels"]}
     assert {"timeseries", "table"} <= types
     for panel in dash["panels"]:
@@ -301,6 +309,7 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
     stuck = main.add_jobs(1, "medium_articles", "importing", prefix="stuck")[0]
     v2 = simulator.add_cluster("second", "v2")
     doomed = v2.add_jobs(2, "images", "importing", progress=10)
+    mover = v2.add_jobs(1, "images", "importing", progress=10)[0]
     v2.add_jobs(2, "images", "pending")
     simulator.add_cluster("locked-out", "v2", api_key="other").add_jobs(1)
     clusters = [simulator.cluster_config("main"),
@@ -318,6 +327,8 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
     # a failure and a completion the exporter sees after its baseline listing
     v2.set_state(doomed[0], "failed")
     v2.set_state(doomed[1], "completed")
+    v2.set_progress(mover, 50)                 # moving: an ETA
+    v2.set_rows(mover, 2_000, 10_000)
     wait_until(lambda: prom.query('zilliz_import_job_transitions_total{state="failed"} > 0'),
                30, "the failure to reach Prometheus")
 

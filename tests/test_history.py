@@ -321,8 +321,8 @@ def test_rows_of_completed_jobs_count_once() -> None:
     assert h.describe_plan() == [] and summary.rows_imported == {"c": 4000}
     # v1 has no rows: completed jobs are not described
     v1 = JobHistory("y", clock=clock)
-    apply_details(v1, listing(rec("a", "importing")), rows_on_completion=False)
-    apply_details(v1, listing(rec("a", "completed")), rows_on_completion=False)
+    apply_details(v1, listing(rec("a", "importing")), api="v1")
+    apply_details(v1, listing(rec("a", "completed")), api="v1")
     assert v1.describe_plan() == []
 
 
