@@ -20,6 +20,7 @@ appeared or left; a listing that changed nothing writes nothing.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import logging
 import os
 import sqlite3
@@ -48,8 +49,7 @@ _DESCRIBE = 2    # waits for one describe: newly failed without a reason, or new
 _DETAILS_TABLE = """
     CREATE TABLE details (
         cluster TEXT NOT NULL, job_id TEXT NOT NULL,
-        progress INTEGER NOT NULL, imported_rows INTEGER NOT NULL,
-        total_rows INTEGER NOT NULL, reason TEXT NOT NULL,
+        imported_rows INTEGER NOT NULL, total_rows INTEGER NOT NULL, reason TEXT NOT NULL,
         failed_at REAL NOT NULL, described_at REAL NOT NULL,
         PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;"""
 
@@ -138,8 +138,8 @@ class JobListing(Protocol):
     def __contains__(self, job_id: object) -> bool: ...
 
 
-# job_id, progress, imported_rows, total_rows, reason, failed_at, described_at
-DetailRow = tuple[str, int, int, int, str, float, float]
+# job_id, imported_rows, total_rows, reason, failed_at, described_at
+DetailRow = tuple[str, int, int, str, float, float]
 
 
 class StateFileInUse(Exception):
@@ -233,8 +233,8 @@ class HistoryStore:
                 "SELECT job_id, first_seen, progress_since, progress, state, counted "
                 "FROM jobs WHERE cluster=?", (cluster,)).fetchall()
             details = self._conn.execute(
-                "SELECT job_id, progress, imported_rows, total_rows, reason, failed_at, "
-                "described_at FROM details WHERE cluster=?", (cluster,)).fetchall()
+                "SELECT job_id, imported_rows, total_rows, reason, failed_at, described_at "
+                "FROM details WHERE cluster=?", (cluster,)).fetchall()
         return baseline, rows, details
 
     def write(self, cluster: str, upserts: list[tuple[str, float, float, int, str, int]],
@@ -256,7 +256,7 @@ class HistoryStore:
                     [(cluster, *row) for row in upserts])
                 if details:
                     conn.executemany(
-                        "INSERT OR REPLACE INTO details VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO details VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [(cluster, *row) for row in details])
                 gone = [(cluster, job_id) for job_id in deletes]
                 conn.executemany("DELETE FROM jobs WHERE cluster=? AND job_id=?", gone)
@@ -318,9 +318,13 @@ class _Track:
 
 @dataclass(slots=True)
 class _Details:
-    """What describes (and a listing's failure text) told about one job."""
+    """What describes (and a listing's failure text) told about one job.
 
-    progress: int = -1
+    Kept only where something is shown or still to be learnt: the jobs behind the
+    per-job series (at most max_job_series), failures within the window, and jobs
+    waiting for a describe. A v1 job's described progress lives in its record.
+    """
+
     imported_rows: int = -1
     total_rows: int = -1
     reason: str = ""
@@ -330,11 +334,12 @@ class _Details:
     percent: _Track | None = None    # ETA observations, importing jobs only
     rows: _Track | None = None
 
-    def observe(self, now: float, percent: int) -> None:
-        if percent >= 0:
-            if self.percent is None:
-                self.percent = _Track()
-            self.percent.observe(now, percent)
+    def observe_percent(self, now: float, percent: int) -> None:
+        if self.percent is None:
+            self.percent = _Track()
+        self.percent.observe(now, percent)
+
+    def observe_rows(self, now: float) -> None:
         if self.total_rows > 0 and self.imported_rows >= 0:
             if self.rows is None:
                 self.rows = _Track()
@@ -348,8 +353,12 @@ class _Details:
         return None if self.percent is None else self.percent.eta(100.0, now)
 
     def row(self, job_id: str) -> DetailRow:
-        return (job_id, self.progress, self.imported_rows, self.total_rows, self.reason,
-                self.failed_at, self.described_at)
+        return (job_id, self.imported_rows, self.total_rows, self.reason, self.failed_at,
+                self.described_at)
+
+
+def _oldest(job: tuple[str, str, str, float]) -> tuple[float, str]:
+    return job[3], job[0]
 
 
 class JobHistory:
@@ -368,24 +377,28 @@ class JobHistory:
         self._baseline_done = False
         self._cap_logged = False
         self._lock = threading.Lock()
-        # From the last listing, for describe_plan and refresh: active jobs as
-        # (job_id, collection, state, listed progress, first_seen), jobs waiting
-        # for a describe by id -> (collection, state), failed jobs with details.
-        self._active: list[tuple[str, str, str, int, float]] = []
+        # From the last listing, for describe_plan and refresh: the active jobs to
+        # describe next, the oldest active jobs as (job_id, collection, state,
+        # first_seen) (the per-job series), jobs waiting for a describe by id ->
+        # (collection, state), and the failures within the window as (job_id,
+        # collection). Only these few are kept, never every active job.
+        self._next_active: list[str] = []
+        self._shown: list[tuple[str, str, str, float]] = []
+        self._described: dict[str, float] = {}    # active job id -> last described
         self._waiting: dict[str, tuple[str, str]] = {}
         self._failed: list[tuple[str, str]] = []
         self._collections: set[str] = set()
         self._rules = DetailRules()
         self._dirty: set[str] = set()       # details to persist
-        self._ended: list[tuple[str, float, float, int, str, int]] = []   # waits ended
+        self._changed: list[tuple[str, float, float, int, str, int]] = []   # job rows
         if store is not None:
             self._baseline_done, rows, details = store.load(cluster)
             for job_id, first_seen, since, progress, state, flags in rows:
                 self._jobs[job_id] = _RECORD.pack(int(first_seen), int(since),
                                                   _clamp(progress), self._state_index(state),
                                                   flags)
-            for job_id, progress, imported, total, reason, failed_at, described_at in details:
-                self._details[job_id] = _Details(progress, imported, total, reason, failed_at,
+            for job_id, imported, total, reason, failed_at, described_at in details:
+                self._details[job_id] = _Details(imported, total, reason, failed_at,
                                                  described_at)
 
     def __len__(self) -> int:
@@ -416,17 +429,12 @@ class JobHistory:
         oldest: dict[str, float] = {}
         candidates: list[StuckJob] = []
         upserts: list[tuple[str, float, float, int, str, int]] = []
-        active: list[tuple[str, str, str, int, float]] = []
+        active: list[tuple[str, str, str, float]] = []
         waiting: dict[str, tuple[str, str]] = {}
         failed: list[tuple[str, str]] = []
         state_index, terminal_states, active_states = self._state_index.index, \
             TERMINAL_STATES, ACTIVE_STATES
-        for job_id, collection, state, listed in records:
-            progress = listed
-            if progress < 0:     # v1 lists no progress: the last described one stands in
-                known = details.get(job_id)
-                if known is not None:
-                    progress = known.progress
+        for job_id, collection, state, progress in records:
             if progress < 0 or progress > 127:
                 progress = _clamp(progress)
             index = state_index.get(state)
@@ -444,6 +452,8 @@ class JobHistory:
                 changed = True
             else:
                 first_seen, since, old_progress, old_index, flags = unpack(previous)
+                if progress < 0:      # v1 lists none: the last described progress stands
+                    progress = old_progress
                 changed = progress != old_progress or index != old_index
                 if changed:
                     since = now
@@ -469,7 +479,7 @@ class JobHistory:
             if flags & _DESCRIBE:
                 waiting[job_id] = (collection, state)
             if state in active_states:
-                active.append((job_id, collection, state, listed, first_seen))
+                active.append((job_id, collection, state, first_seen))
                 if first_seen < oldest.get(collection, now + 1):
                     oldest[collection] = first_seen
                 if now - first_seen > stuck_after:
@@ -478,13 +488,6 @@ class JobHistory:
                       and now - since > stall_after):
                     candidates.append(StuckJob(collection, job_id, state, "stalled",
                                                first_seen))
-                if state == "importing" and listed >= 0:
-                    known = details.get(job_id)
-                    if known is None:
-                        known = details[job_id] = _Details()
-                    if known.percent is None:
-                        known.percent = _Track()
-                    known.percent.observe(now, listed)
             elif job_id in details:
                 known = details[job_id]
                 if state == "failed" and known.failed_at \
@@ -499,7 +502,9 @@ class JobHistory:
             del jobs[job_id]
             details.pop(job_id, None)
             self._dirty.discard(job_id)
-        self._active, self._waiting, self._failed = active, waiting, failed
+        self._waiting, self._failed = waiting, failed
+        self._follow_active(active, now)
+        del active
         if self._store is not None:
             self._store.write(self.cluster, upserts, deletes, baseline=not baseline_done,
                               details=self._take_dirty())
@@ -531,6 +536,39 @@ class JobHistory:
                           stuck_jobs=tuple(candidates[:max_stuck_series]),
                           transitions=dict(sorted(transitions.items())))
 
+    def _is_active(self, job_id: str) -> bool:
+        packed = self._jobs.get(job_id)
+        return packed is not None and \
+            self._state_index.names[_RECORD.unpack(packed)[3]] in ACTIVE_STATES
+
+    def _follow_active(self, active: list[tuple[str, str, str, float]], now: float) -> None:
+        """From the listing's active jobs, keep only the few that matter next: the
+        oldest (behind the per-job series, whose listed progress feeds the ETA) and
+        the next to describe (importing before pending, least recently described
+        first). Drop details no series or wait needs any more."""
+        rules, details, described = self._rules, self._details, self._described
+        for job_id in [j for j in described if not self._is_active(j)]:
+            del described[job_id]
+        shown = heapq.nsmallest(rules.max_job_series, active, key=_oldest)
+        shown_ids = {job[0] for job in shown}
+        for job_id in [j for j, known in details.items() if j not in shown_ids
+                       and not known.failed_at and j not in self._waiting]:
+            del details[job_id]
+
+        def order(job: tuple[str, str, str, float]) -> tuple[bool, float, str]:
+            return job[2] != "importing", described.get(job[0], 0.0), job[0]
+        self._next_active = [job[0] for job in heapq.nsmallest(rules.max_describes, active,
+                                                               key=order)]
+        if rules.api == "v2":
+            for job_id, _, state, _ in shown:
+                progress = _RECORD.unpack(self._jobs[job_id])[2]
+                if state == "importing" and progress >= 0:
+                    known = details.get(job_id)
+                    if known is None:
+                        known = details[job_id] = _Details()
+                    known.observe_percent(now, progress)
+        self._shown = shown
+
     # ---- job details -----------------------------------------------------------------
 
     def describe_plan(self) -> list[str]:
@@ -545,15 +583,7 @@ class JobHistory:
             waiting = sorted(self._waiting.items())
             plan = [job_id for job_id, (_, state) in waiting if state == "failed"]
             plan += [job_id for job_id, (_, state) in waiting if state != "failed"]
-            if len(plan) < budget:
-                details = self._details
-
-                def order(job: tuple[str, str, str, int, float]) -> tuple[bool, float, str]:
-                    known = details.get(job[0])
-                    return (job[2] != "importing",
-                            0.0 if known is None else known.described_at, job[0])
-                plan += [job[0] for job in sorted(self._active, key=order)]
-            return plan[:budget]
+            return (plan + self._next_active)[:budget]
 
     def record_details(self, job_id: str, answer: JobDetails | None, *,
                        final: bool = False) -> None:
@@ -564,44 +594,59 @@ class JobHistory:
             if packed is None:          # left the listing meanwhile
                 return
             now = self._clock()
-            known = self._details.get(job_id)
-            if known is None:
-                known = self._details[job_id] = _Details()
-            known.described_at = now
+            self._described[job_id] = now
             waiting = self._waiting.get(job_id)
+            known = self._details.get(job_id)
+            if known is None and (waiting is not None or answer is None):
+                known = self._details[job_id] = _Details()
             if answer is None:
-                known.failed_describe = True
+                assert known is not None
+                known.failed_describe, known.described_at = True, now
                 if final and waiting is not None:
-                    self._end_wait(job_id, packed)
+                    self._repack(job_id, end_wait=True)
                 self._dirty.add(job_id)
                 return
-            known.failed_describe = False
-            if answer.progress >= 0:
-                known.progress = answer.progress
+            if self._rules.api == "v1" and answer.progress >= 0:
+                self._repack(job_id, progress=answer.progress, now=int(now))
+            if known is None:
+                if not any(job[0] == job_id for job in self._shown):
+                    return              # nothing of it is shown: nothing to keep
+                known = self._details[job_id] = _Details()
+            known.failed_describe, known.described_at = False, now
             if answer.total_rows >= 0:
                 known.imported_rows, known.total_rows = answer.imported_rows, answer.total_rows
             if answer.reason:
                 known.reason = answer.reason
-            if waiting is None and self._state_of(packed) == "importing":
-                known.observe(now, answer.progress if self._rules.api == "v1" else -1)
+            if waiting is None and self._state_of(job_id) == "importing":
+                known.observe_rows(now)
+                if self._rules.api == "v1" and answer.progress >= 0:
+                    known.observe_percent(now, answer.progress)
             self._dirty.add(job_id)
             if waiting is not None:
                 collection, state = waiting
                 if state == "completed" and known.total_rows >= 0:
                     self._rows_imported[collection] += known.total_rows
-                self._end_wait(job_id, packed)
+                self._repack(job_id, end_wait=True)
 
-    def _state_of(self, packed: bytes) -> str:
-        index: int = _RECORD.unpack(packed)[3]
+    def _state_of(self, job_id: str) -> str:
+        index: int = _RECORD.unpack(self._jobs[job_id])[3]
         return self._state_index.names[index]
 
-    def _end_wait(self, job_id: str, packed: bytes) -> None:
-        first_seen, since, progress, index, flags = _RECORD.unpack(packed)
-        flags &= ~_DESCRIBE
-        self._jobs[job_id] = _RECORD.pack(first_seen, since, progress, index, flags)
-        del self._waiting[job_id]
-        self._ended.append((job_id, first_seen, since, progress,
-                            self._state_index.names[index], flags))
+    def _repack(self, job_id: str, *, end_wait: bool = False, progress: int = -1,
+                now: int = 0) -> None:
+        """Change one job's record outside a listing: end its wait for a describe, or
+        take a described progress (v1), persisted with the next write."""
+        first_seen, since, old_progress, index, flags = _RECORD.unpack(self._jobs[job_id])
+        if end_wait:
+            flags &= ~_DESCRIBE
+            del self._waiting[job_id]
+        elif progress != old_progress:
+            since, old_progress = now, _clamp(progress)
+        else:
+            return
+        self._jobs[job_id] = _RECORD.pack(first_seen, since, old_progress, index, flags)
+        self._changed.append((job_id, first_seen, since, old_progress,
+                              self._state_index.names[index], flags))
 
     def _take_dirty(self) -> list[DetailRow]:
         rows = [self._details[j].row(j) for j in sorted(self._dirty) if j in self._details]
@@ -612,18 +657,17 @@ class JobHistory:
         """``summary`` with the details learnt since it was made; persists them."""
         with self._lock:
             if self._store is not None:
-                ended, self._ended = self._ended, []
-                self._store.write(self.cluster, ended, [], baseline=False,
+                changed, self._changed = self._changed, []
+                self._store.write(self.cluster, changed, [], baseline=False,
                                   details=self._take_dirty())
             return self._with_details(summary)
 
     def _with_details(self, summary: JobSummary) -> JobSummary:
         rules, details, now = self._rules, self._details, self._clock()
         running = []
-        for job_id, collection, state, listed, first_seen in sorted(
-                self._active, key=lambda job: (job[4], job[0]))[:rules.max_job_series]:
+        for job_id, collection, state, first_seen in self._shown:
             known = details.get(job_id)
-            percent = listed if listed >= 0 or known is None else known.progress
+            percent = _RECORD.unpack(self._jobs[job_id])[2]
             running.append(RunningJob(
                 collection, job_id, state, first_seen,
                 None if percent < 0 else min(percent, 100) / 100,
@@ -634,7 +678,7 @@ class JobHistory:
         describing = rules.max_describes > 0
         for job_id, collection in self._failed:
             known = details[job_id]
-            if not known.failed_at or now - known.failed_at > rules.failed_window:
+            if now - known.failed_at > rules.failed_window:
                 continue
             settled = known.reason or known.failed_describe or not describing \
                 or job_id not in self._waiting

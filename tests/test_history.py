@@ -331,19 +331,16 @@ def test_details_survive_a_restart_and_nothing_is_described_twice(tmp_path: Path
     clock = Clock()
     store = HistoryStore(path)
     h = JobHistory("x", store, clock)
-    apply_details(h, listing(rec("f", "importing"), rec("d", "importing"), rec("r", "importing")))
-    summary = apply_details(h, listing(rec("f", "failed"), rec("d", "completed"),
-                                       rec("r", "importing")))
-    for job_id, details in (("f", JobDetails("f", reason="bad file")),
-                            ("d", JobDetails("d", 100, 10, 10)),
-                            ("r", JobDetails("r", 40))):
-        h.record_details(job_id, details)
-    h.refresh(summary)
+    apply_details(h, listing(rec("f", "importing"), rec("r", "importing")), api="v1")
+    summary = apply_details(h, listing(rec("f", "failed"), rec("r", "importing")), api="v1")
+    assert h.describe_plan() == ["f", "r"]
+    h.record_details("f", JobDetails("f", reason="bad file"))
+    h.record_details("r", JobDetails("r", 40))
+    assert h.refresh(summary).running[0].progress == 0.4
     store.close()
     store = HistoryStore(path)
     h = JobHistory("x", store, clock)
-    summary = apply_details(h, listing(rec("f", "failed"), rec("d", "completed"),
-                                       rec("r", "importing")))
+    summary = apply_details(h, listing(rec("f", "failed"), rec("r", "importing")), api="v1")
     assert [(f.job_id, f.reason) for f in summary.failed] == [("f", "bad file")]
     assert summary.running[0].progress == 0.4       # v1: the last described progress
     assert h.describe_plan() == ["r"]                # only the active job, as every poll

@@ -140,7 +140,8 @@ def requests_per_poll() -> None:
         for name, _, mode, jobs in cases:
             cluster = sim.config(name)
             codes: list[str] = []
-            listing = fetch_listing(make_session(cluster), cluster, observe=codes.append)
+            listing = fetch_listing(make_session(cluster), cluster,
+                                    observe=lambda endpoint, code: codes.append(code))
             assert len(listing) == jobs
             total_known = mode == "total"
             floor = math.ceil(jobs / 100) + (0 if total_known or jobs % 100 else 1)
