@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 from exporter.client import (
     ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobDetails, JobRecord, NameIndex,
@@ -357,7 +357,12 @@ class _Details:
                 self.described_at)
 
 
-def _oldest(job: tuple[str, str, str, float]) -> tuple[float, str]:
+# An active job as the listing left it: job_id, collection, state, first_seen, and
+# since (when its progress or state last changed).
+_Active = tuple[str, str, str, int, int]
+
+
+def _oldest(job: _Active) -> tuple[int, str]:
     return job[3], job[0]
 
 
@@ -383,7 +388,7 @@ class JobHistory:
         # (collection, state), and the failures within the window as (job_id,
         # collection). Only these few are kept, never every active job.
         self._next_active: list[str] = []
-        self._shown: list[tuple[str, str, str, float]] = []
+        self._shown: list[_Active] = []
         self._described: dict[str, float] = {}    # active job id -> last described
         self._waiting: dict[str, tuple[str, str]] = {}
         self._failed: list[tuple[str, str]] = []
@@ -400,6 +405,8 @@ class JobHistory:
             for job_id, imported, total, reason, failed_at, described_at in details:
                 self._details[job_id] = _Details(imported, total, reason, failed_at,
                                                  described_at)
+                if described_at:
+                    self._described[job_id] = described_at
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -429,7 +436,7 @@ class JobHistory:
         oldest: dict[str, float] = {}
         candidates: list[StuckJob] = []
         upserts: list[tuple[str, float, float, int, str, int]] = []
-        active: list[tuple[str, str, str, float]] = []
+        active: list[_Active] = []
         waiting: dict[str, tuple[str, str]] = {}
         failed: list[tuple[str, str]] = []
         state_index, terminal_states, active_states = self._state_index.index, \
@@ -479,7 +486,7 @@ class JobHistory:
             if flags & _DESCRIBE:
                 waiting[job_id] = (collection, state)
             if state in active_states:
-                active.append((job_id, collection, state, first_seen))
+                active.append((job_id, collection, state, first_seen, since))
                 if first_seen < oldest.get(collection, now + 1):
                     oldest[collection] = first_seen
                 if now - first_seen > stuck_after:
@@ -541,11 +548,16 @@ class JobHistory:
         return packed is not None and \
             self._state_index.names[_RECORD.unpack(packed)[3]] in ACTIVE_STATES
 
-    def _follow_active(self, active: list[tuple[str, str, str, float]], now: float) -> None:
+    def _follow_active(self, active: list[_Active], now: float) -> None:
         """From the listing's active jobs, keep only the few that matter next: the
         oldest (behind the per-job series, whose listed progress feeds the ETA) and
         the next to describe (importing before pending, least recently described
-        first). Drop details no series or wait needs any more."""
+        first). Drop details no series or wait needs any more.
+
+        v1 jobs are described every time (the listing has no progress); a v2 job is
+        described for its rows, which cannot have moved while its listed progress
+        and state stood still since its last describe: it waits until they move.
+        """
         rules, details, described = self._rules, self._details, self._described
         for job_id in [j for j in described if not self._is_active(j)]:
             del described[job_id]
@@ -555,12 +567,15 @@ class JobHistory:
                        and not known.failed_at and j not in self._waiting]:
             del details[job_id]
 
-        def order(job: tuple[str, str, str, float]) -> tuple[bool, float, str]:
+        def order(job: _Active) -> tuple[bool, float, str]:
             return job[2] != "importing", described.get(job[0], 0.0), job[0]
-        self._next_active = [job[0] for job in heapq.nsmallest(rules.max_describes, active,
-                                                               key=order)]
+        candidates: Iterable[_Active] = active
         if rules.api == "v2":
-            for job_id, _, state, _ in shown:
+            candidates = (job for job in active if described.get(job[0], -1.0) < job[4] + 1)
+        self._next_active = [job[0] for job in heapq.nsmallest(rules.max_describes,
+                                                               candidates, key=order)]
+        if rules.api == "v2":
+            for job_id, _, state, _, _ in shown:
                 progress = _RECORD.unpack(self._jobs[job_id])[2]
                 if state == "importing" and progress >= 0:
                     known = details.get(job_id)
@@ -665,7 +680,7 @@ class JobHistory:
     def _with_details(self, summary: JobSummary) -> JobSummary:
         rules, details, now = self._rules, self._details, self._clock()
         running = []
-        for job_id, collection, state, first_seen in self._shown:
+        for job_id, collection, state, first_seen, _ in self._shown:
             known = details.get(job_id)
             percent = _RECORD.unpack(self._jobs[job_id])[2]
             running.append(RunningJob(

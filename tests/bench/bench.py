@@ -192,6 +192,46 @@ def round_of_clusters(repeats: int) -> None:
         sim.close()
 
 
+def job_details(repeats: int) -> None:
+    print("Job details: 10,000 jobs of which 50 active, page size 100; a poll with "
+          "describing on against the same poll with it off")
+    jobs, active = 10000, 50
+    sim = SimProcess([{"name": name, "flavour": "v2", "jobs": jobs, "active": active,
+                       "states": ["completed", "failed"], "moving": name == "moving"}
+                      for name in ("steady", "moving")])
+    try:
+        for name, what in (("steady", "steady poll (progress unchanged)"),
+                           ("moving", "poll while all 50 jobs move")):
+            pollers = {budget: ClusterPoller(sim.config(name, max_describes_per_poll=budget),
+                                             SnapshotBoard(), JobHistory(name))
+                       for budget in (active, 0)}
+            last = {budget: poller.poll_once()      # the first listing inserts every job
+                    for budget, poller in pollers.items()}
+            cpu: dict[int, list[float]] = {active: [], 0: []}
+            most: dict[str, int] = {"list": 0, "describe": 0}
+            for _ in range(repeats):        # interleaved, so drift hits both alike
+                for budget, poller in pollers.items():
+                    before = last[budget].api_requests
+                    started = time.process_time()
+                    last[budget] = poller.poll_once()
+                    cpu[budget].append(time.process_time() - started)
+                    if budget:
+                        for endpoint in most:
+                            sent = sum(n - before.get((e, c), 0) for (e, c), n
+                                       in last[budget].api_requests.items() if e == endpoint)
+                            most[endpoint] = max(most[endpoint], sent)
+            floor = math.ceil(jobs / 100)
+            report(f"list requests, {what}", str(most["list"]), str(floor),
+                   most["list"] / floor, "= 1.00")
+            report(f"describe requests (most in one poll), {what}", str(most["describe"]),
+                   f"<= {active}", None, f"<= {active}")
+            on, off = statistics.median(cpu[active]), statistics.median(cpu[0])
+            report(f"poll CPU, details on vs off, {what}", f"{on * 1000:.1f} ms",
+                   f"{off * 1000:.1f} ms", on / off, "<= 1.2")
+    finally:
+        sim.close()
+
+
 class Exporter(ExporterProcess):
     """The tests' exporter process, plus what the benchmark reads off it."""
 
@@ -376,10 +416,11 @@ def memory_and_writes(tmp: Path, big_jobs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
-    parser.add_argument("--only", choices=["requests", "poll", "round", "scrape", "memory"],
-                        action="append", help="run only these sections")
+    sections = ["requests", "poll", "round", "details", "scrape", "memory"]
+    parser.add_argument("--only", choices=sections, action="append",
+                        help="run only these sections")
     args = parser.parse_args()
-    wanted = set(args.only or ["requests", "poll", "round", "scrape", "memory"])
+    wanted = set(args.only or sections)
     repeats = 3 if args.quick else 7
     print(f"zilliz-import-exporter benchmark, {time.strftime('%Y-%m-%d')}, "
           f"{os.cpu_count()} cores, "
@@ -392,6 +433,8 @@ def main() -> None:
             poll_cost([1000, 10000, 20000, 100000], repeats)
         if "round" in wanted:
             round_of_clusters(repeats)
+        if "details" in wanted:
+            job_details(repeats * 3)
         if "scrape" in wanted:
             scrape_latency(Path(tmp), 200 if args.quick else 400, 100000)
         if "memory" in wanted:
