@@ -27,6 +27,7 @@ import sqlite3
 import struct
 import threading
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
@@ -357,13 +358,31 @@ class _Details:
                 self.described_at)
 
 
-# An active job as the listing left it: job_id, collection, state, first_seen, and
-# since (when its progress or state last changed).
-_Active = tuple[str, str, str, int, int]
+# An active job behind the per-job series: job_id, collection, state, first_seen.
+_Shown = tuple[str, str, str, int]
 
 
-def _oldest(job: _Active) -> tuple[int, str]:
-    return job[3], job[0]
+class _ActiveJobs:
+    """A listing's active jobs, column by column, while one listing is folded in:
+    references and packed numbers, no object per job, so a listing of 100,000 active
+    jobs costs a few flat buffers that go back in one piece."""
+
+    __slots__ = ("ids", "collections", "states", "first_seen", "since")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.collections: list[str] = []
+        self.states: list[str] = []
+        self.first_seen = array("I")
+        self.since = array("I")     # when its progress or state last changed
+
+    def add(self, job_id: str, collection: str, state: str, first_seen: int,
+            since: int) -> None:
+        self.ids.append(job_id)
+        self.collections.append(collection)
+        self.states.append(state)
+        self.first_seen.append(first_seen)
+        self.since.append(since)
 
 
 class JobHistory:
@@ -388,7 +407,7 @@ class JobHistory:
         # (collection, state), and the failures within the window as (job_id,
         # collection). Only these few are kept, never every active job.
         self._next_active: list[str] = []
-        self._shown: list[_Active] = []
+        self._shown: list[_Shown] = []
         self._described: dict[str, float] = {}    # active job id -> last described
         self._waiting: dict[str, tuple[str, str]] = {}
         self._failed: list[tuple[str, str]] = []
@@ -436,7 +455,7 @@ class JobHistory:
         oldest: dict[str, float] = {}
         candidates: list[StuckJob] = []
         upserts: list[tuple[str, float, float, int, str, int]] = []
-        active: list[_Active] = []
+        active = _ActiveJobs()
         waiting: dict[str, tuple[str, str]] = {}
         failed: list[tuple[str, str]] = []
         state_index, terminal_states, active_states = self._state_index.index, \
@@ -486,7 +505,7 @@ class JobHistory:
             if flags & _DESCRIBE:
                 waiting[job_id] = (collection, state)
             if state in active_states:
-                active.append((job_id, collection, state, first_seen, since))
+                active.add(job_id, collection, state, first_seen, since)
                 if first_seen < oldest.get(collection, now + 1):
                     oldest[collection] = first_seen
                 if now - first_seen > stuck_after:
@@ -548,7 +567,7 @@ class JobHistory:
         return packed is not None and \
             self._state_index.names[_RECORD.unpack(packed)[3]] in ACTIVE_STATES
 
-    def _follow_active(self, active: list[_Active], now: float) -> None:
+    def _follow_active(self, active: _ActiveJobs, now: float) -> None:
         """From the listing's active jobs, keep only the few that matter next: the
         oldest (behind the per-job series, whose listed progress feeds the ETA) and
         the next to describe (importing before pending, least recently described
@@ -559,23 +578,25 @@ class JobHistory:
         and state stood still since its last describe: it waits until they move.
         """
         rules, details, described = self._rules, self._details, self._described
+        ids, first_seen, since, states = active.ids, active.first_seen, active.since, \
+            active.states
         for job_id in [j for j in described if not self._is_active(j)]:
             del described[job_id]
-        shown = heapq.nsmallest(rules.max_job_series, active, key=_oldest)
+        oldest = heapq.nsmallest(rules.max_job_series, range(len(ids)),
+                                 key=lambda i: (first_seen[i], ids[i]))
+        shown = [(ids[i], active.collections[i], states[i], first_seen[i]) for i in oldest]
         shown_ids = {job[0] for job in shown}
         for job_id in [j for j, known in details.items() if j not in shown_ids
                        and not known.failed_at and j not in self._waiting]:
             del details[job_id]
-
-        def order(job: _Active) -> tuple[bool, float, str]:
-            return job[2] != "importing", described.get(job[0], 0.0), job[0]
-        candidates: Iterable[_Active] = active
+        candidates: Iterable[int] = range(len(ids))
         if rules.api == "v2":
-            candidates = (job for job in active if described.get(job[0], -1.0) < job[4] + 1)
-        self._next_active = [job[0] for job in heapq.nsmallest(rules.max_describes,
-                                                               candidates, key=order)]
+            candidates = (i for i in candidates if described.get(ids[i], -1.0) < since[i] + 1)
+        self._next_active = [ids[i] for i in heapq.nsmallest(
+            rules.max_describes, candidates,
+            key=lambda i: (states[i] != "importing", described.get(ids[i], 0.0), ids[i]))]
         if rules.api == "v2":
-            for job_id, _, state, _, _ in shown:
+            for job_id, _, state, _ in shown:
                 progress = _RECORD.unpack(self._jobs[job_id])[2]
                 if state == "importing" and progress >= 0:
                     known = details.get(job_id)
@@ -680,7 +701,7 @@ class JobHistory:
     def _with_details(self, summary: JobSummary) -> JobSummary:
         rules, details, now = self._rules, self._details, self._clock()
         running = []
-        for job_id, collection, state, first_seen, _ in self._shown:
+        for job_id, collection, state, first_seen in self._shown:
             known = details.get(job_id)
             percent = _RECORD.unpack(self._jobs[job_id])[2]
             running.append(RunningJob(

@@ -134,6 +134,16 @@ def _rows(imported: int, total: int) -> str:
     return f"{imported:,} / {total:,}" if total >= 0 else "-"
 
 
+class _Markup(str):
+    """HTML built here from numbers: the one kind of cell not escaped."""
+
+
+def _tr(*cells: str) -> str:
+    """A table row; every cell is escaped unless it is _Markup."""
+    return "<tr>" + "".join(f"<td>{c if isinstance(c, _Markup) else html.escape(c)}</td>"
+                            for c in cells) + "</tr>"
+
+
 def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
     """Stuck jobs, running jobs and recent failures of every cluster, each capped
     like its series (the summaries are), every value escaped."""
@@ -142,31 +152,23 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
         summary = snap.jobs
         if summary is None or snap.is_stale(now):
             continue
-        cluster = html.escape(snap.cluster.name)
+        cluster = snap.cluster.name
         for job in summary.stuck_jobs:
-            stuck.append((job.first_seen, (
-                f"<tr><td>{cluster}</td><td>{html.escape(job.collection)}</td>"
-                f"<td>{html.escape(job.job_id)}</td><td>{html.escape(job.state)}</td>"
-                f"<td>{_duration(now - job.first_seen)}</td>"
-                f"<td>{html.escape(job.reason)}</td></tr>")))
+            stuck.append((job.first_seen, _tr(cluster, job.collection, job.job_id, job.state,
+                                              _duration(now - job.first_seen), job.reason)))
         for run in summary.running:
-            if run.progress is None:
-                bar = "-"
-            else:
+            bar: str = "-"
+            if run.progress is not None:
                 percent = round(run.progress * 100)
-                bar = (f'<progress max="100" value="{percent}"></progress> '
-                       f"<span>{percent}%</span>")
-            eta = "-" if run.eta is None else _duration(run.eta)
-            running.append((run.first_seen, (
-                f"<tr><td>{cluster}</td><td>{html.escape(run.collection)}</td>"
-                f"<td>{html.escape(run.job_id)}</td><td>{html.escape(run.state)}</td>"
-                f'<td class="bar">{bar}</td><td>{_rows(run.imported_rows, run.total_rows)}'
-                f"</td><td>{eta}</td></tr>")))
+                bar = _Markup(f'<progress max="100" value="{percent}"></progress> '
+                              f"<span>{percent}%</span>")
+            running.append((run.first_seen, _tr(
+                cluster, run.collection, run.job_id, run.state, bar,
+                _rows(run.imported_rows, run.total_rows),
+                "-" if run.eta is None else _duration(run.eta))))
         for fail in summary.failed:
-            failed.append((-fail.failed_at, (
-                f"<tr><td>{cluster}</td><td>{html.escape(fail.collection)}</td>"
-                f"<td>{html.escape(fail.job_id)}</td><td>{_age(now - fail.failed_at)}</td>"
-                f'<td class="reason">{html.escape(fail.reason)}</td></tr>')))
+            failed.append((-fail.failed_at, _tr(cluster, fail.collection, fail.job_id,
+                                                _age(now - fail.failed_at), fail.reason)))
 
     def table(table_id: str, title: str, head: tuple[str, ...],
               rows: list[tuple[float, str]], empty: str) -> str:
@@ -221,8 +223,9 @@ def render_status_page(app: WebApp) -> str:
 table{{border-collapse:collapse;margin-bottom:1.5em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
 .up{{color:#080}}.down{{color:#c00;font-weight:bold}}.wait{{color:#888}}
-.err{{max-width:30em}}.reason{{max-width:40em;overflow-wrap:anywhere}}
-.none{{color:#888}}.bar{{white-space:nowrap}}progress{{width:10em}}</style>
+.err{{max-width:30em}}#failed td:last-child{{max-width:40em;overflow-wrap:anywhere}}
+.none{{color:#888}}#running td:nth-child(5){{white-space:nowrap}}progress{{width:10em}}
+</style>
 </head><body><h1>Zilliz Import Exporter</h1>
 <p>Version {__version__}. <a href="{metrics}">Metrics</a> ·
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
