@@ -353,9 +353,12 @@ class _Details:
             return by_rows
         return None if self.percent is None else self.percent.eta(100.0, now)
 
+    def facts(self) -> tuple[int, int, str, float]:
+        """What it says, without when it was last asked."""
+        return self.imported_rows, self.total_rows, self.reason, self.failed_at
+
     def row(self, job_id: str) -> DetailRow:
-        return (job_id, self.imported_rows, self.total_rows, self.reason, self.failed_at,
-                self.described_at)
+        return (job_id, *self.facts(), self.described_at)
 
 
 # An active job behind the per-job series: job_id, collection, state, first_seen.
@@ -574,8 +577,9 @@ class JobHistory:
         first). Drop details no series or wait needs any more.
 
         v1 jobs are described every time (the listing has no progress); a v2 job is
-        described for its rows, which cannot have moved while its listed progress
-        and state stood still since its last describe: it waits until they move.
+        described for its rows, so only while they are shown (it is among the oldest
+        max_job_series), and only once its listed progress or state moved since its
+        last successful describe (its rows cannot have moved otherwise).
         """
         rules, details, described = self._rules, self._details, self._described
         ids, first_seen, since, states = active.ids, active.first_seen, active.since, \
@@ -590,8 +594,9 @@ class JobHistory:
                        and not known.failed_at and j not in self._waiting]:
             del details[job_id]
         candidates: Iterable[int] = range(len(ids))
-        if rules.api == "v2":
-            candidates = (i for i in candidates if described.get(ids[i], -1.0) < since[i] + 1)
+        if rules.api == "v2":     # only shown rows, and only those that may have moved
+            candidates = [i for i in oldest if (known := details.get(ids[i])) is None
+                          or known.described_at < since[i] + 1]
         self._next_active = [ids[i] for i in heapq.nsmallest(
             rules.max_describes, candidates,
             key=lambda i: (states[i] != "importing", described.get(ids[i], 0.0), ids[i]))]
@@ -633,22 +638,27 @@ class JobHistory:
             self._described[job_id] = now
             waiting = self._waiting.get(job_id)
             known = self._details.get(job_id)
-            if known is None and (waiting is not None or answer is None):
-                known = self._details[job_id] = _Details()
-            if answer is None:
-                assert known is not None
-                known.failed_describe, known.described_at = True, now
-                if final and waiting is not None:
-                    self._repack(job_id, end_wait=True)
-                self._dirty.add(job_id)
+            if answer is None:          # keeps what it knew; a failure waits no more
+                if waiting is not None:
+                    if known is None:
+                        known = self._details[job_id] = _Details()
+                    known.failed_describe = True
+                    if final:
+                        self._repack(job_id, end_wait=True)
                 return
+            # Persisted when what it says changed (a describe that only confirms
+            # writes nothing), and on a job's first describe, for its time.
+            before = known.facts() if known is not None and known.described_at else None
             if self._rules.api == "v1" and answer.progress >= 0:
                 self._repack(job_id, progress=answer.progress, now=int(now))
             if known is None:
-                if not any(job[0] == job_id for job in self._shown):
+                if waiting is None and not any(job[0] == job_id for job in self._shown):
                     return              # nothing of it is shown: nothing to keep
                 known = self._details[job_id] = _Details()
-            known.failed_describe, known.described_at = False, now
+            # Changes are timed in whole seconds: a describe in the second of the
+            # change it answers counts as after it, so it is not repeated for nothing.
+            known.failed_describe = False
+            known.described_at = max(now, _RECORD.unpack(packed)[1] + 1)
             if answer.total_rows >= 0:
                 known.imported_rows, known.total_rows = answer.imported_rows, answer.total_rows
             if answer.reason:
@@ -657,7 +667,8 @@ class JobHistory:
                 known.observe_rows(now)
                 if self._rules.api == "v1" and answer.progress >= 0:
                     known.observe_percent(now, answer.progress)
-            self._dirty.add(job_id)
+            if known.facts() != before:
+                self._dirty.add(job_id)
             if waiting is not None:
                 collection, state = waiting
                 if state == "completed" and known.total_rows >= 0:

@@ -260,14 +260,14 @@ def test_describe_order_budget_and_only_listed_ids() -> None:
         c.set_rows(finishing[1], 5000, 5000)
         c.remove_jobs([pending[0]])
         poller.poll_once()
-        # newly failed first, then newly completed, then the least recently described
-        assert c.described == [finishing[0], finishing[1], importing[0]]
+        # newly failed first, then newly completed, then active jobs: the importing
+        # ones were described since their progress last moved (v2 rows cannot have
+        # moved either), so the never described pending job
+        assert c.described == [finishing[0], finishing[1], pending[1]]
         c.described.clear()
         clock.now += 10
         snap = poller.poll_once()
-        # importing[0] was described after its progress last moved: v2 rows cannot
-        # have moved either, so it waits; the never described pending job goes
-        assert c.described == [importing[1], pending[1]]
+        assert c.described == []                    # nothing moved
         c.described.clear()
         clock.now += 10
         c.set_progress(importing[0], 60)
@@ -319,11 +319,14 @@ def test_describe_failure_never_fails_the_poll_and_keeps_details() -> None:
         jobs = c.add_jobs(3, "docs", "importing", progress=50)
         for job_id in jobs:
             c.set_rows(job_id, 100, 1000)
-        poller = sim_poller(sim, "z")
+        clock = Clock()
+        poller = sim_poller(sim, "z", clock)
         snap = poller.poll_once()
         assert snap.jobs is not None and {j.imported_rows for j in snap.jobs.running} == {100}
+        clock.now += 10
         c.describe_fault = "500"
         for job_id in jobs:
+            c.set_progress(job_id, 60)
             c.set_rows(job_id, 500, 1000)
         snap = poller.poll_once()
         assert snap.up and snap.last_error == ""
@@ -331,6 +334,7 @@ def test_describe_failure_never_fails_the_poll_and_keeps_details() -> None:
         # a broken endpoint costs one request per poll, counted under describe
         assert snap.api_requests[("describe", "500")] == 1
         c.describe_fault = ""
+        clock.now += 10
         snap = poller.poll_once()
         assert snap.jobs is not None and {j.imported_rows for j in snap.jobs.running} == {500}
 
@@ -339,7 +343,8 @@ def test_old_milvus_falls_back_to_get_progress_until_reload() -> None:
     with Simulator() as sim:
         c = sim.add_cluster("old", "milvus", legacy_describe=True, v2_success_code=200)
         c.add_jobs(2, "docs", "importing", progress=20)
-        poller = sim_poller(sim, "old")
+        clock = Clock()
+        poller = sim_poller(sim, "old", clock)
         snap = poller.poll_once()
         assert snap.api_requests[("describe", "404")] == 1        # once, then remembered
         assert snap.api_requests[("describe", "200")] == 2
@@ -347,5 +352,7 @@ def test_old_milvus_falls_back_to_get_progress_until_reload() -> None:
         snap = poller.poll_once()
         assert snap.api_requests[("describe", "404")] == 1
         poller.reset_fallbacks()                                   # a reload
+        c.set_progress(next(iter(c.jobs)), 30)                     # something to describe
+        clock.now += 10
         snap = poller.poll_once()
         assert snap.api_requests[("describe", "404")] == 2
