@@ -210,6 +210,9 @@ def job_details(repeats: int) -> None:
             cpu: dict[int, list[float]] = {active: [], 0: []}
             most: dict[str, int] = {"list": 0, "describe": 0}
             for _ in range(repeats):        # interleaved, so drift hits both alike
+                # Changes are timed in whole seconds, and a real interval is at least
+                # one: a second between polls, so every moving job is described again.
+                time.sleep(1.0)
                 for budget, poller in pollers.items():
                     before = last[budget].api_requests
                     started = time.process_time()
