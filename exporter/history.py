@@ -566,9 +566,7 @@ class JobHistory:
                           transitions=dict(sorted(transitions.items())))
 
     def _is_active(self, job_id: str) -> bool:
-        packed = self._jobs.get(job_id)
-        return packed is not None and \
-            self._state_index.names[_RECORD.unpack(packed)[3]] in ACTIVE_STATES
+        return job_id in self._jobs and self._state_of(job_id) in ACTIVE_STATES
 
     def _follow_active(self, active: _ActiveJobs, now: float) -> None:
         """From the listing's active jobs, keep only the few that matter next: the
