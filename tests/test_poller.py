@@ -213,7 +213,10 @@ def test_group_applies_changes_and_shards() -> None:
     group = PollerGroup(board)
     assert group.apply(clusters[:2], start=False) == {"c0": "added", "c1": "added"}
     changed = ClusterConfig(name="c1", url="http://127.0.0.1:10", api="v2")
+    kept = group.pollers["c0"]
+    kept._get_progress = True           # learnt that c0's server is an old Milvus
     assert group.apply((clusters[0], changed), start=False) == {"c1": "changed"}
+    assert group.pollers["c0"] is kept and not kept._get_progress   # a reload forgets
     assert group.apply((changed,), start=False) == {"c0": "removed"}
     assert [s.cluster.name for s in board.snapshots()] == ["c1"]
 
