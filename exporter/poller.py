@@ -387,10 +387,13 @@ class ClusterPoller:
         """Describe the jobs the history plans; False when it planned none.
 
         A failure never fails the poll: the job keeps its last known details. One
-        that a retry could cure (timeouts, 5xx, ...) ends this round, so a broken
-        endpoint costs one request per poll; the rest wait for the next poll.
+        that a retry could cure (timeouts, 5xx, ...) ends this round, and so does
+        any failure before a first success (an endpoint the key may not use answers
+        every job alike), so a broken endpoint costs one request per poll; the rest
+        wait for the next poll.
         """
         plan = self._history.describe_plan()
+        answered = False
         for job_id in plan:
             fields = {"cluster_name": self.cluster.name, "job_id": job_id}
             try:
@@ -405,11 +408,12 @@ class ClusterPoller:
                 log.debug("describe failed; the job keeps its last known details",
                           extra={"fields": {**fields, "reason": failure.reason,
                                             "error": str(failure)}})
-                if not final:
+                if not final or not answered:
                     break
                 continue
             if self._stop.is_set():
                 raise Stopped()
+            answered = True
             self._history.record_details(job_id, details)
         return bool(plan)
 

@@ -336,6 +336,13 @@ def test_describe_failure_never_fails_the_poll_and_keeps_details() -> None:
         assert snap.jobs is not None and {j.imported_rows for j in snap.jobs.running} == {100}
         # a broken endpoint costs one request per poll, counted under describe
         assert snap.api_requests[("describe", "500")] == 1
+        c.describe_fault = "api_error"           # e.g. a key without the permission
+        for job_id in jobs:
+            c.set_progress(job_id, 70)
+        clock.now += 10
+        before = snap.api_requests[("describe", "200")]
+        snap = poller.poll_once()
+        assert snap.up and snap.api_requests[("describe", "200")] == before + 1   # not 3
         c.describe_fault = ""
         clock.now += 10
         snap = poller.poll_once()
