@@ -1,4 +1,5 @@
-"""One page of one "list import jobs" listing, for both API flavours.
+"""One API call, for both flavours: a page of the "list import jobs" listing, or the
+details of one job ("describe").
 
 Errors form a small tree whose ``reason`` is the contract's poll-error reason:
 
@@ -23,8 +24,8 @@ import functools
 import logging
 import re
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -42,6 +43,8 @@ AUTH_BODY_CODES = frozenset({80001, 21119, 1800})
 V1_SUCCESS_CODES = frozenset({200})
 # Milvus 2.4.0 to about 2.4.4 answered 200 in v2 bodies; later servers answer 0.
 V2_SUCCESS_CODES = frozenset({0, 200})
+# A failure text becomes a label value: one line, bounded.
+MAX_REASON_CHARS = 200
 
 _STATE_ALIASES = {"running": "importing", "importing": "importing"}
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -109,10 +112,32 @@ class JobRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class ListingPage:
-    """One page as the server sent it; ``count`` is the body's count, if any."""
+    """One page as the server sent it; ``count`` is the body's count, if any.
+
+    ``reasons`` holds the failure text of the records that carry one (Milvus lists
+    them), by job id: few jobs have one, so records stay four small fields.
+    """
 
     records: tuple[JobRecord, ...]
     count: int | None
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobDetails:
+    """What "describe one job" says; -1 where the flavour or server gives nothing.
+
+    ``progress`` is a percentage (v1 ``readyPercentage``, v2 ``progress``); ``state``
+    is normalised, or "" for v1, which reports none; ``reason`` is a sanitised
+    failure text (see ``failure_text``), "" when the job has not failed.
+    """
+
+    job_id: str
+    progress: int = -1
+    imported_rows: int = -1
+    total_rows: int = -1
+    state: str = ""
+    reason: str = ""
 
 
 class NameIndex:
@@ -174,66 +199,126 @@ def _scrub(text: str, secret: str) -> str:
     return text
 
 
-def list_import_jobs(session: requests.Session, cluster: ClusterConfig, current_page: int,
-                     observe: Callable[[str], None] = lambda code: None) -> ListingPage:
-    """Fetch one page; ``observe`` hears each HTTP status (or ``error``)."""
+def failure_text(raw: Any, secret: str) -> str:
+    """A server's failure text as a label value: one line of at most 200 characters,
+    whitespace collapsed, the API key scrubbed should a server ever echo it."""
+    if raw is None:
+        return ""
+    text = " ".join(_scrub(str(raw), secret).split())
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+
+
+# Observers hear (endpoint, code) for every HTTP request: endpoint "list" or
+# "describe", code the HTTP status or "error".
+Observer = Callable[[str, str], None]
+
+
+def _ignore(endpoint: str, code: str) -> None:
+    pass
+
+
+def _scrubbed(call: Callable[[], Any], secret: str) -> Any:
+    """Run one API call; no failure leaves it carrying the API key."""
     try:
-        return _list_page(session, cluster, current_page, observe)
+        return call()
     except ApiFailure as failure:
-        scrubbed = _scrub(str(failure), cluster.api_key)
+        scrubbed = _scrub(str(failure), secret)
         if scrubbed != str(failure):
             failure.args = (scrubbed,)
         raise
 
 
-def _list_page(session: requests.Session, cluster: ClusterConfig, current_page: int,
-               observe: Callable[[str], None]) -> ListingPage:
-    settings = cluster.settings
-    try:
+def list_import_jobs(session: requests.Session, cluster: ClusterConfig, current_page: int,
+                     observe: Observer = _ignore) -> ListingPage:
+    """Fetch one page of the listing."""
+    def call() -> ListingPage:
+        settings = cluster.settings
         if cluster.api == "v1":
             params: dict[str, str | int] = {
                 "clusterId": cluster.cluster_id, "pageSize": settings.page_size,
                 "currentPage": current_page}
-            response = session.get(f"{cluster.url}/v1/vector/collections/import/list",
-                                   params=params, timeout=settings.timeout)
+            payload = _request(session, cluster, "list", "/v1/vector/collections/import/list",
+                               observe, params=params, page=current_page)
         else:
             body = {"clusterId": cluster.cluster_id, "pageSize": settings.page_size,
                     "currentPage": current_page, "dbName": cluster.db_name,
                     "projectId": cluster.project_id, "regionId": cluster.region_id}
-            response = session.post(f"{cluster.url}/v2/vectordb/jobs/import/list",
-                                    json=body, timeout=settings.timeout)
+            payload = _request(session, cluster, "list", "/v2/vectordb/jobs/import/list",
+                               observe, body=body, page=current_page)
+        return _parse(payload, cluster)
+    result: ListingPage = _scrubbed(call, cluster.api_key)
+    return result
+
+
+DESCRIBE_PATH = "/v2/vectordb/jobs/import/describe"
+# Milvus 2.4.0 to 2.4.12 serve only this one (same body, same answer).
+GET_PROGRESS_PATH = "/v2/vectordb/jobs/import/get_progress"
+
+
+def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_id: str, *,
+                        get_progress: bool = False, observe: Observer = _ignore) -> JobDetails:
+    """The details of one job; ``get_progress`` selects the old Milvus path.
+
+    Raises the same ApiFailure tree as the list call; an HTTP 404 on ``describe``
+    (an HttpFailure with status 404) means the server predates it.
+    """
+    def call() -> JobDetails:
+        if cluster.api == "v1":
+            params: dict[str, str | int] = {"jobId": job_id, "clusterId": cluster.cluster_id}
+            payload = _request(session, cluster, "describe",
+                               "/v1/vector/collections/import/get", observe, params=params)
+            return _parse_v1_details(_data(payload, cluster), job_id, cluster.api_key)
+        body = {"jobId": job_id, "clusterId": cluster.cluster_id,
+                "projectId": cluster.project_id, "regionId": cluster.region_id}
+        path = GET_PROGRESS_PATH if get_progress else DESCRIBE_PATH
+        payload = _request(session, cluster, "describe", path, observe, body=body)
+        return _parse_v2_details(_data(payload, cluster), job_id, cluster.api_key)
+    result: JobDetails = _scrubbed(call, cluster.api_key)
+    return result
+
+
+def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, path: str,
+             observe: Observer, *, params: dict[str, str | int] | None = None,
+             body: dict[str, Any] | None = None, page: int = 0) -> Any:
+    """Send one request (GET with ``params`` or POST with ``body``); the decoded JSON."""
+    timeout = cluster.settings.timeout
+    try:
+        if body is None:
+            response = session.get(cluster.url + path, params=params, timeout=timeout)
+        else:
+            response = session.post(cluster.url + path, json=body, timeout=timeout)
     except requests.Timeout:
-        observe("error")
-        raise TimeoutFailure(f"no answer from {cluster.host} within {settings.timeout:g}s") \
-            from None
+        observe(endpoint, "error")
+        raise TimeoutFailure(f"no answer from {cluster.host} within {timeout:g}s") from None
     except requests.exceptions.SSLError as exc:
-        observe("error")
+        observe(endpoint, "error")
         raise ConnectionFailure(f"TLS with {cluster.host} failed: {_ssl_reason(exc)}") from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-        observe("error")
+        observe(endpoint, "error")
         raise ConnectionFailure(f"cannot reach {cluster.host}: {_connection_reason(exc)}") \
             from None
     except requests.RequestException as exc:
-        observe("error")
+        observe(endpoint, "error")
         raise ConnectionFailure(f"request to {cluster.host} failed: {type(exc).__name__}") \
             from None
     status = response.status_code
-    observe(str(status))
+    observe(endpoint, str(status))
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("api request", extra={"fields": {
-            "cluster_name": cluster.name, "path": urlsplit(response.url).path,
-            "page": current_page, "status": status,
-            "duration_seconds": round(response.elapsed.total_seconds(), 3)}})
+        fields: dict[str, Any] = {"cluster_name": cluster.name,
+                                  "path": urlsplit(response.url).path, "status": status,
+                                  "duration_seconds": round(response.elapsed.total_seconds(), 3)}
+        if page:
+            fields["page"] = page
+        log.debug("api request", extra={"fields": fields})
     if status in (401, 403):
         raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
     if status != 200:
         raise HttpFailure(f"HTTP {status} from {cluster.host}", status,
                           parse_retry_after(response.headers.get("Retry-After")))
     try:
-        payload = response.json()
+        return response.json()
     except ValueError:
         raise DecodeFailure(f"{cluster.host} answered with a body that is not JSON") from None
-    return _parse(payload, cluster)
 
 
 def _ssl_reason(exc: Exception) -> str:
@@ -253,7 +338,8 @@ def _connection_reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
+def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
+    """The ``data`` object of a successful answer; ApiFailure for any other."""
     host = cluster.host
     if not isinstance(payload, dict) or "code" not in payload:
         raise DecodeFailure(f"{host} answered JSON without a 'code'")
@@ -269,18 +355,26 @@ def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
         data = {}
     if not isinstance(data, dict):
         raise DecodeFailure(f"{host} answered a 'data' that is not an object")
+    return data
+
+
+def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
+    host = cluster.host
+    data = _data(payload, cluster)
     items = data.get("tasks" if cluster.api == "v1" else "records")
     if items is None:
         items = []
     if not isinstance(items, list):
         raise DecodeFailure(f"{host} answered a job list that is not a list")
     records = []
+    reasons: dict[str, str] = {}
     for item in items:
         try:
             job_id = item["jobId"]
             state = item["state"]
             collection = item.get("collectionName") or ""
             progress = item.get("progress")
+            reason = item.get("reason")
         except (TypeError, KeyError, AttributeError):
             raise DecodeFailure(f"{host} answered a job without jobId or state") from None
         if type(job_id) is not str:
@@ -293,7 +387,39 @@ def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
             progress = int(progress) if isinstance(progress, float) else -1
         records.append(JobRecord(job_id, collection if type(collection) is str
                                  else str(collection), normalise_state(state), progress))
+        if reason:
+            reasons[job_id] = failure_text(reason, cluster.api_key)
     count = data.get("count")
     if isinstance(count, bool) or not isinstance(count, int):
         count = None
-    return ListingPage(records=tuple(records), count=count)
+    return ListingPage(records=tuple(records), count=count, reasons=reasons)
+
+
+def _number(value: Any) -> int:
+    """A whole non-negative number from a JSON field, -1 when absent or malformed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return -1
+    return int(value)
+
+
+def _parse_v1_details(data: dict[str, Any], job_id: str, secret: str) -> JobDetails:
+    # readyPercentage is documented as a percentage; whether a server sends 0-1
+    # instead is unconfirmed, so it is read as the contract says: 0-100.
+    ready = data.get("readyPercentage")
+    progress = -1
+    if isinstance(ready, (int, float)) and not isinstance(ready, bool) and ready >= 0:
+        progress = min(100, round(ready))
+    error = data.get("errorMessage")
+    return JobDetails(job_id=job_id, progress=progress,
+                      reason=failure_text(error, secret) if error else "")
+
+
+def _parse_v2_details(data: dict[str, Any], job_id: str, secret: str) -> JobDetails:
+    state = data.get("state")
+    progress = _number(data.get("progress"))
+    reason = data.get("reason")
+    return JobDetails(job_id=job_id, progress=min(progress, 100),
+                      imported_rows=_number(data.get("importedRows")),
+                      total_rows=_number(data.get("totalRows")),
+                      state=normalise_state(state) if isinstance(state, str) and state else "",
+                      reason=failure_text(reason, secret) if reason else "")

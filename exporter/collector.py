@@ -63,8 +63,30 @@ class ImportCollector(Collector):
         errors = CounterMetricFamily("zilliz_import_poll_errors_total", "Failed polls by reason.",
                                      labels=["cluster_name", "reason"])
         requests = CounterMetricFamily(
-            "zilliz_import_api_requests_total", "HTTP requests sent to the list API; code is the "
-            "HTTP status, or error when none came back.", labels=["cluster_name", "code"])
+            "zilliz_import_api_requests_total", "HTTP requests sent to the API; endpoint list "
+            "or describe; code is the HTTP status, or error when none came back.",
+            labels=["cluster_name", "endpoint", "code"])
+        progress = GaugeMetricFamily(
+            "zilliz_import_job_progress_ratio", "Progress (0-1) of each active job, at most "
+            "max_job_series per cluster, oldest first." + _FROM_POLL,
+            labels=["cluster_name", "collection", "job_id", "state"])
+        rows = GaugeMetricFamily(
+            "zilliz_import_job_rows", "Rows of active jobs whose rows are known (v2 "
+            "describe), kind imported or total." + _FROM_POLL,
+            labels=["cluster_name", "collection", "job_id", "kind"])
+        eta = GaugeMetricFamily(
+            "zilliz_import_job_eta_seconds", "Estimated seconds until an importing job "
+            "completes, from the rate the exporter observed; absent until it moved."
+            + _FROM_POLL, labels=["cluster_name", "collection", "job_id"])
+        failed_info = GaugeMetricFamily(
+            "zilliz_import_failed_job_info", "One series per job seen failing within "
+            "failed_job_window; reason is the API's failure text or unknown. At most "
+            "max_failed_job_series per cluster, newest first." + _FROM_POLL,
+            labels=["cluster_name", "collection", "job_id", "reason"])
+        rows_imported = CounterMetricFamily(
+            "zilliz_import_rows_imported_total", "Rows of jobs seen reaching completed after "
+            "the cluster's first listing (v2 describe totalRows)." + _FROM_POLL,
+            labels=["cluster_name", "collection"])
         waited = CounterMetricFamily(
             "zilliz_import_rate_limit_wait_seconds_total", "Time the cluster's requests "
             "waited for the exporter's own rate limiter (requests_per_second).",
@@ -83,8 +105,8 @@ class ImportCollector(Collector):
                 last_success.add_metric([name], snap.last_success)
             for reason in POLL_ERROR_REASONS:
                 errors.add_metric([name, reason], snap.poll_errors.get(reason, 0))
-            for code, count in sorted(snap.api_requests.items()):
-                requests.add_metric([name, code], count)
+            for (endpoint, code), count in sorted(snap.api_requests.items()):
+                requests.add_metric([name, endpoint, code], count)
             waited.add_metric([name], snap.rate_limit_wait)
             summary = snap.jobs
             if summary is None or snap.is_stale(now):
@@ -101,8 +123,25 @@ class ImportCollector(Collector):
                                        job.reason], 1)
             for (collection, state), count in summary.transitions.items():
                 transitions.add_metric([name, collection, state], count)
-        yield from (jobs, stuck, oldest, stuck_info, transitions, up, last_success, duration,
-                    errors, requests, waited, info)
+            for running in summary.running:
+                if running.progress is not None:
+                    progress.add_metric([name, running.collection, running.job_id, running.state],
+                                        running.progress)
+                if running.total_rows >= 0:
+                    rows.add_metric([name, running.collection, running.job_id, "imported"],
+                                    running.imported_rows)
+                    rows.add_metric([name, running.collection, running.job_id, "total"],
+                                    running.total_rows)
+                if running.eta is not None:
+                    eta.add_metric([name, running.collection, running.job_id], running.eta)
+            for failed in summary.failed:
+                failed_info.add_metric([name, failed.collection, failed.job_id,
+                                        failed.reason], 1)
+            for collection, count in summary.rows_imported.items():
+                rows_imported.add_metric([name, collection], count)
+        yield from (jobs, stuck, oldest, stuck_info, transitions, progress, rows, eta,
+                    failed_info, rows_imported, up, last_success, duration, errors, requests,
+                    waited, info)
         build = GaugeMetricFamily("zilliz_import_exporter_build_info",
                                   "Exporter version and Python version.",
                                   labels=["version", "python_version"])

@@ -46,6 +46,10 @@ class PollSettings:
     stall_after: float = 1800.0
     stale_after: float = 300.0
     max_stuck_job_series: int = 100
+    max_describes_per_poll: int = 50
+    max_job_series: int = 100
+    max_failed_job_series: int = 100
+    failed_job_window: float = 6 * 3600.0
     requests_per_second: float = 10.0
 
 
@@ -60,6 +64,11 @@ _SETTING_RULES: dict[str, tuple[str, float, float]] = {
     "stall_after": ("duration", 0, 365 * 86400),
     "stale_after": ("duration", 0, 365 * 86400),
     "max_stuck_job_series": ("int", 0, 100_000),
+    # Each describe is one request per job; 0 turns job details off.
+    "max_describes_per_poll": ("int", 0, 10_000),
+    "max_job_series": ("int", 0, 100_000),
+    "max_failed_job_series": ("int", 0, 100_000),
+    "failed_job_window": ("duration", 1, 365 * 86400),
     # Zilliz Cloud allows about 20 per second per user and endpoint; 10 leaves room
     # for the key's other users (the import pipeline itself).
     "requests_per_second": ("number", 0.01, 10_000),

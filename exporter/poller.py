@@ -15,22 +15,24 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 import requests
 
 from exporter.client import (
-    CANONICAL_STATES, ApiFailure, JobRecord, NameIndex, PaginationFailure,
-    list_import_jobs, make_session,
+    CANONICAL_STATES, ApiFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
+    PaginationFailure, describe_import_job, list_import_jobs, make_session,
 )
-from exporter.config import ClusterConfig, Config, shard_of
-from exporter.history import HistoryStore, JobHistory, JobSummary
+from exporter.config import ClusterConfig, Config, PollSettings, shard_of
+from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
 from exporter.memory import release_free_memory
 from exporter.ratelimit import PacedAdapter, RateLimits, pace
 
 log = logging.getLogger("exporter.poller")
 
 MAX_BACKOFF = 30.0
+
+T = TypeVar("T")
 
 
 # After a listing this large, hand the pages it used back (see exporter.memory).
@@ -59,9 +61,13 @@ class Listing:
         self._collection = array("I")
         self._state = array("I")
         self._progress = array("i")
+        self.reasons: dict[str, str] = {}    # failure texts the records carried
 
-    def extend(self, records: Iterable[JobRecord]) -> int:
+    def extend(self, records: Iterable[JobRecord],
+               reasons: Mapping[str, str] | None = None) -> int:
         """Add one page of jobs; returns how many of their ids were new."""
+        if reasons:
+            self.reasons.update(reasons)
         seen, ids, names = self._seen, self._ids, self._names.index
         add_collection, add_state = self._collection.append, self._state.append
         add_progress = self._progress.append
@@ -128,7 +134,7 @@ class ClusterSnapshot:
     last_error: str = ""
     jobs: JobSummary | None = None
     poll_errors: Mapping[str, int] = field(default_factory=dict)
-    api_requests: Mapping[str, int] = field(default_factory=dict)
+    api_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, code)
     rate_limit_wait: float = 0.0      # seconds, cumulative
 
     def is_stale(self, now: float) -> bool:
@@ -171,8 +177,32 @@ def backoff_delay(attempt: int, retry_after: float | None, cap: float,
     return min(delay, cap)
 
 
+def with_retries(call: Callable[[], T], settings: PollSettings, *,
+                 wait: Callable[[float], bool], rng: random.Random,
+                 log_fields: Mapping[str, object]) -> T:
+    """One API call, retried after timeouts, connection errors, 429 and 5xx.
+
+    Backs off exponentially with jitter (Retry-After honoured); ``wait`` sleeps and
+    returns True when the poller must stop, which raises Stopped.
+    """
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except ApiFailure as failure:
+            if not failure.retryable or attempt >= settings.retries:
+                raise
+            delay = backoff_delay(attempt, failure.retry_after,
+                                  max(settings.interval, settings.timeout), rng)
+            log.debug("retrying request", extra={"fields": {
+                **log_fields, "reason": failure.reason, "delay_seconds": round(delay, 3)}})
+            attempt += 1
+            if wait(delay):
+                raise Stopped() from None
+
+
 def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
-                  observe: Callable[[str], None] = lambda code: None,
+                  observe: Callable[[str, str], None] = lambda endpoint, code: None,
                   wait: Callable[[float], bool] | None = None,
                   rng: random.Random | None = None) -> Listing:
     """Page through one listing; raise ApiFailure (never return half a listing).
@@ -195,23 +225,10 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
             raise PaginationFailure(
                 f"listing did not end within max_pages={settings.max_pages} pages "
                 f"({len(listing)} jobs so far)")
-        attempt = 0
-        while True:
-            try:
-                result = list_import_jobs(session, cluster, page, observe)
-                break
-            except ApiFailure as failure:
-                if not failure.retryable or attempt >= settings.retries:
-                    raise
-                delay = backoff_delay(attempt, failure.retry_after,
-                                      max(settings.interval, settings.timeout), rng)
-                log.debug("retrying page", extra={"fields": {
-                    "cluster_name": cluster.name, "page": page, "reason": failure.reason,
-                    "delay_seconds": round(delay, 3)}})
-                attempt += 1
-                if wait(delay):
-                    raise Stopped() from None
-        new_ids = listing.extend(result.records)
+        result = with_retries(
+            lambda: list_import_jobs(session, cluster, page, observe), settings,
+            wait=wait, rng=rng, log_fields={"cluster_name": cluster.name, "page": page})
+        new_ids = listing.extend(result.records, result.reasons)
         listing.pages = page
         if page == 1 and len(result.records) > settings.page_size:
             break
@@ -235,6 +252,15 @@ def next_poll_delay(interval: float, elapsed: float) -> float:
     return max(0.0, interval - elapsed)
 
 
+def detail_rules(cluster: ClusterConfig) -> DetailRules:
+    settings = cluster.settings
+    return DetailRules(max_describes=settings.max_describes_per_poll,
+                       max_job_series=settings.max_job_series,
+                       max_failed_series=settings.max_failed_job_series,
+                       failed_window=settings.failed_job_window,
+                       api=cluster.api)
+
+
 class ClusterPoller:
     """Polls one cluster on its own schedule and publishes its snapshots."""
 
@@ -256,8 +282,9 @@ class ClusterPoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_errors: dict[str, int] = {}
-        self._api_requests: dict[str, int] = {}
+        self._api_requests: dict[tuple[str, str], int] = {}
         self._unknown_states: set[str] = set()
+        self._get_progress = False    # describe answered 404: an old Milvus
         self._failing = False
         self._snapshot = ClusterSnapshot(cluster=cluster, shard=shard)
         board.publish(self._snapshot, self._current)
@@ -272,8 +299,13 @@ class ClusterPoller:
     def _rate_limit_wait(self) -> float:
         return 0.0 if self._pacer is None else self._pacer.waited
 
-    def _observe(self, code: str) -> None:
-        self._api_requests[code] = self._api_requests.get(code, 0) + 1
+    def _observe(self, endpoint: str, code: str) -> None:
+        key = (endpoint, code)
+        self._api_requests[key] = self._api_requests.get(key, 0) + 1
+
+    def reset_fallbacks(self) -> None:
+        """Forget what was learnt about the server (on reload: it may be upgraded)."""
+        self._get_progress = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"poll-{self.cluster.name}",
@@ -340,7 +372,8 @@ class ClusterPoller:
             summary = self._history.apply(
                 listing, stuck_after=settings.stuck_after,
                 stall_after=settings.stall_after,
-                max_stuck_series=settings.max_stuck_job_series)
+                max_stuck_series=settings.max_stuck_job_series,
+                rules=detail_rules(cluster))
             duration = time.monotonic() - started
             if self._stop.is_set():
                 raise Stopped()
@@ -359,9 +392,68 @@ class ClusterPoller:
                                poll_errors=dict(self._poll_errors),
                                api_requests=dict(self._api_requests),
                                rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
+            # The listing is out; details follow in a second snapshot, so a slow or
+            # failing describe endpoint never holds the listing back.
+            if self._describe_jobs():
+                snapshot = replace(snapshot, poll_duration=time.monotonic() - started,
+                                   jobs=self._history.refresh(summary),
+                                   api_requests=dict(self._api_requests),
+                                   rate_limit_wait=self._rate_limit_wait())
+            else:
+                return snapshot
         self._snapshot = snapshot
         self._board.publish(snapshot, self._current)
         return snapshot
+
+    def _describe_jobs(self) -> bool:
+        """Describe the jobs the history plans; False when it planned none.
+
+        A failure never fails the poll: the job keeps its last known details. One
+        that a retry could cure (timeouts, 5xx, ...) ends this round, and so does
+        any failure before a first success (an endpoint the key may not use answers
+        every job alike), so a broken endpoint costs one request per poll; the rest
+        wait for the next poll.
+        """
+        plan = self._history.describe_plan()
+        answered = False
+        for job_id in plan:
+            fields = {"cluster_name": self.cluster.name, "job_id": job_id}
+            try:
+                details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
+                                       wait=self._stop.wait, rng=self._rng,
+                                       log_fields=fields)
+            except ApiFailure as failure:
+                if self._stop.is_set():
+                    raise Stopped() from None
+                final = failure.reason in ("api", "decode")
+                self._history.record_details(job_id, None, final=final)
+                log.debug("describe failed; the job keeps its last known details",
+                          extra={"fields": {**fields, "reason": failure.reason,
+                                            "error": str(failure)}})
+                if not final or not answered:
+                    break
+                continue
+            if self._stop.is_set():
+                raise Stopped()
+            answered = True
+            self._history.record_details(job_id, details)
+        return bool(plan)
+
+    def _describe(self, job_id: str) -> JobDetails:
+        try:
+            return describe_import_job(self._session, self.cluster, job_id,
+                                       get_progress=self._get_progress,
+                                       observe=self._observe)
+        except HttpFailure as failure:
+            if failure.status != 404 or self.cluster.api != "v2" or self._get_progress:
+                raise
+        self._get_progress = True
+        log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) from "
+                 "now on", extra={"fields": {"cluster_name": self.cluster.name}})
+        return describe_import_job(self._session, self.cluster, job_id, get_progress=True,
+                                   observe=self._observe)
 
 
 class PollerGroup:
@@ -412,6 +504,7 @@ class PollerGroup:
             for name, cluster in wanted.items():
                 old = self._pollers.get(name)
                 if old is not None and old.cluster == cluster:
+                    old.reset_fallbacks()
                     continue
                 if old is not None:
                     old.stop()

@@ -1,4 +1,5 @@
-"""A faithful fake of both "list import jobs" APIs, on 127.0.0.1, for tests and --demo.
+"""A faithful fake of both import-job APIs (list and describe), on 127.0.0.1, for tests
+and --demo.
 
 It serves Zilliz Cloud v1 (GET, body code 200, ``tasks`` and ``count``), Zilliz
 Cloud v2 (POST, body code 0, ``records``, optional ``count``) and self-hosted
@@ -11,6 +12,14 @@ hangs, code 200 on v2 (Milvus 2.4.0-2.4.4), and Zilliz's per-user rate limit
 (``Simulator.rate_limit``: 429 above N requests per second per key and endpoint).
 Every request is logged with its arrival time (``Simulator.log``) so tests can
 measure the rate the server saw.
+
+Describe answers follow API-NOTES.md: v1 ``readyPercentage``/``errorMessage`` (no
+state, no rows); v2 ``state``, ``progress``, ``importedRows``, ``totalRows`` and
+``reason`` (Milvus leaves ``reason`` out when empty and reports progress 0 and rows 0
+for a failed job). ``legacy_describe`` plays Milvus 2.4.0-2.4.12 (``describe`` is
+404, only ``get_progress``), ``v2_success_code`` 200 plays Milvus 2.4.0-2.4.4, and
+``unknown_describes`` counts describes of ids the cluster does not hold (which
+crash old Milvus).
 
 ``python -m exporter.simulator`` runs it alone with the demo clusters moving.
 """
@@ -50,6 +59,8 @@ class SimJob:
     state: str            # canonical, or any raw API state (e.g. "WaitingForRetry")
     progress: int = 0
     reason: str = ""
+    imported_rows: int = 0
+    total_rows: int = 0
 
 
 @dataclass
@@ -69,6 +80,11 @@ class SimCluster:
     jobs: dict[str, SimJob] = field(default_factory=dict)
     requests: int = 0
     pages_served: list[int] = field(default_factory=list)
+    legacy_describe: bool = False  # Milvus 2.4.0-2.4.12: only get_progress
+    reasons_in_list: bool = True  # list records carry reason (Milvus does)
+    describe_fault: str = ""      # "500", "api_error" or "hang": every describe misbehaves
+    described: list[str] = field(default_factory=list)   # job ids, in order
+    unknown_describes: int = 0
     _fault: str = ""
     _fault_left: int | None = None
     _fault_from_page: int = 1
@@ -96,6 +112,16 @@ class SimCluster:
     def set_progress(self, job_id: str, progress: int) -> None:
         with self._lock:
             self.jobs[job_id].progress = progress
+
+    def set_rows(self, job_id: str, imported: int, total: int) -> None:
+        with self._lock:
+            job = self.jobs[job_id]
+            job.imported_rows, job.total_rows = imported, total
+
+    def set_reason(self, job_id: str, reason: str) -> None:
+        """The job's failure text, as the server reports it."""
+        with self._lock:
+            self.jobs[job_id].reason = reason
 
     def remove_jobs(self, job_ids: list[str]) -> None:
         with self._lock:
@@ -143,9 +169,43 @@ class SimCluster:
                                         "state": states.get(job.state, job.state)}
                 if self.flavour != "v1":
                     item["progress"] = job.progress
-                    item["reason"] = job.reason
+                    if self.reasons_in_list and (job.reason or self.flavour == "v2"):
+                        item["reason"] = job.reason   # Milvus: absent when empty
                 out.append(item)
             return out, len(jobs)
+
+    def _details(self, job_id: str) -> dict[str, Any] | None:
+        """The ``data`` of a describe answer, or None for an unknown id."""
+        with self._lock:
+            self.described.append(job_id)
+            job = self.jobs.get(job_id)
+            if job is None:
+                self.unknown_describes += 1
+                return None
+            state = normalise_state(job.state)
+            done = state in ("completed", "failed")
+            if self.flavour == "v1":
+                return {"collectionName": job.collection, "jobId": job.job_id,
+                        "fileName": f"{job.job_id}/1.parquet", "fileSize": 19599887,
+                        "readyPercentage": 100 if state == "completed" else job.progress,
+                        "completeTime": "2024-06-01 10:00:00" if done else None,
+                        "errorMessage": (job.reason or "import failed")
+                        if state == "failed" else None,
+                        "details": []}
+            failed = state == "failed"
+            data: dict[str, Any] = {
+                "jobId": job.job_id, "collectionName": job.collection,
+                "state": _V2_STATES.get(job.state, job.state),
+                "progress": 0 if failed else job.progress,
+                "importedRows": 0 if failed else job.imported_rows,
+                "totalRows": 0 if failed else job.total_rows,
+                "fileSize": 19599887, "completeTime": "2024-06-01T10:00:00Z" if done else "",
+                "details": []}
+            if failed and job.reason:
+                data["reason"] = job.reason
+            elif self.flavour == "v2":
+                data["reason"] = ""          # Zilliz: always present; Milvus: absent
+            return data
 
 
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
@@ -295,12 +355,18 @@ class Simulator:
                 auth: str) -> tuple[int, dict[str, str], bytes]:
         v1 = path.endswith("/v1/vector/collections/import/list")
         v2 = path.endswith("/v2/vectordb/jobs/import/list")
-        if not (v1 and method == "GET") and not (v2 and method == "POST"):
+        v1_get = path.endswith("/v1/vector/collections/import/get")
+        v2_describe = path.endswith(("/v2/vectordb/jobs/import/describe",
+                                     "/v2/vectordb/jobs/import/get_progress"))
+        if not ((v1 or v1_get) and method == "GET") and \
+                not ((v2 or v2_describe) and method == "POST"):
             return 404, {}, b'{"code": 404, "message": "not found"}'
-        params = query if v1 else body
+        params = query if v1 or v1_get else body
         cluster = self.find(path, str(params.get("clusterId") or ""))
-        if cluster is None or (cluster.flavour == "v1") != v1:
+        if cluster is None or (cluster.flavour == "v1") != (v1 or v1_get):
             return 200, {}, b'{"code": 100, "message": "cluster not found"}'
+        if v1_get or v2_describe:
+            return self._describe_answer(cluster, path, str(params.get("jobId") or ""), auth)
         try:
             page = int(params.get("currentPage") or 1)
             size = int(params.get("pageSize") or 10)
@@ -326,12 +392,45 @@ class Simulator:
             return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}}}'
         if fault == "api_error":
             return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
-        if fault == "auth_body" or (cluster.api_key and auth != f"Bearer {cluster.api_key}"):
-            code, message = {"v1": (80001, "Invalid token"),
-                             "v2": (21119, "The apikey is illegal."),
-                             "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
-            return 200, {}, json.dumps({"code": code, "message": message}).encode()
+        if fault == "auth_body" or not self._authorised(cluster, auth):
+            return self._refusal(cluster)
         return 200, {}, self._page_answer(cluster, page, size)
+
+    @staticmethod
+    def _authorised(cluster: SimCluster, auth: str) -> bool:
+        return not cluster.api_key or auth == f"Bearer {cluster.api_key}"
+
+    @staticmethod
+    def _refusal(cluster: SimCluster) -> tuple[int, dict[str, str], bytes]:
+        code, message = {"v1": (80001, "Invalid token"),
+                         "v2": (21119, "The apikey is illegal."),
+                         "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
+        return 200, {}, json.dumps({"code": code, "message": message}).encode()
+
+    def _describe_answer(self, cluster: SimCluster, path: str, job_id: str,
+                         auth: str) -> tuple[int, dict[str, str], bytes]:
+        if cluster.legacy_describe and path.endswith("/describe"):
+            return 404, {}, b'404 page not found'
+        if not self._authorised(cluster, auth):
+            return self._refusal(cluster)
+        if cluster.latency:
+            time.sleep(cluster.latency)
+        fault = cluster.describe_fault
+        if fault == "hang":
+            self._closing.wait(3600)
+            return 504, {}, b""
+        if fault == "500":
+            return 500, {}, b'{"message": "internal error"}'
+        if fault == "api_error":
+            return 200, {}, b'{"code": 65535, "message": "internal: describe failed"}'
+        data = cluster._details(job_id)
+        if data is None:
+            if cluster.flavour == "v1":
+                return 200, {}, b'{"code": 80020, "message": "job not found"}'
+            return 200, {}, json.dumps({"code": 2100, "message": "import job does not exist, "
+                                        f"jobID={job_id}"}).encode()
+        success = 200 if cluster.flavour == "v1" else cluster.v2_success_code
+        return 200, {}, json.dumps({"code": success, "data": data}).encode()
 
     @staticmethod
     def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:
@@ -395,8 +494,27 @@ DEMO_CLUSTERS = (
 )
 
 
+# What real imports fail with: a missing or unreadable file, a schema that does not
+# match the collection's, a bad row.
+DEMO_FAILURES = (
+    "failed to read file 'imports/{collection}/part-0003.parquet': NoSuchKey: The "
+    "specified key does not exist",
+    "schema mismatch: field 'embedding' of collection '{collection}' expects a float "
+    "vector of dim 768, the file has dim 512",
+    "the primary key field 'id' is auto_id, but the file 'imports/{collection}/"
+    "batch-17.json' provides it",
+    "row 48213 of 'imports/{collection}/part-0001.parquet': field 'title' exceeds "
+    "max_length 512",
+)
+
+
 class DemoDirector:
-    """Moves demo jobs through every state; one job is stuck importing forever."""
+    """Moves demo jobs through every state; one job is stuck importing forever.
+
+    Importing jobs advance their rows as Milvus reports them (both 0 until the import
+    stage at 40%), and every 10 ticks one job per cluster fails with a realistic reason,
+    so every detail series and status page section fills within a minute.
+    """
 
     def __init__(self, sim: Simulator, tick: float = 2.0, seed: int = 7) -> None:
         self.sim = sim
@@ -406,16 +524,32 @@ class DemoDirector:
         self._ticks = 0
         self.stuck_job = ""
         self._stalling: dict[str, int] = {}   # job id -> tick it was created
+        self._sizes: dict[str, int] = {}      # job id -> rows in its files
         for name, flavour, key, collections in DEMO_CLUSTERS:
             cluster = sim.add_cluster(name, flavour, key)
             for collection in collections:
                 cluster.add_jobs(2, collection, "completed", 100)
-                cluster.add_jobs(1, collection, "failed", 37)
-                cluster.add_jobs(2, collection, "importing", 10)
+                for job_id in cluster.add_jobs(1, collection, "failed", 37):
+                    cluster.set_reason(job_id, self._failure(collection))
+                for job_id in cluster.add_jobs(2, collection, "importing", 10):
+                    self._advance(cluster, job_id, 10)
                 cluster.add_jobs(2, collection, "pending")
         v1 = sim.clusters["demo-cloud-v1"]
         self.stuck_job = v1.add_jobs(1, "medium_articles", "importing", 42,
                                      prefix="stuck")[0]
+
+    def _failure(self, collection: str) -> str:
+        return self._rng.choice(DEMO_FAILURES).format(collection=collection)
+
+    def _advance(self, cluster: SimCluster, job_id: str, progress: int) -> None:
+        """Set progress and the rows that go with it."""
+        total = self._sizes.setdefault(job_id, self._rng.randrange(200_000, 5_000_000, 1000))
+        cluster.set_progress(job_id, progress)
+        if progress < 40:
+            cluster.set_rows(job_id, 0, 0)
+        else:
+            cluster.set_rows(job_id, total * (progress - 40) // 60, total)
+
     def step(self) -> None:
         """One tick: every job moves a little; every 15 ticks a job that stalls appears."""
         self._ticks += 1
@@ -427,6 +561,7 @@ class DemoDirector:
             cluster = self.sim.clusters[name]
             with cluster._lock:
                 jobs = list(cluster.jobs.values())
+            doomed = self._ticks % 10 == 3    # one failure per cluster every 10 ticks
             for job in jobs:
                 if job.job_id == self.stuck_job:
                     continue                      # importing forever, progress frozen
@@ -435,19 +570,26 @@ class DemoDirector:
                     continue                      # frozen for its first 12 ticks
                 if job.state == "pending" and self._rng.random() < 0.3:
                     cluster.set_state(job.job_id, "importing", 0)
+                    self._advance(cluster, job.job_id, 0)
                 elif job.state == "importing":
                     progress = min(100, job.progress + self._rng.randint(5, 25))
-                    if progress >= 100:
-                        done = "failed" if self._rng.random() < 0.2 else "completed"
-                        cluster.set_state(job.job_id, done, 100 if done == "completed"
-                                          else job.progress)
+                    if doomed or progress >= 100 and self._rng.random() < 0.2:
+                        doomed = False
+                        cluster.set_state(job.job_id, "failed")
+                        cluster.set_reason(job.job_id, self._failure(job.collection))
+                    elif progress >= 100:
+                        self._advance(cluster, job.job_id, 100)
+                        cluster.set_state(job.job_id, "completed")
                     else:
-                        cluster.set_progress(job.job_id, progress)
+                        self._advance(cluster, job.job_id, progress)
             if self._rng.random() < 0.5:
                 cluster.add_jobs(1, self._rng.choice(collections), "pending")
             terminal = [j.job_id for j in jobs if j.state in ("completed", "failed")]
             if len(terminal) > 30:
-                cluster.remove_jobs(terminal[:len(terminal) - 30])
+                gone = terminal[:len(terminal) - 30]
+                cluster.remove_jobs(gone)
+                for job_id in gone:
+                    self._sizes.pop(job_id, None)
 
     def start(self) -> "DemoDirector":
         def run() -> None:

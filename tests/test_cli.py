@@ -40,16 +40,36 @@ def test_demo_shows_jobs_within_10_seconds_and_passes_promtool(tmp_path: Path) -
         proc.stop()
 
 
-def test_demo_stuck_and_stalled_within_a_minute(tmp_path: Path) -> None:
+DETAIL_SERIES = ("zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
+                 "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info")
+
+
+def test_demo_stuck_stalled_and_job_details_within_a_minute(tmp_path: Path) -> None:
     proc = ExporterProcess(tmp_path, None, ["--demo"]).start()
     try:
         seen: set[tuple[str, str]] = set()
+        details: set[tuple[str, str]] = set()
+        reasons: set[str] = set()
 
-        def both(m: dict) -> bool:
+        def everything(m: dict) -> bool:
             seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
                         for k in samples(m, "zilliz_import_stuck_job_info"))
-            return ("age", "stuck") in seen and ("stalled", "stalls") in seen
-        proc.wait_for_metrics(both, timeout=60, what="the demo's stuck and stalled jobs")
+            for name in DETAIL_SERIES:
+                details.update((name, dict(k[1])["cluster_name"]) for k in samples(m, name))
+            reasons.update(dict(k[1])["reason"]
+                           for k in samples(m, "zilliz_import_failed_job_info"))
+            rows = sum(samples(m, "zilliz_import_rows_imported_total").values())
+            return ("age", "stuck") in seen and ("stalled", "stalls") in seen \
+                and {n for n, _ in details} == set(DETAIL_SERIES) and rows > 0 \
+                and ("zilliz_import_job_progress_ratio", "demo-cloud-v1") in details
+        proc.wait_for_metrics(everything, timeout=60,
+                              what="the demo's stuck and stalled jobs and job details")
+        assert any("schema mismatch" in r or "NoSuchKey" in r or "max_length" in r
+                   or "auto_id" in r for r in reasons), reasons
+        page = proc.get("/")[2].decode()
+        for section in ("stuck", "running", "failed"):
+            body = page.split(f'<table id="{section}">', 1)[1].split("</table>", 1)[0]
+            assert 'class="none"' not in body, f"the {section} section is empty"
     finally:
         proc.stop()
 
@@ -151,8 +171,8 @@ MILVUS_KEY = "sweepuser:Sw33p-Passw0rd-xyz"
 
 
 def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) -> None:
-    good = simulator.add_cluster("good", "v2", api_key=ZILLIZ_KEY)
-    good.add_jobs(3, "c", "importing")
+    good = simulator.add_cluster("good", "v2", api_key=ZILLIZ_KEY, reasons_in_list=False)
+    echoing = good.add_jobs(3, "c", "importing")[0]
     simulator.add_cluster("milvus", "milvus", api_key=MILVUS_KEY).add_jobs(1)
     simulator.add_cluster("refused", "v1", api_key="something-else")
     http_port = simulator.base_url.rsplit(":", 1)[1]
@@ -175,6 +195,13 @@ def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) ->
         lambda m: all(samples(m, "zilliz_import_up", cluster_name=c["name"])
                       for c in clusters), what="every cluster polled once")
     assert metrics[("zilliz_import_up", (("cluster_name", "good"),))] == 1
+    # a server that echoes the key in a failure text (read through describe)
+    good.set_state(echoing, "failed")
+    good.set_reason(echoing, f"token {ZILLIZ_KEY} has no access to s3://bucket/f.parquet")
+    metrics = proc.wait_for_metrics(
+        lambda m: samples(m, "zilliz_import_failed_job_info", job_id=echoing))
+    (labels,) = [dict(k[1]) for k in samples(metrics, "zilliz_import_failed_job_info")]
+    assert labels["reason"] == "token <secret> has no access to s3://bucket/f.parquet"
     assert metrics[("zilliz_import_poll_errors_total",
                     (("cluster_name", "refused"), ("reason", "auth")))] >= 1
     assert metrics[("zilliz_import_poll_errors_total",

@@ -9,7 +9,8 @@ from responses import matchers
 
 from exporter.client import (
     ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure,
-    list_import_jobs, make_session, normalise_state, parse_retry_after,
+    JobDetails, describe_import_job, failure_text, list_import_jobs, make_session,
+    normalise_state, parse_retry_after,
 )
 from exporter.config import ClusterConfig, PollSettings
 
@@ -25,7 +26,8 @@ V2_URL = f"{V2.url}/v2/vectordb/jobs/import/list"
 
 def fetch(cluster: ClusterConfig, page: int = 1):
     codes: list[str] = []
-    result = list_import_jobs(make_session(cluster), cluster, page, codes.append)
+    result = list_import_jobs(make_session(cluster), cluster, page,
+                              lambda endpoint, code: codes.append(code))
     return result, codes
 
 
@@ -82,7 +84,7 @@ def test_v2_accepts_code_0_and_the_old_milvus_200(code: int) -> None:
     (V2, V2_URL, {"code": 1800, "message": "user hasn't authenticated"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 100, "message": "collection not found"}, ApiFailure, "api"),
     (V1, V1_URL, {"code": 0, "data": {}}, ApiFailure, "api"),  # v1 success is 200
-    (V2, V2_URL, {"code": 1, "data": {}}, ApiFailure, "api"),   # v2 success is 0 (or 200)
+    (V2, V2_URL, {"code": 1, "message": "service not ready"}, ApiFailure, "api"),
     (V2, V2_URL, {"code": [0], "data": {}}, ApiFailure, "api"),  # a list is no code
     (V1, V1_URL, {"code": {"a": 1}, "message": "x"}, ApiFailure, "api"),
     (V2, V2_URL, {"data": {}}, DecodeFailure, "decode"),
@@ -132,13 +134,13 @@ def test_transport_failures_are_classified() -> None:
 @responses.activate
 def test_request_codes_are_observed() -> None:
     responses.post(V2_URL, status=502)
-    codes: list[str] = []
+    codes: list[tuple[str, str]] = []
     with pytest.raises(HttpFailure):
-        list_import_jobs(make_session(V2), V2, 1, codes.append)
+        list_import_jobs(make_session(V2), V2, 1, lambda *seen: codes.append(seen))
     responses.replace(responses.POST, V2_URL, body=requests.ConnectionError("x"))
     with pytest.raises(ConnectionFailure):
-        list_import_jobs(make_session(V2), V2, 1, codes.append)
-    assert codes == ["502", "error"]
+        list_import_jobs(make_session(V2), V2, 1, lambda *seen: codes.append(seen))
+    assert codes == [("list", "502"), ("list", "error")]
 
 
 def test_server_messages_never_leak_a_user_password_key() -> None:
@@ -167,3 +169,83 @@ def test_session_settings(tmp_path) -> None:
     assert make_session(custom).verify == str(ca)
     assert "Authorization" not in make_session(custom).headers
     assert json.dumps(dict(make_session(V2).headers)).count(KEY) == 1
+
+
+# ---- describe one job ------------------------------------------------------------------
+
+V1_GET = f"{V1.url}/v1/vector/collections/import/get"
+V2_DESCRIBE = f"{V2.url}/v2/vectordb/jobs/import/describe"
+V2_GET_PROGRESS = f"{V2.url}/v2/vectordb/jobs/import/get_progress"
+
+
+def describe(cluster: ClusterConfig, job_id: str = "j1", **kwargs: bool):
+    seen: list[tuple[str, str]] = []
+    details = describe_import_job(make_session(cluster), cluster, job_id,
+                                  observe=lambda *pair: seen.append(pair), **kwargs)
+    return details, seen
+
+
+@responses.activate
+def test_v1_describe_reads_ready_percentage_and_error_message() -> None:
+    responses.get(V1_GET, match=[matchers.query_param_matcher(
+        {"jobId": "j1", "clusterId": "in01-x"})], json={"code": 200, "data": {
+            "collectionName": "medium_articles", "fileName": "1af7/1.parquet",
+            "fileSize": 19599887, "readyPercentage": 37.6, "completeTime": None,
+            "errorMessage": None, "jobId": "j1", "details": []}})
+    details, seen = describe(V1)
+    assert details == JobDetails("j1", progress=38) and seen == [("describe", "200")]
+    responses.replace(responses.GET, V1_GET, json={"code": 200, "data": {
+        "jobId": "j1", "readyPercentage": 0, "errorMessage": "file\n  not   found"}})
+    assert describe(V1)[0] == JobDetails("j1", progress=0, reason="file not found")
+
+
+@pytest.mark.parametrize("code", [0, 200])   # Milvus 2.4.0-2.4.4 answered 200
+@responses.activate
+def test_v2_describe_reads_rows_and_reason(code: int) -> None:
+    responses.post(V2_DESCRIBE, match=[
+        matchers.json_params_matcher({"jobId": "j1", "clusterId": "in01-y", "projectId": "",
+                                      "regionId": ""}),
+        matchers.header_matcher({"DB-Name": "db1", "Authorization": f"Bearer {KEY}"})],
+        json={"code": code, "data": {"jobId": "j1", "collectionName": "c",
+                                     "state": "Importing", "progress": 55,
+                                     "importedRows": 1200, "totalRows": 5000,
+                                     "completeTime": "", "details": []}})
+    details, _ = describe(V2)
+    assert details == JobDetails("j1", progress=55, imported_rows=1200, total_rows=5000,
+                                 state="importing")
+
+
+@responses.activate
+def test_describe_failures_use_the_same_classes_and_get_progress_path() -> None:
+    responses.post(V2_DESCRIBE, status=404, body="404 page not found")
+    with pytest.raises(HttpFailure) as info:
+        describe(V2)
+    assert info.value.status == 404
+    responses.post(V2_GET_PROGRESS, json={"code": 2100,
+                                          "message": "import job does not exist, jobID=9"})
+    with pytest.raises(ApiFailure) as api:
+        describe(V2, get_progress=True)
+    assert api.value.reason == "api" and "does not exist" in str(api.value)
+    responses.post(V2_GET_PROGRESS, status=401)
+    with pytest.raises(AuthFailure):
+        describe(V2, get_progress=True)
+
+
+def test_failure_text_is_one_short_line_without_the_key() -> None:
+    raw = f"bad file s3://b/x.parquet\n\tauth {KEY} refused " + "x" * 300
+    text = failure_text(raw, KEY)
+    assert "\n" not in text and "\t" not in text and KEY not in text
+    assert len(text) == 200 and text.startswith("bad file s3://b/x.parquet auth <secret>")
+    assert failure_text("pw hunter2pw leaked", "root:hunter2pw") == "pw <secret> leaked"
+    assert failure_text(None, KEY) == ""
+
+
+@responses.activate
+def test_list_reasons_are_sanitised_and_kept_apart() -> None:
+    responses.post(V2_URL, json={"code": 0, "data": {"records": [
+        {"collectionName": "c", "jobId": "f", "state": "Failed", "progress": 0,
+         "reason": f"schema\nmismatch {KEY}"},
+        {"collectionName": "c", "jobId": "ok", "state": "Completed", "progress": 100,
+         "reason": ""}]}})
+    page, _ = fetch(V2)
+    assert dict(page.reasons) == {"f": "schema mismatch <secret>"}

@@ -31,7 +31,7 @@ def setup(records: list[JobRecord], clock: Clock) -> tuple[CollectorRegistry, Sn
     summary = history.apply(Listing.of(records), stuck_after=100, stall_after=0, max_stuck_series=1)
     board.publish(ClusterSnapshot(cluster=CLUSTER, polled=True, up=True,
                                   last_success=clock(), jobs=summary,
-                                  api_requests={"200": 2}))
+                                  api_requests={("list", "200"): 2}))
     registry = CollectorRegistry()
     registry.register(ImportCollector(board, clock=clock))
     return registry, board, history
@@ -57,7 +57,7 @@ def test_all_four_states_present_with_zeros() -> None:
                                         "state": "waiting_for_retry"}) == 1
     assert value("zilliz_import_up", {"cluster_name": "prod"}) == 1
     assert value("zilliz_import_api_requests_total", {"cluster_name": "prod",
-                                                      "code": "200"}) == 2
+                                                      "endpoint": "list", "code": "200"}) == 2
     assert value("zilliz_import_poll_errors_total", {"cluster_name": "prod",
                                                      "reason": "pagination"}) == 0
     assert value("zilliz_import_cluster_info", {"cluster_name": "prod", "cluster_id": "in01-a",
@@ -126,3 +126,29 @@ def test_unpolled_cluster_shows_only_info() -> None:
                                      {"version": "0.1.0",
                                       "python_version": __import__("platform")
                                       .python_version()}) == 1
+
+
+def test_job_detail_series() -> None:
+    from exporter.history import FailedJob, RunningJob
+    clock = Clock()
+    registry, board, history = setup([rec("1", "a", "importing")], clock)
+    summary = replace(board.get("prod").jobs,  # type: ignore[union-attr]
+                      running=(RunningJob("a", "1", "importing", 1.0, 0.25, 250, 1000, 90.0),
+                               RunningJob("a", "2", "pending", 2.0, None, -1, -1, None)),
+                      failed=(FailedJob("a", "9", 'bad "file"\\x', 5.0),),
+                      rows_imported={"a": 1000})
+    board.publish(replace(board.get("prod"), jobs=summary))  # type: ignore[arg-type]
+    value = registry.get_sample_value
+    job = {"cluster_name": "prod", "collection": "a", "job_id": "1"}
+    assert value("zilliz_import_job_progress_ratio", {**job, "state": "importing"}) == 0.25
+    assert value("zilliz_import_job_rows", {**job, "kind": "imported"}) == 250
+    assert value("zilliz_import_job_rows", {**job, "kind": "total"}) == 1000
+    assert value("zilliz_import_job_eta_seconds", job) == 90
+    names = {(m.name, s.labels.get("job_id")) for m in registry.collect() for s in m.samples}
+    assert ("zilliz_import_job_progress_ratio", "2") not in names    # unknown: absent
+    assert ("zilliz_import_job_rows", "2") not in names
+    assert value("zilliz_import_failed_job_info", {"cluster_name": "prod", "collection": "a",
+                                                   "job_id": "9",
+                                                   "reason": 'bad "file"\\x'}) == 1
+    assert value("zilliz_import_rows_imported_total",
+                 {"cluster_name": "prod", "collection": "a"}) == 1000

@@ -64,6 +64,23 @@ def test_defaults_overridden_per_cluster_and_api_guessed(tmp_path: Path) -> None
     assert v2.url == "https://api.cloud.zilliz.com"  # no scheme means https
     assert (milvus.api, milvus.cluster_id, milvus.host) == ("v2", "", "milvus:19530")
     assert v1.settings.retries == 2 and v1.settings.stall_after == 1800  # contract defaults
+    assert (v1.settings.max_describes_per_poll, v1.settings.max_job_series,
+            v1.settings.max_failed_job_series, v1.settings.failed_job_window) == \
+        (50, 100, 100, 6 * 3600)
+
+
+def test_job_detail_keys_parse_and_zero_turns_describing_off(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {
+        "defaults": {"max_describes_per_poll": 0, "failed_job_window": "1h30m"},
+        "clusters": [cluster(max_job_series=5, max_failed_job_series=7,
+                             max_describes_per_poll=20), cluster(name="other")]}),
+        environ={})
+    first, other = config.clusters
+    assert (first.settings.max_describes_per_poll, first.settings.max_job_series,
+            first.settings.max_failed_job_series) == (20, 5, 7)
+    assert (other.settings.max_describes_per_poll, other.settings.failed_job_window) == \
+        (0, 5400)
+    assert redacted(config)["defaults"]["failed_job_window"] == "1h30m"
 
 
 def test_env_and_key_file(tmp_path: Path) -> None:
@@ -114,6 +131,11 @@ def test_env_and_key_file(tmp_path: Path) -> None:
     ({"clusters": [cluster(tls_insecure_skip_verify="yes")]}, "must be true or false"),
     ({"clusters": [cluster(tls_ca_file="/no/ca.pem")]}, "key 'tls_ca_file'"),
     ({"clusters": []}, "key 'clusters': must be a non-empty list"),
+    ({"clusters": [cluster(max_describes_per_poll=-1)]},
+     "cluster 'prod': key 'max_describes_per_poll': -1 is out of range"),
+    ({"defaults": {"failed_job_window": "soon"}, "clusters": [cluster()]},
+     "defaults: key 'failed_job_window': bad duration"),
+    ({"clusters": [cluster(max_job_series="many")]}, "key 'max_job_series': must be a whole"),
 ])
 def test_each_rule_is_one_line_naming_file_cluster_and_key(
         tmp_path: Path, doc: dict, expected: str) -> None:

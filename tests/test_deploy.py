@@ -24,8 +24,10 @@ from conftest import ROOT, fast_defaults, require_module, require_tool, wait_unt
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "zilliz-import-exporter.json"
-CONTRACT_ALERTS = {"ZillizImportJobStuck", "ZillizImportJobsFailing", "ZillizImportPollFailing",
-                   "ZillizImportDataStale", "ZillizImportPendingBacklog"}
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+CONTRACT_ALERTS = {"ZillizImportJobStuck", "ZillizImportJobFailed", "ZillizImportJobsFailing",
+                   "ZillizImportPollFailing", "ZillizImportDataStale",
+                   "ZillizImportPendingBacklog"}
 
 
 def load(path: Path) -> Any:
@@ -64,6 +66,22 @@ def test_every_alert_is_named_documented_and_tested_both_ways() -> None:
         assert any(not c["exp_alerts"] for c in cases), f"{rule['alert']} never quiet"
     stuck = next(r for r in rules() if r["alert"] == "ZillizImportJobStuck")
     assert "$labels.job_id" in stuck["annotations"]["summary"]
+    failed = next(r for r in rules() if r["alert"] == "ZillizImportJobFailed")
+    assert "$labels.job_id" in failed["annotations"]["summary"]
+
+
+def test_alertmanager_config_routes_every_alert_grouped_by_cluster() -> None:
+    amtool = require_tool("amtool")
+    check = subprocess.run([amtool, "check-config", str(ALERTMANAGER)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0 and "SUCCESS" in check.stdout, check.stdout + check.stderr
+    for alert in CONTRACT_ALERTS:
+        route = subprocess.run([amtool, "config", "routes", "test",
+                                f"--config.file={ALERTMANAGER}", "--verify.receivers=zilliz-imports",
+                                f"alertname={alert}", "cluster_name=prod"],
+                               capture_output=True, text=True)
+        assert route.returncode == 0, alert + route.stdout + route.stderr
+    assert load(ALERTMANAGER)["route"]["group_by"] == ["cluster_name", "alertname"]
 
 
 def test_compose_stack() -> None:
@@ -167,8 +185,16 @@ def test_dashboard_shape() -> None:
     exprs = " ".join(e for _, e in dashboard_queries())
     for needle in ("zilliz_import_stuck_job_info", "zilliz_import_job_transitions_total",
                    "zilliz_import_up", "zilliz_import_poll_duration_seconds",
-                   "zilliz_import_poll_errors_total", "zilliz_import_api_requests_total"):
+                   "zilliz_import_poll_errors_total", "zilliz_import_api_requests_total",
+                   "zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
+                   "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info",
+                   "zilliz_import_rows_imported_total"):
         assert needle in exprs
+    running = next(p for p in dash["panels"] if p["title"] == "Running jobs")
+    progress = next(o for o in running["fieldConfig"]["overrides"]
+                    if o["matcher"]["options"] == "progress")
+    assert {"id": "custom.cellOptions", "value": {"type": "gauge", "mode": "basic"}} in \
+        progress["properties"]
     types = {p["type"] for p in dash["panels"]}
     assert {"timeseries", "table"} <= types
     for panel in dash["panels"]:
@@ -239,7 +265,7 @@ class Prometheus:
 def prometheus_for(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(target: str) -> Prometheus:
+    def start(target: str, alertmanager: str = "") -> Prometheus:
         binary = require_tool("prometheus")
         shortened = load(ALERTS)
         for group in shortened["groups"]:
@@ -248,11 +274,15 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
                 if "for" in rule:
                     rule["for"] = "2s"
         (tmp_path / "alerts.yml").write_text(yaml.safe_dump(shortened))
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        config: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["alerts.yml"],
             "scrape_configs": [{"job_name": "zie", "static_configs": [{"targets": [target]}]}],
-        }))
+        }
+        if alertmanager:
+            config["alerting"] = {"alertmanagers": [
+                {"static_configs": [{"targets": [alertmanager]}]}]}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         log = open(tmp_path / "prometheus.log", "wb")
         procs.append(subprocess.Popen(
@@ -308,6 +338,7 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
     stuck = main.add_jobs(1, "medium_articles", "importing", prefix="stuck")[0]
     v2 = simulator.add_cluster("second", "v2")
     doomed = v2.add_jobs(2, "images", "importing", progress=10)
+    mover = v2.add_jobs(1, "images", "importing", progress=10)[0]
     v2.add_jobs(2, "images", "pending")
     simulator.add_cluster("locked-out", "v2", api_key="other").add_jobs(1)
     clusters = [simulator.cluster_config("main"),
@@ -325,6 +356,8 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
     # a failure and a completion the exporter sees after its baseline listing
     v2.set_state(doomed[0], "failed")
     v2.set_state(doomed[1], "completed")
+    v2.set_progress(mover, 50)                 # moving: an ETA
+    v2.set_rows(mover, 2_000, 10_000)
     wait_until(lambda: prom.query('zilliz_import_job_transitions_total{state="failed"} > 0'),
                30, "the failure to reach Prometheus")
 
@@ -373,3 +406,109 @@ def draw_dashboard(prom: Prometheus) -> None:
     assert out.read_bytes().startswith(b"\x89PNG")
     if os.environ.get("ZIE_UPDATE_DASHBOARD_PICTURE") == "1":
         shutil.copyfile(out, DASHBOARD.with_name("dashboard.png"))
+
+
+# ---- end to end: Prometheus -> a real Alertmanager -> a webhook ------------------------
+
+class WebhookReceiver:
+    """Collects the notifications Alertmanager posts, on a loopback port."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        self.notifications: list[dict] = []
+        received = self.notifications
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/zilliz-imports"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                         daemon=True).start()
+
+    def alerts(self, alertname: str) -> list[dict]:
+        return [a for n in list(self.notifications) for a in n["alerts"]
+                if a["labels"]["alertname"] == alertname and a["status"] == "firing"]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def alertmanager_binary() -> str:
+    return shutil.which("alertmanager") or require_tool("prometheus-alertmanager")
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[tuple[str, WebhookReceiver]]:
+    """A real Alertmanager running the shipped config, its webhook pointed at a
+    receiver in this test and its waits shortened (in this copy only)."""
+    binary = alertmanager_binary()
+    receiver = WebhookReceiver()
+    config = load(ALERTMANAGER)
+    config["route"].update(group_wait="0s", group_interval="1s")
+    for entry in config["receivers"]:
+        for hook in entry.get("webhook_configs", []):
+            hook["url"] = receiver.url
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = open(tmp_path / "alertmanager.log", "wb")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'alertmanager.yml'}",
+         f"--storage.path={tempfile.mkdtemp(prefix='zie-am-')}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    address = f"127.0.0.1:{port}"
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://{address}/-/ready", timeout=5) as r:
+            return r.status == 200
+    try:
+        wait_until(ready, 30, "Alertmanager to start")
+        yield address, receiver
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        receiver.stop()
+
+
+@pytest.mark.e2e
+def test_alertmanager_notifies_failed_and_stuck_jobs_with_ids_and_reason(
+        simulator, exporter, prometheus_for, alertmanager) -> None:
+    address, receiver = alertmanager
+    cluster = simulator.add_cluster("am", "v2", reasons_in_list=False)
+    stuck = cluster.add_jobs(1, "medium_articles", "pending", prefix="stuck")[0]
+    doomed = cluster.add_jobs(1, "images", "importing", progress=30, prefix="doomed")[0]
+    proc = exporter({"defaults": fast_defaults(stuck_after="2s", stall_after=0),
+                     "clusters": [simulator.cluster_config("am", stuck_after="2s")]})
+    proc.wait_for_metrics(lambda m: ("zilliz_import_up", (("cluster_name", "am"),)) in m)
+    prometheus_for(f"127.0.0.1:{proc.port}", alertmanager=address)
+    text = "failed to parse file s3://vectors/images/part-0007.parquet: schema mismatch " \
+           "(field 'embedding' expects dim 768, got 512) <x>"
+    cluster.set_state(doomed, "failed")
+    cluster.set_reason(doomed, text)
+    failed = wait_until(lambda: receiver.alerts("ZillizImportJobFailed"), 60,
+                        "the failed-job notification")
+    assert [a["labels"]["job_id"] for a in failed] == [doomed]
+    assert text in failed[0]["annotations"]["description"]
+    assert failed[0]["labels"]["cluster_name"] == "am"
+    cluster.set_state(stuck, "importing")          # a stuck job moving on stays one alert
+    firing = wait_until(lambda: receiver.alerts("ZillizImportJobStuck"), 60,
+                        "the stuck-job notification")
+    assert {a["labels"]["job_id"] for a in firing} == {stuck}
+    assert stuck in firing[0]["annotations"]["summary"]
+    assert "state" not in firing[0]["labels"]

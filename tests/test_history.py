@@ -244,3 +244,169 @@ def test_corrupt_state_file_does_not_stop_the_exporter(simulator, exporter,
                       wait_listening=False, tmp=tmp_path / "second")
     assert second.proc is not None and second.proc.wait(10) == 1
     assert "in use by another exporter" in second.logs()
+
+
+# ---- job details -------------------------------------------------------------------------
+
+from exporter.client import JobDetails  # noqa: E402
+from exporter.history import DetailRules  # noqa: E402
+
+
+def listing(*records: JobRecord, reasons: dict[str, str] | None = None) -> Listing:
+    out = Listing()
+    out.extend(records, reasons)
+    return out
+
+
+def apply_details(history: JobHistory, records: Listing, **rules: object):
+    return history.apply(records, stuck_after=36000, stall_after=0, max_stuck_series=100,
+                         rules=DetailRules(**rules))  # type: ignore[arg-type]
+
+
+def test_failures_keep_their_reason_within_the_window_newest_first_capped() -> None:
+    clock = Clock()
+    h = JobHistory("x", clock=clock)
+    jobs = [rec(f"j{i}", "importing", 10) for i in range(4)]
+    apply_details(h, listing(rec("old", "failed"), *jobs))     # baseline: never shown
+    for i in range(4):
+        clock.now += 60
+        jobs[i] = rec(f"j{i}", "failed")
+        summary = apply_details(h, listing(rec("old", "failed"), *jobs,
+                                           reasons={"j0": "listed reason"}),
+                                max_failed_series=2, failed_window=600)
+    # j1..j3 wait for a describe (their listing carried no reason): not shown yet
+    assert [f.job_id for f in summary.failed] == ["j0"]
+    assert h.describe_plan() == ["j1", "j2", "j3"]
+    h.record_details("j1", JobDetails("j1", reason="schema mismatch: field vec dim 768"))
+    h.record_details("j2", None)                    # failed: shown as unknown, retried
+    h.record_details("j3", None, final=True)        # job-specific failure: not retried
+    summary = h.refresh(summary)
+    assert [(f.job_id, f.reason) for f in summary.failed] == \
+        [("j3", "unknown"), ("j2", "unknown")]      # newest first, capped at 2
+    assert h.describe_plan() == ["j2"]
+    clock.now += 60 * 9                             # j0 and j1 fall out of the window
+    summary = apply_details(h, listing(rec("old", "failed"), *jobs), failed_window=600)
+    assert [f.job_id for f in summary.failed] == ["j3", "j2"]
+    summary = apply_details(h, listing(rec("j3", "failed")), failed_window=600)
+    assert [f.job_id for f in summary.failed] == ["j3"]    # left the listing: gone
+
+
+def test_running_jobs_progress_rows_eta_and_cap() -> None:
+    clock = Clock()
+    h = JobHistory("x", clock=clock)
+    apply_details(h, listing(rec("a", "importing", 10), rec("b", "pending", 0)))
+    clock.now += 5
+    summary = apply_details(h, listing(rec("a", "importing", 10), rec("b", "pending", 0),
+                                       rec("c", "importing", 0)), max_job_series=2)
+    assert [(j.job_id, j.progress, j.eta) for j in summary.running] == \
+        [("a", 0.1, None), ("b", 0.0, None)]        # oldest first, capped; no movement yet
+    h.record_details("a", JobDetails("a", progress=10, imported_rows=100, total_rows=1000))
+    clock.now += 100
+    h.record_details("a", JobDetails("a", progress=20, imported_rows=300, total_rows=1000))
+    summary = h.refresh(summary)
+    (a, _) = summary.running
+    assert (a.imported_rows, a.total_rows) == (300, 1000)
+    assert a.eta == pytest.approx(350.0)            # 700 rows to go at 2 rows/s
+
+
+def test_rows_of_completed_jobs_count_once() -> None:
+    clock = Clock()
+    h = JobHistory("x", clock=clock)
+    apply_details(h, listing(rec("a", "importing", 10), rec("done", "completed")))
+    summary = apply_details(h, listing(rec("a", "completed"), rec("done", "completed")))
+    assert h.describe_plan() == ["a"]
+    h.record_details("a", JobDetails("a", 100, 4000, 4000, "completed"))
+    assert h.refresh(summary).rows_imported == {"c": 4000}
+    summary = apply_details(h, listing(rec("a", "completed"), rec("done", "completed")))
+    assert h.describe_plan() == [] and summary.rows_imported == {"c": 4000}
+    # v1 has no rows: completed jobs are not described
+    v1 = JobHistory("y", clock=clock)
+    apply_details(v1, listing(rec("a", "importing")), api="v1")
+    apply_details(v1, listing(rec("a", "completed")), api="v1")
+    assert v1.describe_plan() == []
+
+
+def test_details_survive_a_restart_and_nothing_is_described_twice(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    clock = Clock()
+    store = HistoryStore(path)
+    h = JobHistory("x", store, clock)
+    apply_details(h, listing(rec("f", "importing"), rec("r", "importing")), api="v1")
+    summary = apply_details(h, listing(rec("f", "failed"), rec("r", "importing")), api="v1")
+    assert h.describe_plan() == ["f", "r"]
+    h.record_details("f", JobDetails("f", reason="bad file"))
+    h.record_details("r", JobDetails("r", 40))
+    assert h.refresh(summary).running[0].progress == 0.4
+    store.close()
+    store = HistoryStore(path)
+    h = JobHistory("x", store, clock)
+    summary = apply_details(h, listing(rec("f", "failed"), rec("r", "importing")), api="v1")
+    assert [(f.job_id, f.reason) for f in summary.failed] == [("f", "bad file")]
+    assert summary.running[0].progress == 0.4       # v1: the last described progress
+    assert h.describe_plan() == ["r"]                # only the active job, as every poll
+    store.close()
+
+
+def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(str(path))
+    conn.executescript("""
+        CREATE TABLE schema_version (version INTEGER NOT NULL);
+        INSERT INTO schema_version VALUES (1);
+        CREATE TABLE clusters (cluster TEXT PRIMARY KEY) WITHOUT ROWID;
+        CREATE TABLE jobs (
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL,
+            first_seen REAL NOT NULL, progress_since REAL NOT NULL,
+            progress INTEGER NOT NULL, state TEXT NOT NULL,
+            counted INTEGER NOT NULL,
+            PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;
+        INSERT INTO clusters VALUES ('x');
+        INSERT INTO jobs VALUES ('x', 'a', 1000.0, 1000.0, 5, 'importing', 0);
+        INSERT INTO jobs VALUES ('x', 'b', 900.0, 900.0, -1, 'failed', 1);""")
+    conn.close()
+    caplog.set_level("INFO")
+    store = HistoryStore(str(path))
+    assert not list(tmp_path.glob("state.db.corrupt-*")) and "migrated" in caplog.text
+    h = JobHistory("x", store, Clock())
+    assert h.first_seen("a") == 1000.0
+    summary = apply_details(h, listing(rec("a", "failed"), rec("b", "failed")))
+    assert transitions(summary) == {("c", "failed"): 1}    # b was counted before
+    assert h.describe_plan() == ["a"]
+    store.close()
+    version = sqlite3.connect(str(path)).execute("SELECT version FROM schema_version")
+    assert version.fetchone() == (2,)
+
+
+def test_restart_describes_nothing_twice(simulator, exporter, tmp_path: Path) -> None:
+    z = simulator.add_cluster("z", "v2", reasons_in_list=False)
+    doomed, done = z.add_jobs(2, "images", "importing", progress=40)
+    running = z.add_jobs(1, "images", "importing", progress=10)[0]
+    config = {"state_file": str(tmp_path / "state.db"), "defaults": fast_defaults(),
+              "clusters": [simulator.cluster_config("z")]}
+    proc = exporter(config)
+    proc.wait_for_metrics(lambda m: m.get(("zilliz_import_up", (("cluster_name", "z"),))))
+    z.set_state(doomed, "failed")
+    z.set_reason(doomed, "schema mismatch: field 'vector' expects dim 768, got 512")
+    z.set_state(done, "completed")
+    z.set_rows(done, 12_000, 12_000)
+
+    def failed_reason(m: dict) -> str:
+        found = samples(m, "zilliz_import_failed_job_info", job_id=doomed)
+        return dict(next(iter(found))[1])["reason"] if found else ""
+    proc.wait_for_metrics(
+        lambda m: failed_reason(m) and m.get(("zilliz_import_rows_imported_total", (
+            ("cluster_name", "z"), ("collection", "images")))) == 12_000)
+    assert proc.stop() == 0
+    assert doomed in z.described and done in z.described
+    z.described.clear()
+    listed = z.requests
+    proc2 = exporter(config)
+    wait_until(lambda: z.requests >= listed + 3, what="three polls after the restart")
+    metrics = proc2.metrics()
+    assert failed_reason(metrics) == \
+        "schema mismatch: field 'vector' expects dim 768, got 512"
+    assert z.described == []            # everything it knew, it still knows
+    z.set_progress(running, 20)
+    wait_until(lambda: z.described == [running], what="the moved job to be described")
+    assert metrics[("zilliz_import_rows_imported_total", (
+        ("cluster_name", "z"), ("collection", "images")))] == 0    # no recount

@@ -119,9 +119,10 @@ def test_every_fault_is_classified_and_isolated(simulator, exporter) -> None:
     assert job_counts(metrics, "healthy") == truth(healthy)
     assert metrics[("zilliz_import_up", (("cluster_name", "healthy"),))] == 1
     assert metrics[("zilliz_import_api_requests_total",
-                    (("cluster_name", "f-connection"), ("code", "error")))] >= 1
+                    (("cluster_name", "f-connection"), ("code", "error"),
+                     ("endpoint", "list")))] >= 1
     assert metrics[("zilliz_import_api_requests_total",
-                    (("cluster_name", "f-429"), ("code", "429")))] >= 2  # retried
+                    (("cluster_name", "f-429"), ("code", "429"), ("endpoint", "list")))] >= 2
     # one log line per failed poll, never one per retry
     lines = [l for l in proc.logs().splitlines() if "cluster_name=f-429" in l
              and "level=warn" in l]

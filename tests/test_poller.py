@@ -148,7 +148,7 @@ def test_backoff_is_capped_and_jittered() -> None:
 @responses.activate
 def test_failed_page_publishes_nothing_new() -> None:
     board = SnapshotBoard()
-    cluster = v2(retries=0)
+    cluster = v2(retries=0, max_describes_per_poll=0)
     poller = ClusterPoller(cluster, board, JobHistory("c"))
     v2_pages([job("a"), job("b")], [job("c")])
     first = poller.poll_once()
@@ -159,7 +159,7 @@ def test_failed_page_publishes_nothing_new() -> None:
     assert not second.up and second.last_error_reason == "http"
     assert second.jobs is first.jobs  # the last complete listing, not page 1 of the new one
     assert board.get("c") is second and second.poll_errors == {"http": 1}
-    assert second.api_requests == {"200": 3, "500": 1}
+    assert second.api_requests == {("list", "200"): 3, ("list", "500"): 1}
 
 
 def test_stale_series_are_withdrawn_after_stale_after() -> None:
@@ -226,6 +226,156 @@ def test_group_applies_changes_and_shards() -> None:
     group = PollerGroup(board)
     assert group.apply(clusters[:2], start=False) == {"c0": "added", "c1": "added"}
     changed = ClusterConfig(name="c1", url="http://127.0.0.1:10", api="v2")
+    kept = group.pollers["c0"]
+    kept._get_progress = True           # learnt that c0's server is an old Milvus
     assert group.apply((clusters[0], changed), start=False) == {"c1": "changed"}
+    assert group.pollers["c0"] is kept and not kept._get_progress   # a reload forgets
     assert group.apply((changed,), start=False) == {"c0": "removed"}
     assert [s.cluster.name for s in board.snapshots()] == ["c1"]
+
+
+# ---- job details: describes against the simulator ---------------------------------------
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sim_poller(sim: Simulator, name: str, clock: Clock | None = None,
+               **settings: object) -> ClusterPoller:
+    c = sim.clusters[name]
+    config = ClusterConfig(name=name, url=sim.url_for(name),
+                           api="v1" if c.flavour == "v1" else "v2",
+                           cluster_id=c.cluster_id, api_key=c.api_key,
+                           settings=PollSettings(retries=0, **settings))  # type: ignore[arg-type]
+    clock = clock or Clock()
+    return ClusterPoller(config, SnapshotBoard(), JobHistory(name, clock=clock), clock=clock)
+
+
+def test_describe_order_budget_and_only_listed_ids() -> None:
+    with Simulator() as sim:
+        c = sim.add_cluster("z", "v2", reasons_in_list=False)
+        pending = c.add_jobs(2, "docs", "pending")
+        importing = c.add_jobs(2, "docs", "importing", progress=50)
+        finishing = c.add_jobs(2, "docs", "importing", progress=90)
+        c.add_jobs(3, "docs", "completed", progress=100)    # baseline: never described
+        clock = Clock()
+        poller = sim_poller(sim, "z", clock, max_describes_per_poll=3)
+        first = poller.poll_once()
+        # active only, importing before pending, by id when never described
+        assert c.described == [*importing, finishing[0]]
+        assert first.up and first.api_requests[("describe", "200")] == 3
+        c.described.clear()
+        clock.now += 10
+        c.set_state(finishing[0], "failed")
+        c.set_reason(finishing[0], "file s3://b/a.parquet not found")
+        c.set_state(finishing[1], "completed")
+        c.set_rows(finishing[1], 5000, 5000)
+        c.remove_jobs([pending[0]])
+        poller.poll_once()
+        # newly failed first, then newly completed, then active jobs: the importing
+        # ones were described since their progress last moved (v2 rows cannot have
+        # moved either), so the never described pending job
+        assert c.described == [finishing[0], finishing[1], pending[1]]
+        c.described.clear()
+        clock.now += 10
+        snap = poller.poll_once()
+        assert c.described == []                    # nothing moved
+        c.described.clear()
+        clock.now += 10
+        c.set_progress(importing[0], 60)
+        poller.poll_once()
+        assert c.described == [importing[0]]
+        assert c.unknown_describes == 0 and pending[0] not in c.described
+        assert snap.jobs is not None
+        assert [(f.job_id, f.reason) for f in snap.jobs.failed] == \
+            [(finishing[0], "file s3://b/a.parquet not found")]
+        assert snap.jobs.rows_imported == {"docs": 5000}
+
+
+def test_describing_off_sends_no_describe() -> None:
+    with Simulator() as sim:
+        c = sim.add_cluster("z", "v2")
+        c.add_jobs(3, "docs", "importing", progress=10)
+        poller = sim_poller(sim, "z", max_describes_per_poll=0)
+        snap = poller.poll_once()
+        poller.poll_once()
+        assert c.described == [] and all(k[0] == "list" for k in snap.api_requests)
+        assert snap.jobs is not None and len(snap.jobs.running) == 3   # progress from the list
+
+
+def test_v1_progress_comes_from_describe_and_stalls() -> None:
+    with Simulator() as sim:
+        c = sim.add_cluster("one", "v1")
+        (job_id,) = c.add_jobs(1, "docs", "importing", progress=40)
+        clock = Clock()
+        poller = sim_poller(sim, "one", clock, stall_after=60.0)
+        snap = poller.poll_once()
+        assert snap.jobs is not None
+        (running,) = snap.jobs.running
+        assert running.progress == 0.4 and running.total_rows == -1   # v1: no rows
+        clock.now += 30
+        c.set_progress(job_id, 60)
+        snap = poller.poll_once()
+        assert snap.jobs is not None and snap.jobs.running[0].progress == 0.6
+        assert snap.jobs.running[0].eta is not None                     # it moved
+        for _ in range(4):          # frozen at 60 (seen by the listing one poll later)
+            clock.now += 30
+            snap = poller.poll_once()
+        assert snap.jobs is not None
+        assert [(j.job_id, j.reason) for j in snap.jobs.stuck_jobs] == [(job_id, "stalled")]
+
+
+def test_describe_failure_never_fails_the_poll_and_keeps_details() -> None:
+    with Simulator() as sim:
+        c = sim.add_cluster("z", "milvus")
+        jobs = c.add_jobs(3, "docs", "importing", progress=50)
+        for job_id in jobs:
+            c.set_rows(job_id, 100, 1000)
+        clock = Clock()
+        poller = sim_poller(sim, "z", clock)
+        snap = poller.poll_once()
+        assert snap.jobs is not None and {j.imported_rows for j in snap.jobs.running} == {100}
+        clock.now += 10
+        c.describe_fault = "500"
+        for job_id in jobs:
+            c.set_progress(job_id, 60)
+            c.set_rows(job_id, 500, 1000)
+        snap = poller.poll_once()
+        assert snap.up and snap.last_error == ""
+        assert snap.jobs is not None and {j.imported_rows for j in snap.jobs.running} == {100}
+        # a broken endpoint costs one request per poll, counted under describe
+        assert snap.api_requests[("describe", "500")] == 1
+        c.describe_fault = "api_error"           # e.g. a key without the permission
+        for job_id in jobs:
+            c.set_progress(job_id, 70)
+        clock.now += 10
+        before = snap.api_requests[("describe", "200")]
+        snap = poller.poll_once()
+        assert snap.up and snap.api_requests[("describe", "200")] == before + 1   # not 3
+        c.describe_fault = ""
+        clock.now += 10
+        snap = poller.poll_once()
+        assert snap.jobs is not None and {j.imported_rows for j in snap.jobs.running} == {500}
+
+
+def test_old_milvus_falls_back_to_get_progress_until_reload() -> None:
+    with Simulator() as sim:
+        c = sim.add_cluster("old", "milvus", legacy_describe=True, v2_success_code=200)
+        c.add_jobs(2, "docs", "importing", progress=20)
+        clock = Clock()
+        poller = sim_poller(sim, "old", clock)
+        snap = poller.poll_once()
+        assert snap.api_requests[("describe", "404")] == 1        # once, then remembered
+        assert snap.api_requests[("describe", "200")] == 2
+        assert snap.jobs is not None and all(j.total_rows == 0 for j in snap.jobs.running)
+        snap = poller.poll_once()
+        assert snap.api_requests[("describe", "404")] == 1
+        poller.reset_fallbacks()                                   # a reload
+        c.set_progress(next(iter(c.jobs)), 30)                     # something to describe
+        clock.now += 10
+        snap = poller.poll_once()
+        assert snap.api_requests[("describe", "404")] == 2

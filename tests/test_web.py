@@ -154,37 +154,97 @@ def chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
         capture_output=True, text=True, timeout=timeout)
 
 
+def table_rows(dom: str, table_id: str) -> list[list[str]]:
+    """The text of each body row's cells in one table of the page."""
+    table = re.search(rf'<table id="{table_id}">(.*?)</table>', dom, re.S)
+    assert table, f"no table {table_id}"
+    out = []
+    for row in re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S):
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+                 for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        if cells:
+            out.append(cells)
+    return out
+
+
+EVIL = "<script>document.title='pwned'</script> schema mismatch: field 'vec' dim 768 != 512"
+
+
+def test_status_page_escapes_server_text_and_caps_sections() -> None:
+    from exporter.client import JobRecord
+    from exporter.history import FailedJob, JobHistory
+    from exporter.poller import Listing
+    from exporter.web import render_status_page
+    cluster = ClusterConfig(name="c<1>", url="http://127.0.0.1:9", api="v2")
+    now = [1000.0]
+    history = JobHistory("c<1>", clock=lambda: now[0])
+    for now[0] in (1000.0, 1005.0):
+        summary = history.apply(Listing.of([JobRecord("<b>id</b>", "<i>col</i>", "importing",
+                                                      10)]),
+                                stuck_after=1, stall_after=0, max_stuck_series=5)
+    failed = tuple(FailedJob("col", f"f{i}", EVIL, 900.0 + i) for i in range(3))
+    board = SnapshotBoard()
+    board.publish(ClusterSnapshot(cluster=cluster, polled=True, up=True, last_success=999.0,
+                                  jobs=__import__("dataclasses").replace(summary,
+                                                                         failed=failed)))
+    page = render_status_page(WebApp(registry=CollectorRegistry(), board=board,
+                                     clock=lambda: 1010.0))
+    assert "<script>" not in page and "<b>id</b>" not in page and "c<1>" not in page
+    assert [r[2] for r in table_rows(page, "failed")] == ["f2", "f1", "f0"]  # newest first
+    assert table_rows(page, "failed")[0][4] == EVIL
+    (stuck,) = table_rows(page, "stuck")
+    assert stuck == ["c<1>", "<i>col</i>", "<b>id</b>", "importing", "10s", "age"]
+    (running,) = table_rows(page, "running")
+    assert running[4] == "10%" and running[5:] == ["-", "-"]
+
+
 def test_status_page_in_headless_chromium(simulator, exporter) -> None:
-    ok = simulator.add_cluster("healthy-one", "v2")
-    for state, n in (("pending", 2), ("importing", 3), ("completed", 4), ("failed", 1)):
+    ok = simulator.add_cluster("healthy-one", "v2", reasons_in_list=False)
+    for state, n in (("pending", 2), ("completed", 4), ("failed", 1)):
         ok.add_jobs(n, "c", state)
+    importing = ok.add_jobs(4, "c", "importing", progress=40)
+    for job_id in importing:
+        ok.set_rows(job_id, 400_000, 1_000_000)
     simulator.add_cluster("broken-one", "v1").fail("auth_body")
     proc = exporter({"defaults": fast_defaults(stuck_after="1s"),
                      "clusters": [simulator.cluster_config("healthy-one"),
                                   simulator.cluster_config("broken-one")]})
     proc.wait_for_metrics(lambda m: job_counts(m, "healthy-one") and
                           ("zilliz_import_up", (("cluster_name", "broken-one"),)) in m)
+    ok.set_state(importing[0], "failed")                 # seen failing: a recent failure
+    ok.set_reason(importing[0], EVIL)
+    ok.set_progress(importing[1], 60)                    # moving: gets an ETA
+    ok.set_rows(importing[1], 600_000, 1_000_000)
     proc.wait_for_metrics(lambda m: m.get(("zilliz_import_jobs_stuck", (
-        ("cluster_name", "healthy-one"), ("collection", "c")))) == 5, what="5 stuck jobs")
+        ("cluster_name", "healthy-one"), ("collection", "c")))) == 5
+        and m.get(("zilliz_import_job_eta_seconds", (
+            ("cluster_name", "healthy-one"), ("collection", "c"), ("job_id", importing[1]))))
+        and any(k[0] == "zilliz_import_failed_job_info" for k in m),
+        what="5 stuck jobs, an ETA and a failure")
     dom = chromium("--dump-dom", proc.url + "/")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    rows = {}
-    for row in re.findall(r"<tr>(.*?)</tr>", dom.stdout, re.S):
-        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
-                 for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
-        if cells:
-            rows[cells[0]] = cells
+    assert "<script>" not in dom.stdout                  # the failure text stayed text
+    rows = {r[0]: r for r in table_rows(dom.stdout, "clusters")}
     healthy = rows["healthy-one"]
     assert healthy[1:4] == ["v2", simulator.base_url.split("//")[1], "up"]
-    assert healthy[6:10] == ["2", "3", "4", "1"]          # pending, importing, completed, failed
+    assert healthy[6:10] == ["2", "3", "4", "2"]          # pending, importing, completed, failed
     assert int(healthy[11]) == 5                          # all active jobs older than 1s
     assert healthy[12] == "1s"
     broken = rows["broken-one"]
     assert broken[3] == "down" and broken[4] == "never"
     assert broken[5].startswith("auth:") and "80001" in broken[5]
+    assert len(table_rows(dom.stdout, "stuck")) == 5
+    running = {r[2]: r for r in table_rows(dom.stdout, "running")}
+    assert set(running) == set(importing[1:]) | {j for j, job in ok.jobs.items()
+                                                 if job.state == "pending"}
+    assert running[importing[1]][4] == "60%"
+    assert running[importing[1]][5] == "600,000 / 1,000,000"
+    assert running[importing[1]][6] != "-"               # an ETA
+    (failure,) = table_rows(dom.stdout, "failed")
+    assert failure[2] == importing[0] and failure[4] == EVIL
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "status-page.png"
     if shot.exists():
         shot.unlink()
-    result = chromium(f"--screenshot={shot}", "--window-size=1400,500", proc.url + "/")
+    result = chromium(f"--screenshot={shot}", "--window-size=1280,1100", proc.url + "/")
     assert result.returncode == 0 and shot.stat().st_size > 5000, result.stderr[-2000:]

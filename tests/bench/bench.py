@@ -150,7 +150,8 @@ def requests_per_poll() -> None:
         for name, _, mode, jobs in cases:
             cluster = sim.config(name)
             codes: list[str] = []
-            listing = fetch_listing(make_session(cluster), cluster, observe=codes.append)
+            listing = fetch_listing(make_session(cluster), cluster,
+                                    observe=lambda endpoint, code: codes.append(code))
             assert len(listing) == jobs
             total_known = mode == "total"
             floor = math.ceil(jobs / 100) + (0 if total_known or jobs % 100 else 1)
@@ -219,6 +220,45 @@ def limiter_cost(repeats: int) -> None:
         p, q = statistics.median(cpu_plain), statistics.median(cpu_paced)
         report("poll CPU time, 20,000 jobs, paced vs unpaced", f"{q * 1000:.1f} ms",
                f"{p * 1000:.1f} ms", q / p, "<= 1.05")
+def job_details(repeats: int) -> None:
+    print("Job details: 10,000 jobs of which 50 active, page size 100; a poll with "
+          "describing on against the same poll with it off")
+    jobs, active = 10000, 50
+    sim = SimProcess([{"name": name, "flavour": "v2", "jobs": jobs, "active": active,
+                       "states": ["completed", "failed"], "moving": name == "moving"}
+                      for name in ("steady", "moving")])
+    try:
+        for name, what in (("steady", "steady poll (progress unchanged)"),
+                           ("moving", "poll while all 50 jobs move")):
+            pollers = {budget: ClusterPoller(sim.config(name, max_describes_per_poll=budget),
+                                             SnapshotBoard(), JobHistory(name))
+                       for budget in (active, 0)}
+            last = {budget: poller.poll_once()      # the first listing inserts every job
+                    for budget, poller in pollers.items()}
+            cpu: dict[int, list[float]] = {active: [], 0: []}
+            most: dict[str, int] = {"list": 0, "describe": 0}
+            for _ in range(repeats):        # interleaved, so drift hits both alike
+                # Changes are timed in whole seconds, and a real interval is at least
+                # one: a second between polls, so every moving job is described again.
+                time.sleep(1.0)
+                for budget, poller in pollers.items():
+                    before = last[budget].api_requests
+                    started = time.process_time()
+                    last[budget] = poller.poll_once()
+                    cpu[budget].append(time.process_time() - started)
+                    if budget:
+                        for endpoint in most:
+                            sent = sum(n - before.get((e, c), 0) for (e, c), n
+                                       in last[budget].api_requests.items() if e == endpoint)
+                            most[endpoint] = max(most[endpoint], sent)
+            floor = math.ceil(jobs / 100)
+            report(f"list requests, {what}", str(most["list"]), str(floor),
+                   most["list"] / floor, "= 1.00")
+            report(f"describe requests (most in one poll), {what}", str(most["describe"]),
+                   f"<= {active}", None, f"<= {active}")
+            on, off = statistics.median(cpu[active]), statistics.median(cpu[0])
+            report(f"poll CPU, details on vs off, {what}", f"{on * 1000:.1f} ms",
+                   f"{off * 1000:.1f} ms", on / off, "<= 1.2")
     finally:
         sim.close()
 
@@ -479,13 +519,12 @@ def memory_and_writes(tmp: Path, big_jobs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
-    parser.add_argument("--only", choices=["requests", "poll", "round", "limiter", "paced",
-                                           "scrape", "memory", "fleet"],
-                        action="append", help="run only these sections (fleet, the "
-                        "6-minute rate-limit trial, runs only when named)")
+    sections = ["requests", "poll", "round", "limiter", "paced", "details", "scrape", "memory"]
+    parser.add_argument("--only", choices=sections + ["fleet"], action="append",
+                        help="run only these sections (fleet, the 6-minute rate-limit trial, "
+                        "runs only when named)")
     args = parser.parse_args()
-    wanted = set(args.only or ["requests", "poll", "round", "limiter", "paced", "scrape",
-                               "memory"])
+    wanted = set(args.only or sections)
     repeats = 3 if args.quick else 7
     print(f"zilliz-import-exporter benchmark, {time.strftime('%Y-%m-%d')}, "
           f"{os.cpu_count()} cores, "
@@ -504,6 +543,8 @@ def main() -> None:
             paced_round()
         if "fleet" in wanted:
             fleet_trial(Path(tmp), 1.5 if args.quick else 3)
+        if "details" in wanted:
+            job_details(repeats * 3)
         if "scrape" in wanted:
             scrape_latency(Path(tmp), 200 if args.quick else 400, 100000)
         if "memory" in wanted:
