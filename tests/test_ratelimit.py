@@ -170,7 +170,12 @@ def test_closing_the_session_interrupts_a_request_waiting_for_its_token(simulato
 
 
 def fleet(sim: Simulator, clusters: int, jobs: int, **settings: object):
-    """Clusters sharing one API key, polled concurrently once by a real PollerGroup."""
+    """Clusters sharing one API key, polled concurrently once by a real PollerGroup.
+
+    Job details are off: these tests count list requests (describes have a bucket of
+    their own, tested in test_describes_take_from_their_own_bucket).
+    """
+    settings.setdefault("max_describes_per_poll", 0)
     for i in range(clusters):
         sim.add_cluster(f"c{i}", "v2", api_key="shared-key").add_jobs(jobs, "docs", "importing")
     board = SnapshotBoard()
@@ -218,3 +223,15 @@ def test_throttled_by_a_lower_server_limit_the_fleet_backs_off_and_completes(
 def test_a_poll_longer_than_the_interval_is_followed_at_once_never_overlapped() -> None:
     assert next_poll_delay(30, 12) == 18
     assert next_poll_delay(30, 45) == 0 and next_poll_delay(30, 30) == 0
+
+
+def test_describes_take_from_their_own_bucket(simulator) -> None:
+    """The list and describe endpoints are limited separately, as Zilliz counts them."""
+    simulator.add_cluster("c", "v2").add_jobs(4, "docs", "importing")
+    cluster = cluster_on(simulator, "c", max_describes_per_poll=4, requests_per_second=1000)
+    group = PollerGroup(SnapshotBoard())
+    group.apply((cluster,), start=False)
+    group.poll_all_once()
+    endpoints = {endpoint for _, _, endpoint in group.limits.buckets()}
+    assert endpoints == {"list", "describe"}
+    assert {r.endpoint for r in simulator.log} == {"list", "describe"}
