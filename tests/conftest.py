@@ -9,9 +9,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -84,6 +84,21 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for servers that cannot take port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m exporter ARGS`` as a user runs it: (exit code, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -234,9 +249,9 @@ def _write(path: Path, cert: x509.Certificate | None = None, key=None) -> str:
 
 
 @pytest.fixture(scope="module")
-def pki() -> dict[str, str]:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A CA, a server cert for 127.0.0.1, a client cert, and an unrelated CA."""
-    directory = Path(tempfile.mkdtemp(prefix="zie-pki-"))
+    directory = tmp_path_factory.mktemp("pki")
     out = {}
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("test ca", ca_key, _name("test ca"), ca_key, ca=True)

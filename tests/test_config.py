@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import ROOT, run_cli
+from exporter import __version__
 from exporter.config import (
     ConfigError, load_config, load_web_config, parse_config, parse_duration,
     parse_shard_index, redacted, shard_of, shared_rate_notes,
@@ -182,11 +182,6 @@ def test_redacted_output_hides_keys(tmp_path: Path) -> None:
     assert "api_key: <secret>" in text and "interval: 1m" in text
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
-                          text=True, timeout=30, env=env)
-
-
 def test_check_config_cli(tmp_path: Path) -> None:
     good = write(tmp_path, {"clusters": [cluster()]})
     result = run_cli("--check-config", "-c", good)
@@ -204,7 +199,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_cli("--no-such-flag").returncode == 2
     assert run_cli("--web.listen-address", "nope", "-c", "x").returncode == 2
     result = run_cli("--version")
-    assert result.returncode == 0 and "zilliz-import-exporter 0.1.0" in result.stdout
+    assert result.returncode == 0 and result.stdout == f"zilliz-import-exporter {__version__}\n"
 
 
 def test_web_config(tmp_path: Path) -> None:
@@ -241,7 +236,6 @@ def test_sharding_is_stable_and_parses_pod_names() -> None:
 
 
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
-    from conftest import ROOT
     key = tmp_path / "zilliz"
     key.write_text("k\n")
     text = (ROOT / "config.example.yaml").read_text().replace("/run/secrets/zilliz", str(key))

@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fast_defaults, samples, wait_until
+from conftest import FakeClock, fast_defaults, samples, wait_until
 from exporter.client import JobRecord
 from exporter.history import HistoryStore, JobHistory, StateFileInUse
 from exporter.poller import Listing
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rec(job_id: str, state: str, progress: int = -1, collection: str = "c") -> JobRecord:
@@ -38,7 +30,7 @@ def transitions(summary) -> dict:
 
 
 def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
-    h = JobHistory("x", clock=Clock())
+    h = JobHistory("x", clock=FakeClock())
     first = apply(h, rec("done", "completed"), rec("run", "importing"), rec("q", "pending"))
     assert transitions(first) == {}
     second = apply(h, rec("done", "completed"), rec("run", "failed"), rec("q", "completed"),
@@ -54,7 +46,7 @@ def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
 
 
 def test_ages_stuck_and_stalls(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     apply(h, rec("old", "importing", 10), rec("moving", "importing", 10),
           rec("v1", "importing"))
@@ -83,7 +75,7 @@ def test_ages_stuck_and_stalls(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_jobs_leaving_the_listing_are_forgotten() -> None:
-    h = JobHistory("x", clock=Clock())
+    h = JobHistory("x", clock=FakeClock())
     apply(h, *[rec(str(i), "importing") for i in range(100)])
     apply(h, rec("1", "importing"))
     assert len(h) == 1 and h.first_seen("2") is None
@@ -91,7 +83,7 @@ def test_jobs_leaving_the_listing_are_forgotten() -> None:
 
 def test_history_survives_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
-    clock = Clock()
+    clock = FakeClock()
     store = HistoryStore(path)
     h = JobHistory("x", store, clock)
     apply(h, rec("a", "importing", 5), rec("b", "pending"), rec("gone", "completed"))
@@ -111,7 +103,7 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
 def test_only_changes_are_written_and_no_change_writes_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     store = HistoryStore(path)
-    h = JobHistory("x", store, Clock())
+    h = JobHistory("x", store, FakeClock())
     jobs = [rec(str(i), "importing", 1) for i in range(1000)]
     apply(h, *jobs)
     size = os.path.getsize(path + "-wal")
@@ -130,7 +122,7 @@ def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog) -> None:
     path.write_bytes(b"this is not a database" * 100)
     store = HistoryStore(str(path), clock=lambda: 1234.0)
     assert (tmp_path / "state.db.corrupt-1234").exists()
-    apply(JobHistory("x", store, Clock()), rec("a", "pending"))
+    apply(JobHistory("x", store, FakeClock()), rec("a", "pending"))
     store.close()
     assert sqlite3.connect(str(path)).execute("SELECT count(*) FROM jobs").fetchone() == (1,)
     assert "moved aside" in caplog.text
@@ -264,7 +256,7 @@ def apply_details(history: JobHistory, records: Listing, **rules: object):
 
 
 def test_failures_keep_their_reason_within_the_window_newest_first_capped() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     jobs = [rec(f"j{i}", "importing", 10) for i in range(4)]
     apply_details(h, listing(rec("old", "failed"), *jobs))     # baseline: never shown
@@ -292,7 +284,7 @@ def test_failures_keep_their_reason_within_the_window_newest_first_capped() -> N
 
 
 def test_running_jobs_progress_rows_eta_and_cap() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     apply_details(h, listing(rec("a", "importing", 10), rec("b", "pending", 0)))
     clock.now += 5
@@ -310,7 +302,7 @@ def test_running_jobs_progress_rows_eta_and_cap() -> None:
 
 
 def test_rows_of_completed_jobs_count_once() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     apply_details(h, listing(rec("a", "importing", 10), rec("done", "completed")))
     summary = apply_details(h, listing(rec("a", "completed"), rec("done", "completed")))
@@ -328,7 +320,7 @@ def test_rows_of_completed_jobs_count_once() -> None:
 
 def test_details_survive_a_restart_and_nothing_is_described_twice(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
-    clock = Clock()
+    clock = FakeClock()
     store = HistoryStore(path)
     h = JobHistory("x", store, clock)
     apply_details(h, listing(rec("f", "importing"), rec("r", "importing")), api="v1")
@@ -367,7 +359,7 @@ def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, capl
     caplog.set_level("INFO")
     store = HistoryStore(str(path))
     assert not list(tmp_path.glob("state.db.corrupt-*")) and "migrated" in caplog.text
-    h = JobHistory("x", store, Clock())
+    h = JobHistory("x", store, FakeClock())
     assert h.first_seen("a") == 1000.0
     summary = apply_details(h, listing(rec("a", "failed"), rec("b", "failed")))
     assert transitions(summary) == {("c", "failed"): 1}    # b was counted before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fast_defaults, job_counts, parse_metrics, samples, wait_until
+from conftest import (
+    fast_defaults, free_port, job_counts, parse_metrics, run_cli, samples, wait_until,
+)
 from exporter.simulator import Simulator
 
 
-def seed(cluster, spread: dict[str, dict[str, int]]) -> None:
+def seed(cluster, spread: dict[str, dict]) -> None:
+    """Jobs per collection and state; a state may be (canonical, wire name)."""
     for collection, states in spread.items():
         for state, n in states.items():
-            cluster.add_jobs(n, collection, state)
+            state, wire = state if isinstance(state, tuple) else (state, "")
+            cluster.add_jobs(n, collection, state, wire=wire)
 
 
 def truth(cluster) -> dict[tuple[str, str], float]:
@@ -34,7 +37,8 @@ def all_match(sim: Simulator, names: list[str]):
 
 def test_counts_equal_ground_truth_for_every_paging_behaviour(simulator, exporter) -> None:
     spread = {"alpha": {"pending": 3, "importing": 9, "completed": 11, "failed": 2},
-              "beta": {"ImportRunning": 4, "Completed": 7, "WaitingForRetry": 1}}
+              "beta": {("importing", "ImportRunning"): 4, ("completed", "Completed"): 7,
+                       ("waiting_for_retry", "WaitingForRetry"): 1}}
     simulator.add_cluster("v1-total", "v1", count_mode="total")
     simulator.add_cluster("v1-pagecount", "v1", count_mode="page")
     simulator.add_cluster("v2-count", "v2", count_mode="total")
@@ -69,12 +73,6 @@ def test_counts_equal_ground_truth_for_every_paging_behaviour(simulator, exporte
         assert len(served) >= 2 and set(served) == {1}, (name, served)
     assert "waiting_for_retry" in proc.logs()       # unknown state logged once per cluster
     assert proc.logs().count("state=waiting_for_retry") == len(names)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 FAULTS = [("auth_body", "auth"), ("auth_http", "auth"), ("429", "http"), ("500", "http"),
@@ -209,17 +207,15 @@ def test_once_writes_exposition_atomically(simulator, tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"defaults": {"retries": 0},
                                       "clusters": [simulator.cluster_config("good")]}))
     out = tmp_path / "zie.prom"
-    result = subprocess.run([sys.executable, "-m", "exporter", "-c", str(config), "--once",
-                             "--output", str(out)], capture_output=True, timeout=30)
+    result = run_cli("-c", str(config), "--once", "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert job_counts(parse_metrics(out.read_text()), "good") == truth(good)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".zie-")]
     config.write_text(yaml.safe_dump({"defaults": {"retries": 0}, "clusters": [
         simulator.cluster_config("good"), simulator.cluster_config("bad")]}))
-    result = subprocess.run([sys.executable, "-m", "exporter", "-c", str(config), "--once"],
-                            capture_output=True, timeout=30)
+    result = run_cli("-c", str(config), "--once")
     assert result.returncode == 1
-    metrics = parse_metrics(result.stdout.decode())
+    metrics = parse_metrics(result.stdout)
     assert metrics[("zilliz_import_up", (("cluster_name", "bad"),))] == 0
     assert job_counts(metrics, "good") == truth(good)
 
