@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from prometheus_client import CollectorRegistry, generate_latest
-
 from conftest import (
-    ExporterProcess, FakeClock, fast_defaults, job_counts, parse_metrics, require_tool,
+    ExporterProcess, FakeClock, InProcessExporter, fast_defaults, job_counts, parse_metrics, require_tool,
     run_cli, samples, wait_until,
 )
 from exporter.cli import build_parser, demo_config, parse_listen_address, resolve_shard
-from exporter.collector import ImportCollector
-from exporter.poller import PollerGroup, SnapshotBoard
 from exporter.simulator import DemoDirector, Simulator
 from exporter.web import WebApp, render_status_page
 
@@ -53,38 +49,34 @@ def test_demo_stuck_stalled_and_job_details_within_a_minute() -> None:
     """The demo's own simulator, director and config, polled in process on a fake clock:
     a minute of the demo costs no minute of the test."""
     clock = FakeClock(time.time())
-    board = SnapshotBoard()
-    group = PollerGroup(board, clock=clock)
-    registry = CollectorRegistry()
-    registry.register(ImportCollector(board, clock=clock))
     with Simulator() as sim:
         director = DemoDirector(sim)
         config = demo_config({n: sim.cluster_config(n) for n in sim.clusters})
-        # the rate limiter paces by real time and is tested on its own (test_ratelimit)
-        group.apply(tuple(replace(c, settings=replace(c.settings, requests_per_second=1e4))
-                          for c in config.clusters), start=False)
+        demo = InProcessExporter(config, clock)
         seen: set[tuple[str, str]] = set()
         details: set[tuple[str, str]] = set()
         reasons: set[str] = set()
         rows = 0.0
-        interval = config.clusters[0].settings.interval
-        for second in range(61):
-            if second % director.tick == 0:
-                director.step()
-            if second % interval == 0:
-                group.poll_all_once()
-                m = parse_metrics(generate_latest(registry).decode())
-                seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
-                            for k in samples(m, "zilliz_import_stuck_job_info"))
-                for name in DETAIL_SERIES:
-                    details.update((name, dict(k[1])["cluster_name"])
-                                   for k in samples(m, name))
-                reasons.update(dict(k[1])["reason"]
-                               for k in samples(m, "zilliz_import_failed_job_info"))
-                rows = sum(samples(m, "zilliz_import_rows_imported_total").values())
-            clock.advance(1)
-        page = render_status_page(WebApp(registry=registry, board=board, clock=clock))
-    group.stop()
+        interval = config.defaults.interval
+        try:
+            for second in range(61):
+                if second % director.tick == 0:
+                    director.step()
+                if second % interval == 0:
+                    m = demo.poll()
+                    seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
+                                for k in samples(m, "zilliz_import_stuck_job_info"))
+                    for name in DETAIL_SERIES:
+                        details.update((name, dict(k[1])["cluster_name"])
+                                       for k in samples(m, name))
+                    reasons.update(dict(k[1])["reason"]
+                                   for k in samples(m, "zilliz_import_failed_job_info"))
+                    rows = sum(samples(m, "zilliz_import_rows_imported_total").values())
+                clock.advance(1)
+            page = render_status_page(WebApp(registry=demo.registry, board=demo.board,
+                                             clock=clock))
+        finally:
+            demo.close()
     assert ("age", "stuck") in seen and ("stalled", "stalls") in seen, seen
     assert {n for n, _ in details} == set(DETAIL_SERIES), details
     assert ("zilliz_import_job_progress_ratio", "demo-cloud-v1") in details
@@ -94,6 +86,28 @@ def test_demo_stuck_stalled_and_job_details_within_a_minute() -> None:
     for section in ("stuck", "running", "failed"):
         body = page.split(f'<table id="{section}">', 1)[1].split("</table>", 1)[0]
         assert 'class="none"' not in body, f"the {section} section is empty"
+
+
+def test_help_shows_one_true_default_per_flag() -> None:
+    options = build_parser().format_help().split("\noptions:\n", 1)[1]
+    entries = {}
+    for entry in re.split(r"\n  (?=-)", options.strip()):
+        words = entry.split()
+        flag = next(w.rstrip(",") for w in words if w.startswith("--"))
+        entries[flag] = " ".join(words)                                  # unwrapped
+    text = " ".join(entries.values())
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "(default: False)" not in text
+    for flag, default in (("--config.file", "config.yaml"), ("--web.listen-address", ":9636"),
+                          ("--web.telemetry-path", "/metrics"), ("--log.level", "info"),
+                          ("--log.format", "logfmt"), ("--output", "-, stdout"),
+                          ("--config.auto-reload-interval", "0, off"),
+                          ("--web.enable-lifecycle", "off"),
+                          ("--shard.count", "$ZIE_SHARD_COUNT, else 1"),
+                          ("--shard.index", "$ZIE_SHARD_INDEX, else 0")):
+        described = entries[flag]
+        assert described.count("(default: ") == 1, (flag, described)
+        assert f"(default: {default}" in described, (flag, described)
 
 
 def test_flags_and_environment() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import signal
 import subprocess
 import sys
@@ -197,6 +198,12 @@ def test_sigint_exits_0(simulator, exporter, sig) -> None:
     assert proc.proc is not None and proc.proc.wait(5) == 0
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_once_writes_exposition_atomically(simulator, tmp_path: Path) -> None:
     good = simulator.add_cluster("good", "v2")
     seed(good, {"c": {"importing": 4}})
@@ -210,7 +217,8 @@ def test_once_writes_exposition_atomically(simulator, tmp_path: Path) -> None:
     result = run_cli("-c", str(config), "--once", "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert job_counts(parse_metrics(out.read_text()), "good") == truth(good)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".zie-")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "zie.prom"]  # no temp
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()   # as open() makes it
     config.write_text(yaml.safe_dump({"defaults": {"retries": 0}, "clusters": [
         simulator.cluster_config("good"), simulator.cluster_config("bad")]}))
     result = run_cli("-c", str(config), "--once")
