@@ -8,8 +8,8 @@ import yaml
 from conftest import ROOT, run_cli
 from exporter import __version__
 from exporter.config import (
-    ConfigError, load_config, load_web_config, parse_config, parse_duration,
-    parse_shard_index, redacted, shard_of, shared_rate_notes,
+    SETTING_KEYS, ConfigError, format_size, load_config, load_web_config, parse_config,
+    parse_duration, parse_shard_index, parse_size, redacted, shard_of, shared_rate_notes,
 )
 
 SECRET = "sk-config-test-7f3a9c2e1d"
@@ -245,3 +245,42 @@ def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     assert [(c.name, c.api) for c in config.clusters] == \
         [("prod-search", "v1"), ("prod-recs", "v2"), ("onprem-milvus", "v2")]
     assert config.clusters[2].api_key == "u:p" and config.clusters[1].settings.interval == 120
+
+
+@pytest.mark.parametrize("text,size", [
+    ("512KiB", 512 * 1024), ("32MiB", 32 * 1024 ** 2), ("1GiB", 1024 ** 3), (4096, 4096),
+    ("4096", 4096), ("1.5KiB", 1536), ("2MB", 2_000_000)])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["32 MiBs", "MiB", "", "-1KiB", "0.5B", True])
+def test_bad_sizes(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_sizes_print_in_the_largest_exact_binary_unit() -> None:
+    assert [format_size(n) for n in (32 * 1024 ** 2, 1536, 1024 ** 3, 1000, 0)] == \
+        ["32MiB", "1536", "1GiB", "1000", "0"]
+
+
+def test_every_key_reads_back_from_check_config_output() -> None:
+    """--check-config prints every key (secrets aside) in a form the loader accepts:
+    a key declared in the schema is parsed, ranged and printed by its kind."""
+    settings = {"interval": "1h30m", "timeout": "2.5s", "page_size": 50, "max_pages": 7,
+                "retries": 0, "stuck_after": "3h", "stall_after": 0, "stale_after": "90s",
+                "max_stuck_job_series": 3, "max_describes_per_poll": 0, "max_job_series": 4,
+                "max_failed_job_series": 5, "failed_job_window": "1d",
+                "requests_per_second": 2.5}
+    assert set(settings) == set(SETTING_KEYS)
+    config = parse_config({"defaults": settings, "clusters": [
+        cluster(tls_insecure_skip_verify=True, retries=1),
+        cluster(name="v2", url="api.cloud.zilliz.com", db_name="d", project_id="p",
+                region_id="r", api="v2", requests_per_second=3)]}, "x.yaml", environ={})
+    shown = redacted(config)
+    assert SECRET not in str(shown)
+    for item in shown["clusters"]:
+        assert item["api_key"] == "<secret>"
+        item["api_key"] = SECRET
+    assert parse_config(shown, "x.yaml", environ={}) == config
