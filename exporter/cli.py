@@ -20,14 +20,16 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter import __version__
 from exporter.collector import ImportCollector
 from exporter.config import (
-    ClusterConfig, Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
-    parse_duration, parse_shard_index, redacted, shared_rate_notes,
+    ClusterConfig, Config, ConfigError, load_config, parse_config, parse_duration, redacted,
+    shared_rate_notes,
 )
 from exporter.history import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import limit_malloc_arenas
-from exporter.poller import PollerGroup, SnapshotBoard, select_shard
+from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.sharding import parse_shard_index, select_shard
 from exporter.web import WebApp, create_server
+from exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
 

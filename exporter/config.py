@@ -8,7 +8,6 @@ carries an API key: values of secret keys are never echoed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -183,8 +182,9 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-class _Problems:
-    """Collects one-line errors that all start with the file name."""
+class Problems:
+    """Collects one-line errors that all start with the file name (every problem of a
+    file is reported at once)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -249,7 +249,7 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
 
 def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
                 environ: Mapping[str, str], where: str,
-                problems: _Problems) -> dict[str, Any]:
+                problems: Problems) -> dict[str, Any]:
     """The values of ``keys`` present in ``raw``, each checked by its kind; a null
     string counts as absent."""
     values: dict[str, Any] = {}
@@ -264,7 +264,7 @@ def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any
 
 
 def _unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str,
-                  problems: _Problems) -> None:
+                  problems: Problems) -> None:
     allowed = set(known)
     for name in raw:
         if name not in allowed:
@@ -272,7 +272,7 @@ def _unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str,
 
 
 def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
-              problems: _Problems) -> PollSettings:
+              problems: Problems) -> PollSettings:
     return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, {}, where, problems))
 
 
@@ -292,7 +292,7 @@ def _resolve(path: str, base_dir: str) -> str:
 
 
 def _read_files(values: dict[str, Any], raw: Mapping[str, Any], base_dir: str, where: str,
-                problems: _Problems) -> None:
+                problems: Problems) -> None:
     """Read the keys given as ``<key>_file`` and resolve file paths against the config
     file's directory, in place."""
     for file_key, name in _CLUSTER_FILE_KEYS.items():
@@ -319,7 +319,7 @@ def _read_files(values: dict[str, Any], raw: Mapping[str, Any], base_dir: str, w
 
 
 def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: PollSettings,
-                   where: str, problems: _Problems) -> None:
+                   where: str, problems: Problems) -> None:
     """Rules that span keys: required keys, the URL, the API flavour and what it
     needs. Fills in the derived url and api, in place."""
     name = values.setdefault("name", "")
@@ -365,7 +365,7 @@ def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: Pol
 
 
 def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
-             base_dir: str, problems: _Problems) -> ClusterConfig | None:
+             base_dir: str, problems: Problems) -> ClusterConfig | None:
     """One cluster: parse its keys, read its files, apply the cross-key rules."""
     where = f"cluster #{index + 1}"
     if not isinstance(raw, dict):
@@ -388,7 +388,7 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
 def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document; raise ConfigError listing every problem."""
     env = os.environ if environ is None else environ
-    problems = _Problems(path)
+    problems = Problems(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -493,117 +493,3 @@ def shared_rate_notes(config: Config) -> list[str]:
                          f"so their lowest requests_per_second ({min(rates):g}) applies "
                          f"to all of them")
     return notes
-
-
-def shard_of(name: str, count: int) -> int:
-    """Stable shard for a cluster name: the same in every process and release."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % count
-
-
-def parse_shard_index(value: str) -> int:
-    """A shard index, or a StatefulSet pod name whose trailing ordinal is the index."""
-    match = re.search(r"(\d+)$", value.strip())
-    if not match:
-        raise ValueError(f"shard index {value!r} is neither a number nor ends in one")
-    return int(match.group(1))
-
-
-# ---- web config (exporter-toolkit format) ------------------------------------------
-
-_TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
-             "max_version"}
-CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
-                     "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
-TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")
-
-
-@dataclass(frozen=True)
-class TLSServerConfig:
-    cert_file: str
-    key_file: str
-    client_ca_file: str = ""
-    client_auth_type: str = "NoClientCert"
-    min_version: str = "TLS12"
-    max_version: str = ""
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    tls: TLSServerConfig | None = None
-    basic_auth_users: Mapping[str, str] = field(default_factory=dict, repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-def load_web_config(path: str) -> WebConfig:
-    """Read an exporter-toolkit web config; ConfigError names the offending key."""
-    def fail(key: str, message: str) -> ConfigError:
-        return ConfigError([f"{path}: key {key!r}: {message}"])
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the file: {exc.strerror}"]) from None
-    except yaml.YAMLError:
-        raise ConfigError([f"{path}: not valid YAML"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the file must hold a mapping"])
-    base_dir = os.path.dirname(os.path.abspath(path))
-    for key in raw:
-        if key not in ("tls_server_config", "basic_auth_users", "http_server_config"):
-            raise fail(str(key), "unknown key")
-    tls = None
-    raw_tls = raw.get("tls_server_config")
-    if raw_tls is not None:
-        if not isinstance(raw_tls, dict):
-            raise fail("tls_server_config", "must be a mapping")
-        for key in raw_tls:
-            if key not in _TLS_KEYS:
-                raise fail(f"tls_server_config.{key}", "unknown key")
-        files = {}
-        for key in ("cert_file", "key_file", "client_ca_file"):
-            value = str(raw_tls.get(key) or "")
-            if value and not os.path.isabs(value):
-                value = os.path.join(base_dir, value)
-            if value and not os.path.isfile(value):
-                raise fail(f"tls_server_config.{key}", f"{raw_tls.get(key)!r} does not exist")
-            files[key] = value
-        for key in ("cert_file", "key_file"):
-            if not files[key]:
-                raise fail(f"tls_server_config.{key}", "is required")
-        auth_type = str(raw_tls.get("client_auth_type") or "NoClientCert")
-        if auth_type not in CLIENT_AUTH_TYPES:
-            raise fail("tls_server_config.client_auth_type",
-                       f"{auth_type!r} must be one of {', '.join(CLIENT_AUTH_TYPES)}")
-        if auth_type in ("RequireAndVerifyClientCert", "VerifyClientCertIfGiven") \
-                and not files["client_ca_file"]:
-            raise fail("tls_server_config.client_ca_file", f"is required by {auth_type}")
-        versions = {}
-        for key, default in (("min_version", "TLS12"), ("max_version", "")):
-            value = str(raw_tls.get(key) or default)
-            if value and value not in TLS_VERSIONS:
-                raise fail(f"tls_server_config.{key}",
-                           f"{value!r} must be one of {', '.join(TLS_VERSIONS)}")
-            versions[key] = value
-        tls = TLSServerConfig(client_auth_type=auth_type, **files, **versions)
-    users = raw.get("basic_auth_users") or {}
-    if not isinstance(users, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in users.items()):
-        raise fail("basic_auth_users", "must map user names to bcrypt hashes")
-    for user, hashed in users.items():
-        if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise fail(f"basic_auth_users.{user}", "is not a bcrypt hash")
-    headers: dict[str, str] = {}
-    http_cfg = raw.get("http_server_config") or {}
-    if not isinstance(http_cfg, dict):
-        raise fail("http_server_config", "must be a mapping")
-    for key in http_cfg:
-        if key != "headers":
-            raise fail(f"http_server_config.{key}", "unknown key")
-    raw_headers = http_cfg.get("headers") or {}
-    if not isinstance(raw_headers, dict):
-        raise fail("http_server_config.headers", "must be a mapping")
-    for name, value in raw_headers.items():
-        headers[str(name)] = str(value)
-    return WebConfig(tls=tls, basic_auth_users=dict(users), headers=headers)

@@ -23,7 +23,7 @@ from exporter.client import (
     CANONICAL_STATES, ApiFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
     PaginationFailure, describe_import_job, list_import_jobs, make_session,
 )
-from exporter.config import ClusterConfig, Config, PollSettings, shard_of
+from exporter.config import ClusterConfig, PollSettings
 from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
 from exporter.memory import release_free_memory
 from exporter.ratelimit import PacedAdapter, RateLimits, pace
@@ -554,7 +554,3 @@ class PollerGroup:
         for poller in pollers:
             poller.join(max(0.0, deadline - time.monotonic()))
 
-
-def select_shard(config: Config, count: int, index: int) -> tuple[ClusterConfig, ...]:
-    """The clusters this replica polls."""
-    return tuple(c for c in config.clusters if shard_of(c.name, count) == index)

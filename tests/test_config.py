@@ -8,12 +8,11 @@ import yaml
 from conftest import ROOT, run_cli
 from exporter import __version__
 from exporter.config import (
-    SETTING_KEYS, ConfigError, format_size, load_config, load_web_config, parse_config,
-    parse_duration, parse_shard_index, parse_size, redacted, shard_of, shared_rate_notes,
+    SETTING_KEYS, ConfigError, format_size, load_config, parse_config, parse_duration,
+    parse_size, redacted, shared_rate_notes,
 )
 
 SECRET = "sk-config-test-7f3a9c2e1d"
-PINNED_SHARDS = [0, 2, 0, 2, 1, 1, 1, 0]
 
 
 def write(tmp_path: Path, doc: object, name: str = "config.yaml") -> str:
@@ -200,39 +199,6 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_cli("--web.listen-address", "nope", "-c", "x").returncode == 2
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout == f"zilliz-import-exporter {__version__}\n"
-
-
-def test_web_config(tmp_path: Path) -> None:
-    (tmp_path / "c.pem").write_text("x")
-    good = write(tmp_path, {"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem"},
-                            "basic_auth_users": {"alice": "$2b$12$abcdefghijklmnopqrstuv"},
-                            "http_server_config": {"headers": {"X-Frame-Options": "deny"}}},
-                 "web.yml")
-    web = load_web_config(good)
-    assert web.tls is not None and web.tls.min_version == "TLS12"
-    assert web.headers == {"X-Frame-Options": "deny"}
-    for doc, key in [({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
-                                             "foo": 1}}, "tls_server_config.foo"),
-                     ({"tls_server_config": {"cert_file": "c.pem"}},
-                      "tls_server_config.key_file"),
-                     ({"basic_auth_users": {"bob": "plain"}}, "basic_auth_users.bob"),
-                     ({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
-                                             "client_auth_type": "Maybe"}},
-                      "tls_server_config.client_auth_type"),
-                     ({"http_server_config": {"http2": True}}, "http_server_config.http2"),
-                     ({"tls_config": {}}, "tls_config")]:
-        with pytest.raises(ConfigError) as info:
-            load_web_config(write(tmp_path, doc, "bad-web.yml"))
-        assert f"key '{key}'" in str(info.value)
-
-
-def test_sharding_is_stable_and_parses_pod_names() -> None:
-    assert parse_shard_index("3") == 3 and parse_shard_index("zie-2") == 2
-    with pytest.raises(ValueError):
-        parse_shard_index("zie")
-    # The assignment is part of the deployment contract: a change would move clusters
-    # between replicas on upgrade. These values are sha256-derived and pinned.
-    assert [shard_of(f"c{i}", 3) for i in range(8)] == PINNED_SHARDS
 
 
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:

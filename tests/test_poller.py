@@ -6,11 +6,10 @@ import pytest
 import responses
 
 from exporter.client import AuthFailure, HttpFailure, PaginationFailure
-from exporter.config import ClusterConfig, Config, PollSettings
+from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import (
     ClusterPoller, PollerGroup, SnapshotBoard, Stopped, backoff_delay, fetch_listing,
-    select_shard,
 )
 from exporter.client import make_session
 from exporter.simulator import Simulator
@@ -229,21 +228,9 @@ def test_pages_from_the_simulator_match_the_floor() -> None:
             assert cluster.requests == floor, (name, cluster.pages_served)
 
 
-def test_group_applies_changes_and_shards() -> None:
+def test_group_applies_changes() -> None:
     clusters = tuple(ClusterConfig(name=f"c{i}", url="http://127.0.0.1:9", api="v2")
-                     for i in range(12))
-    config = Config(path="x", clusters=clusters)
-    for count in (1, 2, 3, 5):
-        owners = [sorted(c.name for c in select_shard(config, count, i))
-                  for i in range(count)]
-        flat = [name for names in owners for name in names]
-        assert sorted(flat) == sorted(c.name for c in clusters)  # exactly once each
-    more = Config(path="x", clusters=clusters + tuple(
-        ClusterConfig(name=f"new{i}", url="http://127.0.0.1:9", api="v2") for i in range(9)))
-    for i in range(3):
-        before = {c.name for c in select_shard(config, 3, i)}
-        after = {c.name for c in select_shard(more, 3, i) if not c.name.startswith("new")}
-        assert before == after  # adding clusters moves nobody
+                     for i in range(2))
     board = SnapshotBoard()
     group = PollerGroup(board)
     assert group.apply(clusters[:2], start=False) == {"c0": "added", "c1": "added"}

@@ -22,10 +22,11 @@ from prometheus_client import CollectorRegistry
 
 from conftest import ROOT, fast_defaults, job_counts, require_tool, run_cli, wait_until
 from exporter.collector import ImportCollector
-from exporter.config import ClusterConfig, PollSettings, WebConfig
+from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, ClusterSnapshot, SnapshotBoard, Stopped
 from exporter.web import WebApp, create_server
+from exporter.webconfig import WebConfig
 
 ARTIFACTS = Path(os.environ.get("ZIE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
