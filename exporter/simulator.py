@@ -625,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick", type=float, default=2.0,
                         help="seconds between job moves (default %(default)s)")
     args = parser.parse_args(argv)
+    # As PID 1 in a container nothing stops us on SIGTERM unless we handle it ourselves;
+    # handled before the address is printed, so whoever reads it may signal at once.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     sim = Simulator(args.host, args.port)
     director = DemoDirector(sim, tick=args.tick)
     sim.start()
@@ -633,10 +638,6 @@ def main(argv: list[str] | None = None) -> int:
         c = sim.clusters[name]
         print(f"{name}: flavour={c.flavour} url={sim.url_for(name)} "
               f"cluster_id={c.cluster_id or '-'}", flush=True)
-    # As PID 1 in a container nothing stops us on SIGTERM unless we handle it ourselves.
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass
