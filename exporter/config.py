@@ -33,8 +33,7 @@ class ConfigError(Exception):
 
 
 def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: float = 0, *,
-        secret: bool = False,
-        from_file: bool = False, choices: tuple[str, ...] = ()) -> Any:
+        secret: bool = False, from_file: bool = False, choices: tuple[str, ...] = ()) -> Any:
     """One config key, declared once as a dataclass field: its parsing, range check,
     secrecy and redaction all follow from ``kind`` and the rest of this metadata.
 
@@ -115,12 +114,9 @@ class Config:
     defaults: PollSettings = PollSettings()
 
 
-def _file_keys(keys: Mapping[str, dataclasses.Field[Any]]) -> dict[str, str]:
-    """``<key>_file`` -> key, for the keys that may be read from a file."""
-    return {f"{name}_file": name for name, f in keys.items() if f.metadata["from_file"]}
-
-
-_CLUSTER_FILE_KEYS = _file_keys(CLUSTER_KEYS)
+# ``<key>_file`` -> key, for the keys that may be read from a file (api_key_file).
+_CLUSTER_FILE_KEYS = {f"{name}_file": name for name, f in CLUSTER_KEYS.items()
+                      if f.metadata["from_file"]}
 
 
 def parse_duration(value: Any) -> float:
