@@ -63,14 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log.format", dest="log_format", default="logfmt",
                    choices=["logfmt", "json"], help="log line format (default: %(default)s)")
     p.add_argument("--once", action="store_true",
-                   help="poll every cluster once, write the exposition and exit "
-                        "(1 if any cluster failed)")
+                   help="poll every cluster once, write the exposition and exit, 1 if any "
+                        "cluster failed (default: off, serve)")
     p.add_argument("--output", default="-",
                    help="with --once: file to replace atomically (default: -, stdout)")
     p.add_argument("--check-config", dest="check_config", action="store_true",
-                   help="validate the config, print it with secrets redacted, and exit")
+                   help="validate the config, print it with secrets redacted, and exit "
+                        "(default: off)")
     p.add_argument("--demo", action="store_true",
-                   help="poll a built-in simulated API (no account needed)")
+                   help="poll a built-in simulated API, no account needed (default: off)")
     p.add_argument("--shard.count", dest="shard_count", default=None,
                    help="number of replicas sharing the clusters (default: "
                         "$ZIE_SHARD_COUNT, else 1)")

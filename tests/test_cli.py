@@ -98,16 +98,18 @@ def test_help_shows_one_true_default_per_flag() -> None:
     text = " ".join(entries.values())
     assert "(default: None)" not in text and "(default: )" not in text
     assert "(default: False)" not in text
+    for flag, described in entries.items():
+        if flag not in ("--help", "--version"):
+            assert described.count("(default: ") == 1, (flag, described)
     for flag, default in (("--config.file", "config.yaml"), ("--web.listen-address", ":9636"),
                           ("--web.telemetry-path", "/metrics"), ("--log.level", "info"),
                           ("--log.format", "logfmt"), ("--output", "-, stdout"),
                           ("--config.auto-reload-interval", "0, off"),
-                          ("--web.enable-lifecycle", "off"),
+                          ("--web.enable-lifecycle", "off"), ("--once", "off, serve"),
+                          ("--check-config", "off"), ("--demo", "off"),
                           ("--shard.count", "$ZIE_SHARD_COUNT, else 1"),
                           ("--shard.index", "$ZIE_SHARD_INDEX, else 0")):
-        described = entries[flag]
-        assert described.count("(default: ") == 1, (flag, described)
-        assert f"(default: {default}" in described, (flag, described)
+        assert f"(default: {default}" in entries[flag], (flag, entries[flag])
 
 
 def test_flags_and_environment() -> None:
