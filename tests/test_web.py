@@ -9,7 +9,6 @@ import re
 import ssl
 import subprocess
 import tempfile
-import sys
 import threading
 import urllib.error
 import urllib.request
