@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import yaml
@@ -212,12 +213,13 @@ class Runtime:
         return self._ready
 
 
-def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool]) -> CollectorRegistry:
+def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool],
+                   clock: Callable[[], float] = time.time) -> CollectorRegistry:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(ImportCollector(board, reload_ok=reload_ok))
+    registry.register(ImportCollector(board, clock=clock, reload_ok=reload_ok))
     return registry
 
 

@@ -24,10 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import ImportCollector
+from exporter.cli import build_registry
 from exporter.config import Config, parse_config
 from exporter.history import HistoryStore
 from exporter.poller import PollerGroup, SnapshotBoard
@@ -242,8 +242,7 @@ class InProcessExporter:
         self.board = SnapshotBoard()
         self.group = PollerGroup(self.board, store=self.store, clock=clock)
         self.group.apply(clusters, start=False)
-        self.registry = CollectorRegistry()
-        self.registry.register(ImportCollector(self.board, clock=clock))
+        self.registry = build_registry(self.board, reload_ok=lambda: True, clock=clock)
 
     def poll(self) -> dict:
         """Poll every cluster once; the metrics a scrape then sees."""
