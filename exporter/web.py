@@ -76,8 +76,11 @@ class _AuthCache:
             if token in self._ok:
                 return True
         with self._bcrypt:
-            matches = self._checkpw(password.encode("utf-8"), _UNKNOWN_USER_HASH
-                                    if hashed is None else hashed.encode("utf-8"))
+            try:
+                matches = self._checkpw(password.encode("utf-8"), _UNKNOWN_USER_HASH
+                                        if hashed is None else hashed.encode("utf-8"))
+            except ValueError:      # bcrypt refuses passwords over 72 bytes
+                matches = False
         if not matches or hashed is None:
             return False
         with self._lock:

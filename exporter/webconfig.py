@@ -8,6 +8,7 @@ Every problem of the file is reported at once, one line each, as for the main co
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -21,6 +22,8 @@ CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert"
 TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")
 _TLS_FILES = ("cert_file", "key_file", "client_ca_file")
 _TLS_KEYS = {*_TLS_FILES, "client_auth_type", "min_version", "max_version"}
+# $2b$<cost>$<22 characters of salt and 31 of hash>, as bcrypt.Cost() accepts them.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 
 # The headers exporter-toolkit lets http_server_config.headers set (web/handler.go),
 # with the values it allows where they are an enumeration (empty: any value).
@@ -148,7 +151,8 @@ def _users(raw: Any, problems: Problems) -> dict[str, str]:
         problems.add("", "basic_auth_users", "must map user names to bcrypt hashes")
         return {}
     for user, hashed in raw.items():
-        if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        match = _BCRYPT_HASH.fullmatch(hashed)
+        if match is None or not 4 <= int(match.group(1)) <= 31:
             problems.add("", f"basic_auth_users.{user}", "is not a bcrypt hash")
     return dict(raw)
 

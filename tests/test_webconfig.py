@@ -35,7 +35,7 @@ def test_web_config(tmp_path: Path, pki: dict[str, str]) -> None:
     (tmp_path / "c.pem").write_text("x")
     good = write(tmp_path, {"tls_server_config": {"cert_file": pki["server_cert"],
                                                   "key_file": pki["server_key"]},
-                            "basic_auth_users": {"alice": "$2b$12$abcdefghijklmnopqrstuv"},
+                            "basic_auth_users": {"alice": _UNKNOWN_USER_HASH.decode()},
                             "http_server_config": {"headers": {"X-Frame-Options": "deny"}}},
                  "web.yml")
     web = load_web_config(good)
@@ -48,6 +48,8 @@ def test_web_config(tmp_path: Path, pki: dict[str, str]) -> None:
                      ({"tls_server_config": {"cert_file": "c.pem"}},
                       "tls_server_config.key_file"),
                      ({"basic_auth_users": {"bob": "plain"}}, "basic_auth_users.bob"),
+                     ({"basic_auth_users": {"bob": "$2b$12$abcdefghijklmnopqrstuv"}},
+                      "basic_auth_users.bob"),         # truncated: bcrypt would raise
                      ({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
                                              "client_auth_type": "Maybe"}},
                       "tls_server_config.client_auth_type"),
@@ -130,13 +132,14 @@ def test_unknown_users_cost_a_bcrypt_check_and_checks_run_one_at_a_time() -> Non
     assert checked == [_UNKNOWN_USER_HASH]            # same work as for a known user
     assert not auth.check(basic("alice", "wrong")) and auth.check(basic("alice", "right"))
     assert auth.check(basic("alice", "right")) and len(checked) == 3     # cached
+    assert not auth.check(basic("alice", "x" * 100))     # bcrypt refuses over 72 bytes
     threads = [threading.Thread(target=auth.check, args=(basic(f"u{i}", "x"),))
                for i in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(checked) == 9 and running[1] == 1
+    assert len(checked) == 10 and running[1] == 1
 
 
 def test_the_unknown_user_hash_is_a_bcrypt_hash_of_no_common_password() -> None:
