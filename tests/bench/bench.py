@@ -220,6 +220,10 @@ def limiter_cost(repeats: int) -> None:
         p, q = statistics.median(cpu_plain), statistics.median(cpu_paced)
         report("poll CPU time, 20,000 jobs, paced vs unpaced", f"{q * 1000:.1f} ms",
                f"{p * 1000:.1f} ms", q / p, "<= 1.05")
+    finally:
+        sim.close()
+
+
 def job_details(repeats: int) -> None:
     print("Job details: 10,000 jobs of which 50 active, page size 100; a poll with "
           "describing on against the same poll with it off")
