@@ -8,12 +8,12 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
+import time
 from typing import Any, Callable
 
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -21,63 +21,64 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter import __version__
 from exporter.collector import ImportCollector
 from exporter.config import (
-    ClusterConfig, Config, ConfigError, WebConfig, load_config, load_web_config, parse_config,
-    parse_duration, parse_shard_index, redacted, shared_rate_notes,
+    ClusterConfig, Config, ConfigError, load_config, parse_config, parse_duration, redacted,
+    shared_rate_notes,
 )
 from exporter.history import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import limit_malloc_arenas
-from exporter.poller import PollerGroup, SnapshotBoard, select_shard
+from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.sharding import parse_shard_index, select_shard
 from exporter.web import WebApp, create_server
+from exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="zilliz-import-exporter",
-                description="Prometheus exporter for Zilliz Cloud and Milvus bulk-import jobs.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags; each help text states its one true default (argparse's own
+    ArgumentDefaultsHelpFormatter printed "(default: None)" for the shard flags, whose
+    default comes from the environment, and "(default: )" for empty strings).
+    argparse exits 2 on a usage error, as the contract wants."""
+    p = argparse.ArgumentParser(
+        prog="zilliz-import-exporter",
+        description="Prometheus exporter for Zilliz Cloud and Milvus bulk-import jobs.")
     p.add_argument("-c", "--config.file", dest="config_file", default="config.yaml",
-                   help="cluster configuration (YAML)")
+                   help="cluster configuration (YAML) (default: %(default)s)")
     p.add_argument("--config.auto-reload-interval", dest="auto_reload_interval", default="0",
                    help="check the config file's content at this interval (30s, 1m) and "
-                        "reload when it changed, as on SIGHUP; 0 is off")
+                        "reload when it changed, as on SIGHUP (default: 0, off)")
     p.add_argument("--web.listen-address", dest="listen_address", default=":9636",
-                   help="host:port to serve on")
+                   help="host:port to serve on (default: %(default)s)")
     p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
-                   help="path of the metrics endpoint")
+                   help="path of the metrics endpoint (default: %(default)s)")
     p.add_argument("--web.config.file", dest="web_config_file", default="",
-                   help="exporter-toolkit web config: TLS and basic auth")
+                   help="exporter-toolkit web config: TLS and basic auth "
+                        "(default: none, plain HTTP without auth)")
     p.add_argument("--web.enable-lifecycle", dest="lifecycle", action="store_true",
-                   help="enable POST /-/reload")
+                   help="enable POST /-/reload (default: off)")
     p.add_argument("--log.level", dest="log_level", default="info", choices=list(LEVELS),
-                   help="log level")
+                   help="log level (default: %(default)s)")
     p.add_argument("--log.format", dest="log_format", default="logfmt",
-                   choices=["logfmt", "json"], help="log line format")
+                   choices=["logfmt", "json"], help="log line format (default: %(default)s)")
     p.add_argument("--once", action="store_true",
-                   help="poll every cluster once, write the exposition and exit "
-                        "(1 if any cluster failed)")
+                   help="poll every cluster once, write the exposition and exit, 1 if any "
+                        "cluster failed (default: off, serve)")
     p.add_argument("--output", default="-",
-                   help="with --once: file to write atomically (- is stdout)")
+                   help="with --once: file to replace atomically (default: -, stdout)")
     p.add_argument("--check-config", dest="check_config", action="store_true",
-                   help="validate the config, print it with secrets redacted, and exit")
+                   help="validate the config, print it with secrets redacted, and exit "
+                        "(default: off)")
     p.add_argument("--demo", action="store_true",
-                   help="poll a built-in simulated API (no account needed)")
+                   help="poll a built-in simulated API, no account needed (default: off)")
     p.add_argument("--shard.count", dest="shard_count", default=None,
-                   help="number of replicas sharing the clusters (env ZIE_SHARD_COUNT; "
-                        "default 1)")
+                   help="number of replicas sharing the clusters (default: "
+                        "$ZIE_SHARD_COUNT, else 1)")
     p.add_argument("--shard.index", dest="shard_index", default=None,
                    help="this replica's shard, or a pod name ending in its ordinal "
-                        "(env ZIE_SHARD_INDEX; default 0)")
+                        "(default: $ZIE_SHARD_INDEX, else 0)")
     p.add_argument("--version", action="version",
                    version=f"zilliz-import-exporter {__version__}")
     return p
@@ -121,21 +122,6 @@ def demo_config(base_urls: dict[str, dict[str, Any]]) -> Config:
                         "stale_after": "30s"},
            "clusters": list(base_urls.values())}
     return parse_config(raw, "<demo>", environ={})
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` in one step, as node_exporter's textfile collector needs."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".zie-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _log_rate_notes(config: Config) -> None:
@@ -227,12 +213,13 @@ class Runtime:
         return self._ready
 
 
-def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool]) -> CollectorRegistry:
+def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool],
+                   clock: Callable[[], float] = time.time) -> CollectorRegistry:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(ImportCollector(board, reload_ok=reload_ok))
+    registry.register(ImportCollector(board, clock=clock, reload_ok=reload_ok))
     return registry
 
 
@@ -306,12 +293,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_once(runtime: Runtime, registry: CollectorRegistry, output: str) -> int:
     runtime.group.apply(runtime.clusters(runtime.config), start=False)
     snapshots = runtime.group.poll_all_once()
-    data = generate_latest(registry)
     if output == "-":
-        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.write(generate_latest(registry))
         sys.stdout.flush()
-    else:
-        write_atomically(output, data)
+    else:   # replaced in one step, as node_exporter's textfile collector needs
+        write_to_textfile(output, registry)
     failed = [s.cluster.name for s in snapshots if not s.up]
     if failed:
         log.error("some clusters failed", extra={"fields": {"clusters": ",".join(failed)}})

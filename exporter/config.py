@@ -8,11 +8,10 @@ carries an API key: values of secret keys are never echoed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import yaml
@@ -33,46 +32,48 @@ class ConfigError(Exception):
         self.lines = lines
 
 
+def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: float = 0, *,
+        secret: bool = False, from_file: bool = False, choices: tuple[str, ...] = ()) -> Any:
+    """One config key, declared once as a dataclass field: its parsing, range check,
+    secrecy and redaction all follow from ``kind`` and the rest of this metadata.
+
+    kinds: "duration" (seconds), "size" (bytes), "int", "number", "string", "bool".
+    ``from_file``: the key may instead be read from the file named by ``<key>_file``.
+    """
+    return field(default=default, repr=not secret, metadata={
+        "kind": kind, "range": (low, high), "secret": secret, "from_file": from_file,
+        "choices": choices})
+
+
+def _keys(schema: type) -> dict[str, dataclasses.Field[Any]]:
+    """The YAML keys of a schema dataclass: its fields that carry a kind."""
+    return {f.name: f for f in dataclasses.fields(schema) if "kind" in f.metadata}
+
+
 @dataclass(frozen=True)
 class PollSettings:
     """Keys allowed under ``defaults`` and overridable per cluster."""
 
-    interval: float = 60.0
-    timeout: float = 10.0
-    page_size: int = 100
-    max_pages: int = 10000
-    retries: int = 2
-    stuck_after: float = 7200.0
-    stall_after: float = 1800.0
-    stale_after: float = 300.0
-    max_stuck_job_series: int = 100
-    max_describes_per_poll: int = 50
-    max_job_series: int = 100
-    max_failed_job_series: int = 100
-    failed_job_window: float = 6 * 3600.0
-    requests_per_second: float = 10.0
-
-
-# key -> (kind, minimum, maximum); durations in seconds.
-_SETTING_RULES: dict[str, tuple[str, float, float]] = {
-    "interval": ("duration", 1, 86400),
-    "timeout": ("duration", 0.1, 3600),
-    "page_size": ("int", 1, 100),          # narrowed per flavour: PAGE_SIZE_RANGES
-    "max_pages": ("int", 1, 10_000_000),
-    "retries": ("int", 0, 10),
-    "stuck_after": ("duration", 1, 365 * 86400),
-    "stall_after": ("duration", 0, 365 * 86400),
-    "stale_after": ("duration", 0, 365 * 86400),
-    "max_stuck_job_series": ("int", 0, 100_000),
+    interval: float = key("duration", 60.0, 1, 86400)
+    timeout: float = key("duration", 10.0, 0.1, 3600)
+    page_size: int = key("int", 100, 1, 100)            # narrowed per flavour: PAGE_SIZE_RANGES
+    max_pages: int = key("int", 10000, 1, 10_000_000)
+    retries: int = key("int", 2, 0, 10)
+    stuck_after: float = key("duration", 7200.0, 1, 365 * 86400)
+    stall_after: float = key("duration", 1800.0, 0, 365 * 86400)
+    stale_after: float = key("duration", 300.0, 0, 365 * 86400)
+    max_stuck_job_series: int = key("int", 100, 0, 100_000)
     # Each describe is one request per job; 0 turns job details off.
-    "max_describes_per_poll": ("int", 0, 10_000),
-    "max_job_series": ("int", 0, 100_000),
-    "max_failed_job_series": ("int", 0, 100_000),
-    "failed_job_window": ("duration", 1, 365 * 86400),
+    max_describes_per_poll: int = key("int", 50, 0, 10_000)
+    max_job_series: int = key("int", 100, 0, 100_000)
+    max_failed_job_series: int = key("int", 100, 0, 100_000)
+    failed_job_window: float = key("duration", 6 * 3600.0, 1, 365 * 86400)
     # Zilliz Cloud allows about 20 per second per user and endpoint; 10 leaves room
     # for the key's other users (the import pipeline itself).
-    "requests_per_second": ("number", 0.01, 10_000),
-}
+    requests_per_second: float = key("number", 10.0, 0.01, 10_000)
+
+
+SETTING_KEYS = _keys(PollSettings)
 
 # Zilliz Cloud refuses other page sizes: code 80003 (v1) and 96008 (v2).
 PAGE_SIZE_RANGES = {"v1": (5, 100), "v2": (1, 100)}
@@ -80,23 +81,29 @@ PAGE_SIZE_RANGES = {"v1": (5, 100), "v2": (1, 100)}
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """One cluster to poll; equal configs mean a reload leaves its poller alone."""
+    """One cluster to poll; equal configs mean a reload leaves its poller alone.
 
-    name: str
-    url: str
-    api: str
-    cluster_id: str = ""
-    api_key: str = field(default="", repr=False)
-    db_name: str = ""
-    project_id: str = ""
-    region_id: str = ""
-    tls_ca_file: str = ""
-    tls_insecure_skip_verify: bool = False
+    Its keys are those of its fields plus every key of ``PollSettings`` (``settings``).
+    """
+
+    name: str = key("string")
+    url: str = key("string")
+    api: str = key("string", choices=("v1", "v2"))
+    cluster_id: str = key("string", "")
+    db_name: str = key("string", "")
+    project_id: str = key("string", "")
+    region_id: str = key("string", "")
+    tls_ca_file: str = key("string", "")
+    api_key: str = key("string", "", secret=True, from_file=True)
+    tls_insecure_skip_verify: bool = key("bool", False)
     settings: PollSettings = PollSettings()
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).netloc
+
+
+CLUSTER_KEYS = _keys(ClusterConfig)
 
 
 @dataclass(frozen=True)
@@ -107,11 +114,9 @@ class Config:
     defaults: PollSettings = PollSettings()
 
 
-_CLUSTER_KEYS = {
-    "name", "url", "api", "cluster_id", "api_key", "api_key_file", "db_name",
-    "project_id", "region_id", "tls_ca_file", "tls_insecure_skip_verify",
-} | set(_SETTING_RULES)
-_SECRET_KEYS = {"api_key"}
+# ``<key>_file`` -> key, for the keys that may be read from a file (api_key_file).
+_CLUSTER_FILE_KEYS = {f"{name}_file": name for name, f in CLUSTER_KEYS.items()
+                      if f.metadata["from_file"]}
 
 
 def parse_duration(value: Any) -> float:
@@ -144,8 +149,38 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-class _Problems:
-    """Collects one-line errors that all start with the file name."""
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3,
+               "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3}
+
+
+def parse_size(value: Any) -> int:
+    """Parse "512KiB", "32MiB", "1GiB" (or KB/MB/GB) or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"bad size {text!r} (use 512KiB, 32MiB, 1GiB or bytes)")
+    number = float(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"]
+    if number != int(number):
+        raise ValueError(f"bad size {text!r} (not a whole number of bytes)")
+    return int(number)
+
+
+def format_size(size: int) -> str:
+    """The largest binary unit that divides ``size`` exactly: 33554432 -> "32MiB"."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+class Problems:
+    """Collects one-line errors that all start with the file name (every problem of a
+    file is reported at once)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -169,32 +204,72 @@ def _expand_env(value: Any, environ: Mapping[str, str]) -> Any:
     return _ENV_REF.sub(substitute, value)
 
 
-def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
-              problems: _Problems) -> PollSettings:
-    values: dict[str, Any] = {}
-    for key, (kind, low, high) in _SETTING_RULES.items():
-        if key not in raw:
-            continue
-        value = raw[key]
+def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> Any:
+    """One key's value by its kind; ValueError says what is wrong with it, without
+    echoing the value of a secret."""
+    kind = f.metadata["kind"]
+    if kind == "string":
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ValueError("must be a string" + ("" if f.metadata["secret"]
+                                                   else f", got {raw!r}"))
         try:
-            if kind == "duration":
-                number: float = parse_duration(value)
-            elif kind == "number":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"must be a number, got {value!r}")
-                number = float(value)
-            else:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"must be a whole number, got {value!r}")
-                number = value
+            value: Any = _expand_env(str(raw), environ)
+        except KeyError as missing:
+            raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
+                from None
+        choices = f.metadata["choices"]
+        if value and choices and value not in choices:
+            raise ValueError(f"{value!r} must be {' or '.join(choices)}")
+        return value
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ValueError("must be true or false")
+        return raw
+    if kind == "duration":
+        value = parse_duration(raw)
+    elif kind == "size":
+        value = parse_size(raw)
+    elif kind == "number":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ValueError(f"must be a number, got {raw!r}")
+        value = float(raw)
+    else:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"must be a whole number, got {raw!r}")
+        value = raw
+    low, high = f.metadata["range"]
+    if not low <= value <= high:
+        raise ValueError(f"{raw!r} is out of range ({low:g} to {high:g})")
+    return value
+
+
+def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
+                environ: Mapping[str, str], where: str,
+                problems: Problems) -> dict[str, Any]:
+    """The values of ``keys`` present in ``raw``, each checked by its kind; a null
+    string counts as absent."""
+    values: dict[str, Any] = {}
+    for name, f in keys.items():
+        if name not in raw or raw[name] is None and f.metadata["kind"] == "string":
+            continue
+        try:
+            values[name] = _value(f, raw[name], environ)
         except ValueError as exc:
-            problems.add(where, key, str(exc))
-            continue
-        if not low <= number <= high:
-            problems.add(where, key, f"{value!r} is out of range ({low:g} to {high:g})")
-            continue
-        values[key] = number
-    return dataclasses.replace(base, **values)
+            problems.add(where, name, str(exc))
+    return values
+
+
+def _unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str,
+                  problems: Problems) -> None:
+    allowed = set(known)
+    for name in raw:
+        if name not in allowed:
+            problems.add(where, str(name), "unknown key")
+
+
+def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
+              problems: Problems) -> PollSettings:
+    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, {}, where, problems))
 
 
 def default_api(url: str) -> str:
@@ -208,47 +283,49 @@ def _is_zilliz_cloud(url: str) -> bool:
     return host.endswith("zillizcloud.com") or host.endswith("cloud.zilliz.com")
 
 
-def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
-             base_dir: str, problems: _Problems) -> ClusterConfig | None:
-    where = f"cluster #{index + 1}"
-    if not isinstance(raw, dict):
-        problems.add(where, "clusters", "each cluster must be a mapping")
-        return None
-    name = raw.get("name")
-    if isinstance(name, str) and name:
-        where = f"cluster {name!r}"
-    start = len(problems.lines)
-    values: dict[str, Any] = {}
-    for key in raw:
-        if key not in _CLUSTER_KEYS:
-            problems.add(where, str(key), "unknown key")
-    for key in ("name", "url", "api", "cluster_id", "api_key", "api_key_file", "db_name",
-                "project_id", "region_id", "tls_ca_file"):
-        value = raw.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            shown = "" if key in _SECRET_KEYS else f", got {value!r}"
-            problems.add(where, key, f"must be a string{shown}")
-            continue
-        try:
-            values[key] = _expand_env(str(value), environ)
-        except KeyError as missing:
-            problems.add(where, key, f"environment variable ${{{missing.args[0]}}} is not set")
-    insecure = raw.get("tls_insecure_skip_verify", False)
-    if not isinstance(insecure, bool):
-        problems.add(where, "tls_insecure_skip_verify", "must be true or false")
-        insecure = False
-    settings = _settings(raw, defaults, where, problems)
+def _resolve(path: str, base_dir: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
-    name = values.get("name", "")
+
+def _read_files(values: dict[str, Any], raw: Mapping[str, Any], base_dir: str, where: str,
+                problems: Problems) -> None:
+    """Read the keys given as ``<key>_file`` and resolve file paths against the config
+    file's directory, in place."""
+    for file_key, name in _CLUSTER_FILE_KEYS.items():
+        path = values.pop(file_key, "")
+        if values.get(name) and path:
+            problems.add(where, file_key, f"set {name} or {file_key}, not both")
+        elif path:
+            try:
+                with open(_resolve(path, base_dir), encoding="utf-8") as fh:
+                    values[name] = fh.read().rstrip("\r\n")
+            except OSError as exc:
+                problems.add(where, file_key, f"cannot read {path!r}: {exc.strerror}")
+            else:
+                if not values[name]:
+                    problems.add(where, file_key, f"{path!r} is empty")
+        elif name in raw and not values.get(name):
+            problems.add(where, name, "is empty")
+    ca_file = values.get("tls_ca_file", "")
+    if ca_file:
+        if os.path.isfile(_resolve(ca_file, base_dir)):
+            values["tls_ca_file"] = _resolve(ca_file, base_dir)
+        else:
+            problems.add(where, "tls_ca_file", f"{ca_file!r} does not exist")
+
+
+def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: PollSettings,
+                   where: str, problems: Problems) -> None:
+    """Rules that span keys: required keys, the URL, the API flavour and what it
+    needs. Fills in the derived url and api, in place."""
+    name = values.setdefault("name", "")
     if not name:
         if "name" not in raw:
             problems.add(where, "name", "is required")
     elif not _NAME.match(name):
         problems.add(where, "name", f"{name!r} may only hold letters, digits, '_', '.' and '-'")
 
-    url = values.get("url", "")
+    url = values.setdefault("url", "")
     if not url:
         if "url" not in raw:
             problems.add(where, "url", "is required")
@@ -260,34 +337,14 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
             problems.add(where, "url", f"{values['url']!r} is not an http(s) URL")
         elif parts.username or parts.password:
             problems.add(where, "url", "must not hold credentials; use api_key")
-        url = url.rstrip("/")
+        values["url"] = url = url.rstrip("/")
 
-    api = values.get("api") or (default_api(url) if url else "v2")
-    if api not in ("v1", "v2"):
-        problems.add(where, "api", f"{api!r} must be v1 or v2")
-
-    cluster_id = values.get("cluster_id", "")
-    if not cluster_id and (api == "v1" or _is_zilliz_cloud(url)):
+    api = values["api"] = values.get("api") or (default_api(url) if url else "v2")
+    cloud = api == "v1" or _is_zilliz_cloud(url)
+    if not values.get("cluster_id") and cloud:
         problems.add(where, "cluster_id", "is required for Zilliz Cloud")
-
-    api_key = values.get("api_key", "")
-    key_file = values.get("api_key_file", "")
-    if api_key and key_file:
-        problems.add(where, "api_key_file", "set api_key or api_key_file, not both")
-    elif key_file:
-        path = key_file if os.path.isabs(key_file) else os.path.join(base_dir, key_file)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                api_key = fh.read().rstrip("\r\n")
-        except OSError as exc:
-            problems.add(where, "api_key_file", f"cannot read {key_file!r}: {exc.strerror}")
-        else:
-            if not api_key:
-                problems.add(where, "api_key_file", f"{key_file!r} is empty")
-    elif "api_key" in raw and not api_key:
-        problems.add(where, "api_key", "is empty")
-    if not api_key and "api_key" not in raw and not key_file and (
-            api == "v1" or _is_zilliz_cloud(url)):
+    if not values.get("api_key") and "api_key" not in raw and "api_key_file" not in raw \
+            and cloud:
         problems.add(where, "api_key", "is required for Zilliz Cloud (or api_key_file)")
     if api in PAGE_SIZE_RANGES:
         low, high = PAGE_SIZE_RANGES[api]
@@ -295,47 +352,49 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
             problems.add(where, "page_size", f"{settings.page_size} is out of range for api "
                          f"{api} ({low} to {high}: Zilliz Cloud refuses other page sizes)")
     if api == "v1":
-        for key in ("db_name", "project_id", "region_id"):
-            if values.get(key):
-                problems.add(where, key, "is only used by api v2")
+        for v2_only in ("db_name", "project_id", "region_id"):
+            if values.get(v2_only):
+                problems.add(where, v2_only, "is only used by api v2")
     if bool(values.get("project_id")) != bool(values.get("region_id")):
         problems.add(where, "project_id" if not values.get("project_id") else "region_id",
                      "project_id and region_id go together")
-    ca_file = values.get("tls_ca_file", "")
-    if ca_file and not os.path.isfile(ca_file if os.path.isabs(ca_file)
-                                      else os.path.join(base_dir, ca_file)):
-        problems.add(where, "tls_ca_file", f"{ca_file!r} does not exist")
-    elif ca_file and not os.path.isabs(ca_file):
-        ca_file = os.path.join(base_dir, ca_file)
 
+
+def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
+             base_dir: str, problems: Problems) -> ClusterConfig | None:
+    """One cluster: parse its keys, read its files, apply the cross-key rules."""
+    where = f"cluster #{index + 1}"
+    if not isinstance(raw, dict):
+        problems.add(where, "clusters", "each cluster must be a mapping")
+        return None
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        where = f"cluster {raw['name']!r}"
+    start = len(problems.lines)
+    keys = {**CLUSTER_KEYS, **{k: CLUSTER_KEYS[v] for k, v in _CLUSTER_FILE_KEYS.items()}}
+    _unknown_keys(raw, [*keys, *SETTING_KEYS], where, problems)
+    values = _parse_keys(raw, keys, environ, where, problems)
+    settings = _settings(raw, defaults, where, problems)
+    _read_files(values, raw, base_dir, where, problems)
+    _cluster_rules(values, raw, settings, where, problems)
     if len(problems.lines) != start:
         return None
-    return ClusterConfig(
-        name=name, url=url, api=api, cluster_id=cluster_id, api_key=api_key,
-        db_name=values.get("db_name", ""), project_id=values.get("project_id", ""),
-        region_id=values.get("region_id", ""), tls_ca_file=ca_file,
-        tls_insecure_skip_verify=insecure, settings=settings,
-    )
+    return ClusterConfig(**values, settings=settings)
 
 
 def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document; raise ConfigError listing every problem."""
     env = os.environ if environ is None else environ
-    problems = _Problems(path)
+    problems = Problems(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the file must hold a mapping with a 'clusters' list"])
-    for key in raw:
-        if key not in ("defaults", "state_file", "clusters"):
-            problems.add("", str(key), "unknown key")
+    _unknown_keys(raw, ("defaults", "state_file", "clusters"), "", problems)
     raw_defaults = raw.get("defaults") or {}
     if not isinstance(raw_defaults, dict):
         problems.add("defaults", "defaults", "must be a mapping")
         raw_defaults = {}
-    for key in raw_defaults:
-        if key not in _SETTING_RULES:
-            problems.add("defaults", str(key), "unknown key")
+    _unknown_keys(raw_defaults, SETTING_KEYS, "defaults", problems)
     defaults = _settings(raw_defaults, PollSettings(), "defaults", problems)
     state_file = raw.get("state_file") or ""
     if not isinstance(state_file, str):
@@ -383,33 +442,33 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     return parse_config(raw, path, environ)
 
 
-def redacted(config: Config) -> dict[str, Any]:
-    """The effective configuration as plain data, API keys replaced."""
-    def settings(s: PollSettings) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(s):
-            value = getattr(s, f.name)
-            kind = _SETTING_RULES[f.name][0]
-            if kind == "duration":
-                value = format_duration(value)
-            elif kind == "number" and value == int(value):
-                value = int(value)        # 10, not 10.0
-            out[f.name] = value
-        return out
+def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
+    """A key's value as --check-config prints it (and as the file could say it)."""
+    kind = f.metadata["kind"]
+    if f.metadata["secret"]:
+        return REDACTED if value else ""
+    if kind == "duration":
+        return format_duration(value)
+    if kind == "size":
+        return format_size(value)
+    if kind == "number" and value == int(value):
+        return int(value)        # 10, not 10.0
+    return value
 
-    clusters = []
-    for c in config.clusters:
-        item: dict[str, Any] = {"name": c.name, "url": c.url, "api": c.api}
-        for key in ("cluster_id", "db_name", "project_id", "region_id", "tls_ca_file"):
-            if getattr(c, key):
-                item[key] = getattr(c, key)
-        item["api_key"] = REDACTED if c.api_key else ""
-        if c.tls_insecure_skip_verify:
-            item["tls_insecure_skip_verify"] = True
-        item.update(settings(c.settings))
-        clusters.append(item)
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets replaced. Empty optional
+    strings and false flags are left out; secrets and settings are always shown."""
+    def settings(s: PollSettings) -> dict[str, Any]:
+        return {name: _shown(f, getattr(s, name)) for name, f in SETTING_KEYS.items()}
+
+    def cluster(c: ClusterConfig) -> dict[str, Any]:
+        return {name: _shown(f, getattr(c, name)) for name, f in CLUSTER_KEYS.items()
+                if getattr(c, name) or f.metadata["secret"]
+                or f.default is dataclasses.MISSING}
+
     return {"state_file": config.state_file, "defaults": settings(config.defaults),
-            "clusters": clusters}
+            "clusters": [{**cluster(c), **settings(c.settings)} for c in config.clusters]}
 
 
 def shared_rate_notes(config: Config) -> list[str]:
@@ -430,117 +489,3 @@ def shared_rate_notes(config: Config) -> list[str]:
                          f"so their lowest requests_per_second ({min(rates):g}) applies "
                          f"to all of them")
     return notes
-
-
-def shard_of(name: str, count: int) -> int:
-    """Stable shard for a cluster name: the same in every process and release."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % count
-
-
-def parse_shard_index(value: str) -> int:
-    """A shard index, or a StatefulSet pod name whose trailing ordinal is the index."""
-    match = re.search(r"(\d+)$", value.strip())
-    if not match:
-        raise ValueError(f"shard index {value!r} is neither a number nor ends in one")
-    return int(match.group(1))
-
-
-# ---- web config (exporter-toolkit format) ------------------------------------------
-
-_TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
-             "max_version"}
-CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
-                     "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
-TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")
-
-
-@dataclass(frozen=True)
-class TLSServerConfig:
-    cert_file: str
-    key_file: str
-    client_ca_file: str = ""
-    client_auth_type: str = "NoClientCert"
-    min_version: str = "TLS12"
-    max_version: str = ""
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    tls: TLSServerConfig | None = None
-    basic_auth_users: Mapping[str, str] = field(default_factory=dict, repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-def load_web_config(path: str) -> WebConfig:
-    """Read an exporter-toolkit web config; ConfigError names the offending key."""
-    def fail(key: str, message: str) -> ConfigError:
-        return ConfigError([f"{path}: key {key!r}: {message}"])
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the file: {exc.strerror}"]) from None
-    except yaml.YAMLError:
-        raise ConfigError([f"{path}: not valid YAML"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the file must hold a mapping"])
-    base_dir = os.path.dirname(os.path.abspath(path))
-    for key in raw:
-        if key not in ("tls_server_config", "basic_auth_users", "http_server_config"):
-            raise fail(str(key), "unknown key")
-    tls = None
-    raw_tls = raw.get("tls_server_config")
-    if raw_tls is not None:
-        if not isinstance(raw_tls, dict):
-            raise fail("tls_server_config", "must be a mapping")
-        for key in raw_tls:
-            if key not in _TLS_KEYS:
-                raise fail(f"tls_server_config.{key}", "unknown key")
-        files = {}
-        for key in ("cert_file", "key_file", "client_ca_file"):
-            value = str(raw_tls.get(key) or "")
-            if value and not os.path.isabs(value):
-                value = os.path.join(base_dir, value)
-            if value and not os.path.isfile(value):
-                raise fail(f"tls_server_config.{key}", f"{raw_tls.get(key)!r} does not exist")
-            files[key] = value
-        for key in ("cert_file", "key_file"):
-            if not files[key]:
-                raise fail(f"tls_server_config.{key}", "is required")
-        auth_type = str(raw_tls.get("client_auth_type") or "NoClientCert")
-        if auth_type not in CLIENT_AUTH_TYPES:
-            raise fail("tls_server_config.client_auth_type",
-                       f"{auth_type!r} must be one of {', '.join(CLIENT_AUTH_TYPES)}")
-        if auth_type in ("RequireAndVerifyClientCert", "VerifyClientCertIfGiven") \
-                and not files["client_ca_file"]:
-            raise fail("tls_server_config.client_ca_file", f"is required by {auth_type}")
-        versions = {}
-        for key, default in (("min_version", "TLS12"), ("max_version", "")):
-            value = str(raw_tls.get(key) or default)
-            if value and value not in TLS_VERSIONS:
-                raise fail(f"tls_server_config.{key}",
-                           f"{value!r} must be one of {', '.join(TLS_VERSIONS)}")
-            versions[key] = value
-        tls = TLSServerConfig(client_auth_type=auth_type, **files, **versions)
-    users = raw.get("basic_auth_users") or {}
-    if not isinstance(users, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in users.items()):
-        raise fail("basic_auth_users", "must map user names to bcrypt hashes")
-    for user, hashed in users.items():
-        if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise fail(f"basic_auth_users.{user}", "is not a bcrypt hash")
-    headers: dict[str, str] = {}
-    http_cfg = raw.get("http_server_config") or {}
-    if not isinstance(http_cfg, dict):
-        raise fail("http_server_config", "must be a mapping")
-    for key in http_cfg:
-        if key != "headers":
-            raise fail(f"http_server_config.{key}", "unknown key")
-    raw_headers = http_cfg.get("headers") or {}
-    if not isinstance(raw_headers, dict):
-        raise fail("http_server_config.headers", "must be a mapping")
-    for name, value in raw_headers.items():
-        headers[str(name)] = str(value)
-    return WebConfig(tls=tls, basic_auth_users=dict(users), headers=headers)

@@ -35,9 +35,11 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 def _logfmt_value(value: Any) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\n\t\\'):
+    if text and not any(c in text for c in ' "=\n\r\t\\'):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    # A raw \r or \n would let a value (a server's error text) forge a log line.
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
+        .replace("\r", "\\r") + '"'
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -23,7 +23,7 @@ from exporter.client import (
     CANONICAL_STATES, ApiFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
     PaginationFailure, describe_import_job, list_import_jobs, make_session,
 )
-from exporter.config import ClusterConfig, Config, PollSettings, shard_of
+from exporter.config import ClusterConfig, PollSettings
 from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
 from exporter.memory import release_free_memory
 from exporter.ratelimit import PacedAdapter, RateLimits, pace
@@ -268,7 +268,11 @@ class ClusterPoller:
                  shard: int = 0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
                  session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
-                 limits: RateLimits | None = None) -> None:
+                 limits: RateLimits | None = None,
+                 wait: Callable[[float], bool] | None = None) -> None:
+        """``wait`` sleeps between retries and returns True when the poller must stop;
+        by default it waits on the poller's stop event (tests pass one that records
+        the backoff instead of sleeping through it)."""
         self.cluster = cluster
         self._board = board
         self._history = history
@@ -280,6 +284,7 @@ class ClusterPoller:
             self._pacer = pace(self._session, limits, cluster.host, cluster.api_key,
                                cluster.settings.requests_per_second)
         self._stop = threading.Event()
+        self._wait = wait or self._stop.wait
         self._thread: threading.Thread | None = None
         self._poll_errors: dict[str, int] = {}
         self._api_requests: dict[tuple[str, str], int] = {}
@@ -343,7 +348,7 @@ class ClusterPoller:
         started = time.monotonic()
         try:
             listing = fetch_listing(self._session, cluster, observe=self._observe,
-                                    wait=self._stop.wait, rng=self._rng)
+                                    wait=self._wait, rng=self._rng)
         except ApiFailure as failure:
             duration = time.monotonic() - started
             if self._stop.is_set():
@@ -422,7 +427,7 @@ class ClusterPoller:
             fields = {"cluster_name": self.cluster.name, "job_id": job_id}
             try:
                 details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
-                                       wait=self._stop.wait, rng=self._rng,
+                                       wait=self._wait, rng=self._rng,
                                        log_fields=fields)
             except ApiFailure as failure:
                 if self._stop.is_set():
@@ -549,7 +554,3 @@ class PollerGroup:
         for poller in pollers:
             poller.join(max(0.0, deadline - time.monotonic()))
 
-
-def select_shard(config: Config, count: int, index: int) -> tuple[ClusterConfig, ...]:
-    """The clusters this replica polls."""
-    return tuple(c for c in config.clusters if shard_of(c.name, count) == index)

@@ -42,8 +42,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
-from exporter.client import normalise_state
-
+# Wire names of the canonical states; the simulator derives what it sends from the
+# canonical state it holds, so its ground truth never goes through the exporter's own
+# normalisation (a bug there would show on both sides and pass).
 _V1_STATES = {"pending": "ImportPending", "importing": "ImportRunning",
               "completed": "ImportCompleted", "failed": "ImportFailed"}
 _V2_STATES = {"pending": "Pending", "importing": "Importing", "completed": "Completed",
@@ -56,11 +57,17 @@ FAULTS = ("auth_body", "auth_http", "429", "500", "503", "malformed", "bad_shape
 class SimJob:
     job_id: str
     collection: str
-    state: str            # canonical, or any raw API state (e.g. "WaitingForRetry")
+    state: str            # canonical: what /metrics must show ("waiting_for_retry", ...)
     progress: int = 0
     reason: str = ""
     imported_rows: int = 0
     total_rows: int = 0
+    wire: str = ""        # the name sent instead of the flavour's usual one
+
+    def wire_state(self, flavour: str) -> str:
+        """The state as this flavour's server spells it."""
+        names = _V1_STATES if flavour == "v1" else _V2_STATES
+        return self.wire or names[self.state]
 
 
 @dataclass
@@ -93,19 +100,27 @@ class SimCluster:
 
     # ---- control -----------------------------------------------------------------
     def add_jobs(self, n: int, collection: str = "docs", state: str = "pending",
-                 progress: int = 0, prefix: str | None = None) -> list[str]:
+                 progress: int = 0, prefix: str | None = None, wire: str = "") -> list[str]:
+        """Jobs in a canonical ``state``; ``wire`` sends another name for it (a v1
+        "ImportRunning", an unknown "WaitingForRetry"), which it needs when the state
+        is not one of the four canonical ones."""
+        if not wire and state not in _V2_STATES:
+            raise ValueError(f"state {state!r} is not canonical: give its wire name")
         with self._lock:
             ids = []
             for _ in range(n):
                 job_id = f"{prefix or self.name}-job-{next(self._ids):07d}"
-                self.jobs[job_id] = SimJob(job_id, collection, state, progress)
+                self.jobs[job_id] = SimJob(job_id, collection, state, progress, wire=wire)
                 ids.append(job_id)
             return ids
 
     def set_state(self, job_id: str, state: str, progress: int | None = None) -> None:
+        """Move a job to a canonical state, sent under the flavour's usual name."""
+        if state not in _V2_STATES:
+            raise ValueError(f"state {state!r} is not canonical")
         with self._lock:
             job = self.jobs[job_id]
-            job.state = state
+            job.state, job.wire = state, ""
             if progress is not None:
                 job.progress = progress
 
@@ -140,9 +155,9 @@ class SimCluster:
             self._fault, self._fault_left = "", None
 
     def truth(self) -> Counter[tuple[str, str]]:
-        """Jobs by (collection, normalised state): what /metrics must show."""
+        """Jobs by (collection, canonical state): what /metrics must show."""
         with self._lock:
-            return Counter((j.collection, normalise_state(j.state)) for j in self.jobs.values())
+            return Counter((j.collection, j.state) for j in self.jobs.values())
 
     # ---- serving -----------------------------------------------------------------
     def _take_fault(self, page: int) -> str:
@@ -162,11 +177,10 @@ class SimCluster:
             if self.shuffle:
                 random.shuffle(jobs)
             chosen = jobs if self.ignore_paging else jobs[(page - 1) * size: page * size]
-            states = _V1_STATES if self.flavour == "v1" else _V2_STATES
             out = []
             for job in chosen:
                 item: dict[str, Any] = {"collectionName": job.collection, "jobId": job.job_id,
-                                        "state": states.get(job.state, job.state)}
+                                        "state": job.wire_state(self.flavour)}
                 if self.flavour != "v1":
                     item["progress"] = job.progress
                     if self.reasons_in_list and (job.reason or self.flavour == "v2"):
@@ -182,7 +196,7 @@ class SimCluster:
             if job is None:
                 self.unknown_describes += 1
                 return None
-            state = normalise_state(job.state)
+            state = job.state
             done = state in ("completed", "failed")
             if self.flavour == "v1":
                 return {"collectionName": job.collection, "jobId": job.job_id,
@@ -195,7 +209,7 @@ class SimCluster:
             failed = state == "failed"
             data: dict[str, Any] = {
                 "jobId": job.job_id, "collectionName": job.collection,
-                "state": _V2_STATES.get(job.state, job.state),
+                "state": job.wire_state(self.flavour),
                 "progress": 0 if failed else job.progress,
                 "importedRows": 0 if failed else job.imported_rows,
                 "totalRows": 0 if failed else job.total_rows,
@@ -611,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick", type=float, default=2.0,
                         help="seconds between job moves (default %(default)s)")
     args = parser.parse_args(argv)
+    # As PID 1 in a container nothing stops us on SIGTERM unless we handle it ourselves;
+    # handled before the address is printed, so whoever reads it may signal at once.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     sim = Simulator(args.host, args.port)
     director = DemoDirector(sim, tick=args.tick)
     sim.start()
@@ -619,10 +638,6 @@ def main(argv: list[str] | None = None) -> int:
         c = sim.clusters[name]
         print(f"{name}: flavour={c.flavour} url={sim.url_for(name)} "
               f"cluster_id={c.cluster_id or '-'}", flush=True)
-    # As PID 1 in a container nothing stops us on SIGTERM unless we handle it ourselves.
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass

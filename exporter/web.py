@@ -26,7 +26,7 @@ from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
 from exporter.client import CANONICAL_STATES
-from exporter.config import TLSServerConfig, WebConfig
+from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 log = logging.getLogger("exporter.web")
@@ -46,13 +46,22 @@ class WebApp:
     clock: Callable[[], float] = time.time
 
 
-class _AuthCache:
-    """bcrypt is slow by design; remember credentials already verified."""
+# A bcrypt hash of a password nobody has: an unknown user costs one bcrypt check like a
+# known one, so response times do not tell which user names exist (as exporter-toolkit).
+_UNKNOWN_USER_HASH = b"$2b$10$go6HRwD.Few2DJgAZNRlBuzVZkJJ6DLOPeS//M2JirDqUY032A/rG"
 
-    def __init__(self, users: dict[str, str]) -> None:
+
+class _AuthCache:
+    """bcrypt is slow by design; remember credentials already verified, and run one
+    check at a time so a burst of bad logins cannot take every CPU."""
+
+    def __init__(self, users: dict[str, str],
+                 checkpw: Callable[[bytes, bytes], bool] = bcrypt.checkpw) -> None:
         self._users = users
+        self._checkpw = checkpw
         self._ok: set[bytes] = set()
         self._lock = threading.Lock()
+        self._bcrypt = threading.Lock()
 
     def check(self, header: str | None) -> bool:
         if not header or not header.startswith("Basic "):
@@ -62,41 +71,21 @@ class _AuthCache:
         except (ValueError, UnicodeDecodeError):
             return False
         hashed = self._users.get(user)
-        if hashed is None:
-            return False
         token = hashlib.sha256(f"{user}\0{password}\0{hashed}".encode()).digest()
         with self._lock:
             if token in self._ok:
                 return True
-        if not bcrypt.checkpw(password.encode("utf-8"), hashed.encode("utf-8")):
+        with self._bcrypt:
+            try:
+                matches = self._checkpw(password.encode("utf-8"), _UNKNOWN_USER_HASH
+                                        if hashed is None else hashed.encode("utf-8"))
+            except ValueError:      # bcrypt refuses passwords over 72 bytes
+                matches = False
+        if not matches or hashed is None:
             return False
         with self._lock:
             self._ok.add(token)
         return True
-
-
-def tls_context(config: TLSServerConfig) -> ssl.SSLContext:
-    """An SSL context with exporter-toolkit's meaning of client_auth_type."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(config.cert_file, config.key_file)
-    versions = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
-                "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-    ctx.minimum_version = versions[config.min_version or "TLS12"]
-    if config.max_version:
-        ctx.maximum_version = versions[config.max_version]
-    if config.client_ca_file:
-        ctx.load_verify_locations(config.client_ca_file)
-    # Python's ssl verifies any certificate it asks for, so "request"/"require any"
-    # behave as their verifying siblings when a client CA is configured.
-    mode = {"NoClientCert": ssl.CERT_NONE,
-            "RequestClientCert": ssl.CERT_OPTIONAL if config.client_ca_file else ssl.CERT_NONE,
-            "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-            "RequireAnyClientCert": ssl.CERT_REQUIRED,
-            "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}[config.client_auth_type]
-    if mode != ssl.CERT_NONE and not config.client_ca_file:
-        ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
-    ctx.verify_mode = mode
-    return ctx
 
 
 class ExporterServer(ThreadingHTTPServer):

@@ -33,4 +33,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-exec .venv/bin/python -m pytest "$@"
+# Four at a time (pytest-xdist): the end-to-end tests mostly wait on real clocks.
+exec .venv/bin/python -m pytest -n 4 "$@"

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from conftest import (
-    ExporterProcess, fast_defaults, job_counts, parse_metrics, require_tool, samples,
-    wait_until,
+    ExporterProcess, FakeClock, InProcessExporter, fast_defaults, job_counts, parse_metrics, require_tool,
+    run_cli, samples, wait_until,
 )
-from exporter.cli import parse_listen_address, resolve_shard, build_parser
+from exporter.cli import build_parser, demo_config, parse_listen_address, resolve_shard
+from exporter.simulator import DemoDirector, Simulator
+from exporter.web import WebApp, render_status_page
 
 
 def test_demo_shows_jobs_within_10_seconds_and_passes_promtool(tmp_path: Path) -> None:
@@ -44,34 +45,71 @@ DETAIL_SERIES = ("zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
                  "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info")
 
 
-def test_demo_stuck_stalled_and_job_details_within_a_minute(tmp_path: Path) -> None:
-    proc = ExporterProcess(tmp_path, None, ["--demo"]).start()
-    try:
+def test_demo_stuck_stalled_and_job_details_within_a_minute() -> None:
+    """The demo's own simulator, director and config, polled in process on a fake clock:
+    a minute of the demo costs no minute of the test."""
+    clock = FakeClock(time.time())
+    with Simulator() as sim:
+        director = DemoDirector(sim)
+        config = demo_config({n: sim.cluster_config(n) for n in sim.clusters})
+        demo = InProcessExporter(config, clock)
         seen: set[tuple[str, str]] = set()
         details: set[tuple[str, str]] = set()
         reasons: set[str] = set()
+        rows = 0.0
+        interval = config.defaults.interval
+        try:
+            for second in range(61):
+                if second % director.tick == 0:
+                    director.step()
+                if second % interval == 0:
+                    m = demo.poll()
+                    seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
+                                for k in samples(m, "zilliz_import_stuck_job_info"))
+                    for name in DETAIL_SERIES:
+                        details.update((name, dict(k[1])["cluster_name"])
+                                       for k in samples(m, name))
+                    reasons.update(dict(k[1])["reason"]
+                                   for k in samples(m, "zilliz_import_failed_job_info"))
+                    rows = sum(samples(m, "zilliz_import_rows_imported_total").values())
+                clock.advance(1)
+            page = render_status_page(WebApp(registry=demo.registry, board=demo.board,
+                                             clock=clock))
+        finally:
+            demo.close()
+    assert ("age", "stuck") in seen and ("stalled", "stalls") in seen, seen
+    assert {n for n, _ in details} == set(DETAIL_SERIES), details
+    assert ("zilliz_import_job_progress_ratio", "demo-cloud-v1") in details
+    assert rows > 0
+    assert any("schema mismatch" in r or "NoSuchKey" in r or "max_length" in r
+               or "auto_id" in r for r in reasons), reasons
+    for section in ("stuck", "running", "failed"):
+        body = page.split(f'<table id="{section}">', 1)[1].split("</table>", 1)[0]
+        assert 'class="none"' not in body, f"the {section} section is empty"
 
-        def everything(m: dict) -> bool:
-            seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
-                        for k in samples(m, "zilliz_import_stuck_job_info"))
-            for name in DETAIL_SERIES:
-                details.update((name, dict(k[1])["cluster_name"]) for k in samples(m, name))
-            reasons.update(dict(k[1])["reason"]
-                           for k in samples(m, "zilliz_import_failed_job_info"))
-            rows = sum(samples(m, "zilliz_import_rows_imported_total").values())
-            return ("age", "stuck") in seen and ("stalled", "stalls") in seen \
-                and {n for n, _ in details} == set(DETAIL_SERIES) and rows > 0 \
-                and ("zilliz_import_job_progress_ratio", "demo-cloud-v1") in details
-        proc.wait_for_metrics(everything, timeout=60,
-                              what="the demo's stuck and stalled jobs and job details")
-        assert any("schema mismatch" in r or "NoSuchKey" in r or "max_length" in r
-                   or "auto_id" in r for r in reasons), reasons
-        page = proc.get("/")[2].decode()
-        for section in ("stuck", "running", "failed"):
-            body = page.split(f'<table id="{section}">', 1)[1].split("</table>", 1)[0]
-            assert 'class="none"' not in body, f"the {section} section is empty"
-    finally:
-        proc.stop()
+
+def test_help_shows_one_true_default_per_flag() -> None:
+    options = build_parser().format_help().split("\noptions:\n", 1)[1]
+    entries = {}
+    for entry in re.split(r"\n  (?=-)", options.strip()):
+        words = entry.split()
+        flag = next(w.rstrip(",") for w in words if w.startswith("--"))
+        entries[flag] = " ".join(words)                                  # unwrapped
+    text = " ".join(entries.values())
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "(default: False)" not in text
+    for flag, described in entries.items():
+        if flag not in ("--help", "--version"):
+            assert described.count("(default: ") == 1, (flag, described)
+    for flag, default in (("--config.file", "config.yaml"), ("--web.listen-address", ":9636"),
+                          ("--web.telemetry-path", "/metrics"), ("--log.level", "info"),
+                          ("--log.format", "logfmt"), ("--output", "-, stdout"),
+                          ("--config.auto-reload-interval", "0, off"),
+                          ("--web.enable-lifecycle", "off"), ("--once", "off, serve"),
+                          ("--check-config", "off"), ("--demo", "off"),
+                          ("--shard.count", "$ZIE_SHARD_COUNT, else 1"),
+                          ("--shard.index", "$ZIE_SHARD_INDEX, else 0")):
+        assert f"(default: {default}" in entries[flag], (flag, entries[flag])
 
 
 def test_flags_and_environment() -> None:
@@ -213,9 +251,7 @@ def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) ->
     texts["reload"] = proc.get("/-/reload", method="POST")[2].decode()
     assert "key 'retries'" in texts["reload"]
     def check_config() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "exporter", "-c", str(proc.config_path),
-                               "--check-config"], capture_output=True, text=True,
-                              env={**os.environ, **env})
+        return run_cli("-c", str(proc.config_path), "--check-config", env=env)
     refused = check_config()
     assert refused.returncode == 2
     config["clusters"][0]["retries"] = 0
@@ -223,9 +259,8 @@ def test_secrets_never_leave_the_process(simulator, exporter, tmp_path: Path) ->
     check = check_config()
     assert check.returncode == 0
     texts["check-config"] = refused.stderr + check.stdout + check.stderr
-    once = subprocess.run([sys.executable, "-m", "exporter", "-c", str(proc.config_path),
-                           "--once", "--log.level", "debug"], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=60)
+    once = run_cli("-c", str(proc.config_path), "--once", "--log.level", "debug", env=env,
+                   timeout=60)
     texts["once"] = once.stdout + once.stderr
     proc.stop()
     texts["logs"] = proc.logs()

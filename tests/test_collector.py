@@ -4,6 +4,8 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
+from conftest import FakeClock
+from exporter import __version__
 from exporter.client import JobRecord
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
@@ -16,16 +18,9 @@ CLUSTER = ClusterConfig(name="prod", url="https://api.cloud.zilliz.com", api="v2
                                               stall_after=0, max_stuck_job_series=1))
 
 
-class Clock:
-    def __init__(self, now: float = 10_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def setup(records: list[JobRecord], clock: Clock) -> tuple[CollectorRegistry, SnapshotBoard,
-                                                           JobHistory]:
+def published(records: list[JobRecord], clock: FakeClock
+              ) -> tuple[CollectorRegistry, SnapshotBoard, JobHistory]:
+    """A registry serving one published listing of ``records`` for cluster 'prod'."""
     board = SnapshotBoard()
     history = JobHistory("prod", clock=clock)
     summary = history.apply(Listing.of(records), stuck_after=100, stall_after=0, max_stuck_series=1)
@@ -42,8 +37,8 @@ def rec(job_id: str, collection: str, state: str) -> JobRecord:
 
 
 def test_all_four_states_present_with_zeros() -> None:
-    clock = Clock()
-    registry, _, _ = setup([rec("1", "a", "importing"), rec("2", "a", "importing"),
+    clock = FakeClock(10_000.0)
+    registry, _, _ = published([rec("1", "a", "importing"), rec("2", "a", "importing"),
                             rec("3", "b", "waiting_for_retry")], clock)
     value = registry.get_sample_value
     assert value("zilliz_import_jobs", {"cluster_name": "prod", "collection": "a",
@@ -67,8 +62,8 @@ def test_all_four_states_present_with_zeros() -> None:
 
 
 def test_ages_and_stuck_cap() -> None:
-    clock = Clock()
-    registry, board, history = setup([rec("1", "a", "importing")], clock)
+    clock = FakeClock(10_000.0)
+    registry, board, history = published([rec("1", "a", "importing")], clock)
     clock.now += 50
     summary = history.apply(Listing.of([rec("1", "a", "importing"), rec("2", "a", "pending")]),
                             stuck_after=100, stall_after=0, max_stuck_series=1)
@@ -88,8 +83,8 @@ def test_ages_and_stuck_cap() -> None:
 
 
 def test_stale_cluster_loses_job_series_but_keeps_health() -> None:
-    clock = Clock()
-    registry, board, _ = setup([rec("1", "a", "importing")], clock)
+    clock = FakeClock(10_000.0)
+    registry, board, _ = published([rec("1", "a", "importing")], clock)
     board.publish(replace(board.get("prod"), up=False,  # type: ignore[arg-type]
                           last_error_reason="timeout", poll_errors={"timeout": 1}))
     clock.now += 59
@@ -105,8 +100,8 @@ def test_stale_cluster_loses_job_series_but_keeps_health() -> None:
 
 
 def test_collection_leaving_the_listing_leaves_metrics() -> None:
-    clock = Clock()
-    registry, board, history = setup([rec("1", "a", "importing"), rec("2", "b", "failed")],
+    clock = FakeClock(10_000.0)
+    registry, board, history = published([rec("1", "a", "importing"), rec("2", "b", "failed")],
                                      clock)
     summary = history.apply(Listing.of([rec("1", "a", "completed")]), stuck_after=100, stall_after=0,
                             max_stuck_series=1)
@@ -123,15 +118,15 @@ def test_unpolled_cluster_shows_only_info() -> None:
     registry.register(ImportCollector(board))
     assert registry.get_sample_value("zilliz_import_up", {"cluster_name": "prod"}) is None
     assert registry.get_sample_value("zilliz_import_exporter_build_info",
-                                     {"version": "0.1.0",
+                                     {"version": __version__,
                                       "python_version": __import__("platform")
                                       .python_version()}) == 1
 
 
 def test_job_detail_series() -> None:
     from exporter.history import FailedJob, RunningJob
-    clock = Clock()
-    registry, board, history = setup([rec("1", "a", "importing")], clock)
+    clock = FakeClock(10_000.0)
+    registry, board, history = published([rec("1", "a", "importing")], clock)
     summary = replace(board.get("prod").jobs,  # type: ignore[union-attr]
                       running=(RunningJob("a", "1", "importing", 1.0, 0.25, 250, 1000, 90.0),
                                RunningJob("a", "2", "pending", 2.0, None, -1, -1, None)),

@@ -1,19 +1,18 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import ROOT, run_cli
+from exporter import __version__
 from exporter.config import (
-    ConfigError, load_config, load_web_config, parse_config, parse_duration,
-    parse_shard_index, redacted, shard_of, shared_rate_notes,
+    SETTING_KEYS, ConfigError, format_size, load_config, parse_config, parse_duration,
+    parse_size, redacted, shared_rate_notes,
 )
 
 SECRET = "sk-config-test-7f3a9c2e1d"
-PINNED_SHARDS = [0, 2, 0, 2, 1, 1, 1, 0]
 
 
 def write(tmp_path: Path, doc: object, name: str = "config.yaml") -> str:
@@ -182,11 +181,6 @@ def test_redacted_output_hides_keys(tmp_path: Path) -> None:
     assert "api_key: <secret>" in text and "interval: 1m" in text
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
-                          text=True, timeout=30, env=env)
-
-
 def test_check_config_cli(tmp_path: Path) -> None:
     good = write(tmp_path, {"clusters": [cluster()]})
     result = run_cli("--check-config", "-c", good)
@@ -204,44 +198,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_cli("--no-such-flag").returncode == 2
     assert run_cli("--web.listen-address", "nope", "-c", "x").returncode == 2
     result = run_cli("--version")
-    assert result.returncode == 0 and "zilliz-import-exporter 0.1.0" in result.stdout
-
-
-def test_web_config(tmp_path: Path) -> None:
-    (tmp_path / "c.pem").write_text("x")
-    good = write(tmp_path, {"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem"},
-                            "basic_auth_users": {"alice": "$2b$12$abcdefghijklmnopqrstuv"},
-                            "http_server_config": {"headers": {"X-Frame-Options": "deny"}}},
-                 "web.yml")
-    web = load_web_config(good)
-    assert web.tls is not None and web.tls.min_version == "TLS12"
-    assert web.headers == {"X-Frame-Options": "deny"}
-    for doc, key in [({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
-                                             "foo": 1}}, "tls_server_config.foo"),
-                     ({"tls_server_config": {"cert_file": "c.pem"}},
-                      "tls_server_config.key_file"),
-                     ({"basic_auth_users": {"bob": "plain"}}, "basic_auth_users.bob"),
-                     ({"tls_server_config": {"cert_file": "c.pem", "key_file": "c.pem",
-                                             "client_auth_type": "Maybe"}},
-                      "tls_server_config.client_auth_type"),
-                     ({"http_server_config": {"http2": True}}, "http_server_config.http2"),
-                     ({"tls_config": {}}, "tls_config")]:
-        with pytest.raises(ConfigError) as info:
-            load_web_config(write(tmp_path, doc, "bad-web.yml"))
-        assert f"key '{key}'" in str(info.value)
-
-
-def test_sharding_is_stable_and_parses_pod_names() -> None:
-    assert parse_shard_index("3") == 3 and parse_shard_index("zie-2") == 2
-    with pytest.raises(ValueError):
-        parse_shard_index("zie")
-    # The assignment is part of the deployment contract: a change would move clusters
-    # between replicas on upgrade. These values are sha256-derived and pinned.
-    assert [shard_of(f"c{i}", 3) for i in range(8)] == PINNED_SHARDS
+    assert result.returncode == 0 and result.stdout == f"zilliz-import-exporter {__version__}\n"
 
 
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
-    from conftest import ROOT
     key = tmp_path / "zilliz"
     key.write_text("k\n")
     text = (ROOT / "config.example.yaml").read_text().replace("/run/secrets/zilliz", str(key))
@@ -251,3 +211,42 @@ def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     assert [(c.name, c.api) for c in config.clusters] == \
         [("prod-search", "v1"), ("prod-recs", "v2"), ("onprem-milvus", "v2")]
     assert config.clusters[2].api_key == "u:p" and config.clusters[1].settings.interval == 120
+
+
+@pytest.mark.parametrize("text,size", [
+    ("512KiB", 512 * 1024), ("32MiB", 32 * 1024 ** 2), ("1GiB", 1024 ** 3), (4096, 4096),
+    ("4096", 4096), ("1.5KiB", 1536), ("2MB", 2_000_000)])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["32 MiBs", "MiB", "", "-1KiB", "0.5B", True])
+def test_bad_sizes(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_sizes_print_in_the_largest_exact_binary_unit() -> None:
+    assert [format_size(n) for n in (32 * 1024 ** 2, 1536, 1024 ** 3, 1000, 0)] == \
+        ["32MiB", "1536", "1GiB", "1000", "0"]
+
+
+def test_every_key_reads_back_from_check_config_output() -> None:
+    """--check-config prints every key (secrets aside) in a form the loader accepts:
+    a key declared in the schema is parsed, ranged and printed by its kind."""
+    settings = {"interval": "1h30m", "timeout": "2.5s", "page_size": 50, "max_pages": 7,
+                "retries": 0, "stuck_after": "3h", "stall_after": 0, "stale_after": "90s",
+                "max_stuck_job_series": 3, "max_describes_per_poll": 0, "max_job_series": 4,
+                "max_failed_job_series": 5, "failed_job_window": "1d",
+                "requests_per_second": 2.5}
+    assert set(settings) == set(SETTING_KEYS)
+    config = parse_config({"defaults": settings, "clusters": [
+        cluster(tls_insecure_skip_verify=True, retries=1),
+        cluster(name="v2", url="api.cloud.zilliz.com", db_name="d", project_id="p",
+                region_id="r", api="v2", requests_per_second=3)]}, "x.yaml", environ={})
+    shown = redacted(config)
+    assert SECRET not in str(shown)
+    for item in shown["clusters"]:
+        assert item["api_key"] == "<secret>"
+        item["api_key"] = SECRET
+    assert parse_config(shown, "x.yaml", environ={}) == config

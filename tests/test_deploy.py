@@ -6,10 +6,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -19,7 +17,9 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from conftest import ROOT, fast_defaults, require_module, require_tool, wait_until
+from conftest import (
+    ROOT, fast_defaults, free_port, require_module, require_tool, wait_until,
+)
 
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -240,12 +240,6 @@ def test_dashboard_keeps_clusters_apart_shows_state_and_links_the_runbooks() -> 
 
 # ---- end to end: a real Prometheus scraping the real exporter ---------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Prometheus:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -287,7 +281,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
         log = open(tmp_path / "prometheus.log", "wb")
         procs.append(subprocess.Popen(
             [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tempfile.mkdtemp(prefix='zie-tsdb-')}",
+             f"--storage.tsdb.path={tmp_path / f'tsdb-{port}'}",
              f"--web.listen-address=127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
         prom = Prometheus(f"http://127.0.0.1:{port}")
@@ -466,7 +460,7 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, WebhookReceiver]]:
     log = open(tmp_path / "alertmanager.log", "wb")
     proc = subprocess.Popen(
         [binary, f"--config.file={tmp_path / 'alertmanager.yml'}",
-         f"--storage.path={tempfile.mkdtemp(prefix='zie-am-')}",
+         f"--storage.path={tmp_path / 'alertmanager-data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     address = f"127.0.0.1:{port}"

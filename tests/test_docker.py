@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from typing import NoReturn
 import pytest
 import yaml
 
-from conftest import ROOT, fast_defaults, require_tool, wait_until
+from conftest import ROOT, fast_defaults, free_port, require_tool, wait_until
 
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
@@ -46,12 +45,6 @@ def test_dockerfile_lints_clean(tmp_path: Path) -> None:
     assert f"COPY deploy/docker/{HEALTHCHECK.name} /opt/zie/{HEALTHCHECK.name}" in text
     assert f'CMD ["python", "/opt/zie/{HEALTHCHECK.name}"]' in text
     assert 'VOLUME ["/var/lib/zilliz-import-exporter"]' in text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthcheck(pid: int) -> subprocess.CompletedProcess[str]:

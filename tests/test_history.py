@@ -4,23 +4,14 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import fast_defaults, samples, wait_until
+from conftest import FakeClock, InProcessExporter, fast_defaults, samples
 from exporter.client import JobRecord
 from exporter.history import HistoryStore, JobHistory, StateFileInUse
 from exporter.poller import Listing
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rec(job_id: str, state: str, progress: int = -1, collection: str = "c") -> JobRecord:
@@ -38,7 +29,7 @@ def transitions(summary) -> dict:
 
 
 def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
-    h = JobHistory("x", clock=Clock())
+    h = JobHistory("x", clock=FakeClock())
     first = apply(h, rec("done", "completed"), rec("run", "importing"), rec("q", "pending"))
     assert transitions(first) == {}
     second = apply(h, rec("done", "completed"), rec("run", "failed"), rec("q", "completed"),
@@ -54,7 +45,7 @@ def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
 
 
 def test_ages_stuck_and_stalls(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     apply(h, rec("old", "importing", 10), rec("moving", "importing", 10),
           rec("v1", "importing"))
@@ -83,7 +74,7 @@ def test_ages_stuck_and_stalls(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_jobs_leaving_the_listing_are_forgotten() -> None:
-    h = JobHistory("x", clock=Clock())
+    h = JobHistory("x", clock=FakeClock())
     apply(h, *[rec(str(i), "importing") for i in range(100)])
     apply(h, rec("1", "importing"))
     assert len(h) == 1 and h.first_seen("2") is None
@@ -91,7 +82,7 @@ def test_jobs_leaving_the_listing_are_forgotten() -> None:
 
 def test_history_survives_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
-    clock = Clock()
+    clock = FakeClock()
     store = HistoryStore(path)
     h = JobHistory("x", store, clock)
     apply(h, rec("a", "importing", 5), rec("b", "pending"), rec("gone", "completed"))
@@ -111,7 +102,7 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
 def test_only_changes_are_written_and_no_change_writes_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     store = HistoryStore(path)
-    h = JobHistory("x", store, Clock())
+    h = JobHistory("x", store, FakeClock())
     jobs = [rec(str(i), "importing", 1) for i in range(1000)]
     apply(h, *jobs)
     size = os.path.getsize(path + "-wal")
@@ -130,7 +121,7 @@ def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog) -> None:
     path.write_bytes(b"this is not a database" * 100)
     store = HistoryStore(str(path), clock=lambda: 1234.0)
     assert (tmp_path / "state.db.corrupt-1234").exists()
-    apply(JobHistory("x", store, Clock()), rec("a", "pending"))
+    apply(JobHistory("x", store, FakeClock()), rec("a", "pending"))
     store.close()
     assert sqlite3.connect(str(path)).execute("SELECT count(*) FROM jobs").fetchone() == (1,)
     assert "moved aside" in caplog.text
@@ -165,68 +156,70 @@ def transition_counts(metrics: dict, cluster: str) -> dict[str, float]:
     return out
 
 
-def test_stuck_stalled_transitions_and_restart(simulator, exporter, tmp_path: Path) -> None:
+def test_stuck_stalled_transitions_and_restart(simulator, tmp_path: Path) -> None:
+    """Against the simulator, polled in process on a fake clock; the restart is a new
+    exporter on the same state file."""
     v2 = simulator.add_cluster("v2", "v2")
     v1 = simulator.add_cluster("v1", "v1")
     stuck = v1.add_jobs(1, "medium_articles", "importing")[0]
     freeze = v2.add_jobs(1, "images", "importing", progress=10)[0]
     movers = v2.add_jobs(6, "images", "importing", progress=5)
     v2.add_jobs(3, "images", "completed")            # baseline: never counted
-    state = tmp_path / "state.db"
-    config = {"state_file": str(state),
+    config = {"state_file": str(tmp_path / "state.db"),
               "defaults": fast_defaults(stuck_after="4s", stall_after="2s"),
               "clusters": [simulator.cluster_config("v1", stall_after=0),
                            simulator.cluster_config("v2", stuck_after="1h")]}
-    proc = exporter(config)
-    proc.wait_for_metrics(lambda m: m.get(("zilliz_import_up", (("cluster_name", "v2"),))))
-    # the frozen v2 job stalls while v2's movers keep moving
-    moving = threading.Event()
-
-    def move() -> None:
-        step = 0
-        while not moving.wait(0.2):
-            step += 1
-            for job_id in movers:
-                v2.set_progress(job_id, step % 100)
-    mover = threading.Thread(target=move, daemon=True)
-    mover.start()
+    clock = FakeClock()
+    exporter = InProcessExporter(config, clock)
     try:
-        metrics = proc.wait_for_metrics(lambda m: freeze in stuck_ids(m, "stalled"),
-                                        what="the frozen job to stall")
+        metrics = exporter.poll()
+        assert metrics[("zilliz_import_up", (("cluster_name", "v2"),))] == 1
+        # the frozen v2 job stalls while v2's movers keep moving; v1's job is not yet
+        # stuck by age
+        for step in range(1, 4):
+            clock.advance(1)
+            for job_id in movers:
+                v2.set_progress(job_id, 5 + step)
+            metrics = exporter.poll()
         assert stuck_ids(metrics, "stalled") == {freeze}
+        assert stuck_ids(metrics, "age") == set()
+        clock.advance(2)
+        metrics = exporter.poll()
+        assert stuck_ids(metrics, "age") == {stuck}
+        info = samples(metrics, "zilliz_import_stuck_job_info", job_id=stuck)
+        assert dict(next(iter(info))[1])["collection"] == "medium_articles"
+        v2.set_progress(freeze, 50)
+        clock.advance(1)
+        assert freeze not in stuck_ids(exporter.poll(), "stalled")     # the stall recovers
+        # moves the exporter sees
+        v2.set_state(movers[0], "completed")
+        v2.set_state(movers[1], "failed")
+        clock.advance(1)
+        metrics = exporter.poll()
+        assert transition_counts(metrics, "v2") == {"completed": 1, "failed": 1}
+        age_before = metrics[("zilliz_import_oldest_active_job_age_seconds",
+                              (("cluster_name", "v1"), ("collection", "medium_articles")))]
     finally:
-        moving.set()
-        mover.join()
-    metrics = proc.wait_for_metrics(lambda m: stuck in stuck_ids(m, "age"),
-                                    what="the v1 job to be stuck by age")
-    info = samples(metrics, "zilliz_import_stuck_job_info", job_id=stuck)
-    assert dict(next(iter(info))[1])["collection"] == "medium_articles"
-    v2.set_progress(freeze, 50)
-    proc.wait_for_metrics(lambda m: freeze not in stuck_ids(m, "stalled"),
-                          what="the stall to recover")
-    # moves the exporter sees
-    v2.set_state(movers[0], "completed")
-    v2.set_state(movers[1], "failed")
-    metrics = proc.wait_for_metrics(
-        lambda m: transition_counts(m, "v2") == {"completed": 1, "failed": 1})
-    age_before = metrics[("zilliz_import_oldest_active_job_age_seconds",
-                          (("cluster_name", "v1"), ("collection", "medium_articles")))]
-    assert proc.stop() == 0
+        exporter.close()
     # moves while it is down: a known job finishes, a new job appears already finished
     v2.set_state(movers[2], "completed")
     v2.add_jobs(1, "images", "failed")
-    proc2 = exporter(config)
-    metrics = proc2.wait_for_metrics(
-        lambda m: transition_counts(m, "v2") == {"completed": 1, "failed": 1}
-        and stuck in stuck_ids(m, "age"), what="downtime moves counted once")
-    age_after = metrics[("zilliz_import_oldest_active_job_age_seconds",
-                         (("cluster_name", "v1"), ("collection", "medium_articles")))]
-    assert age_after > age_before                # ages continue from the first sighting
-    assert stuck in stuck_ids(metrics, "age")    # no waiting stuck_after again
-    # nothing more is counted on later polls
-    polls = simulator.clusters["v2"].requests
-    wait_until(lambda: simulator.clusters["v2"].requests >= polls + 2)
-    assert transition_counts(proc2.metrics(), "v2") == {"completed": 1, "failed": 1}
+    clock.advance(30)
+    restarted = InProcessExporter(config, clock)
+    try:
+        metrics = restarted.poll()
+        assert transition_counts(metrics, "v2") == {"completed": 1, "failed": 1}
+        age_after = metrics[("zilliz_import_oldest_active_job_age_seconds",
+                             (("cluster_name", "v1"), ("collection", "medium_articles")))]
+        assert age_after == age_before + 30      # ages continue from the first sighting
+        assert stuck in stuck_ids(metrics, "age")    # no waiting stuck_after again
+        # nothing more is counted on later polls
+        for _ in range(2):
+            clock.advance(1)
+            metrics = restarted.poll()
+        assert transition_counts(metrics, "v2") == {"completed": 1, "failed": 1}
+    finally:
+        restarted.close()
 
 
 def test_corrupt_state_file_does_not_stop_the_exporter(simulator, exporter,
@@ -264,7 +257,7 @@ def apply_details(history: JobHistory, records: Listing, **rules: object):
 
 
 def test_failures_keep_their_reason_within_the_window_newest_first_capped() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     jobs = [rec(f"j{i}", "importing", 10) for i in range(4)]
     apply_details(h, listing(rec("old", "failed"), *jobs))     # baseline: never shown
@@ -292,7 +285,7 @@ def test_failures_keep_their_reason_within_the_window_newest_first_capped() -> N
 
 
 def test_running_jobs_progress_rows_eta_and_cap() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     apply_details(h, listing(rec("a", "importing", 10), rec("b", "pending", 0)))
     clock.now += 5
@@ -310,7 +303,7 @@ def test_running_jobs_progress_rows_eta_and_cap() -> None:
 
 
 def test_rows_of_completed_jobs_count_once() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = JobHistory("x", clock=clock)
     apply_details(h, listing(rec("a", "importing", 10), rec("done", "completed")))
     summary = apply_details(h, listing(rec("a", "completed"), rec("done", "completed")))
@@ -328,7 +321,7 @@ def test_rows_of_completed_jobs_count_once() -> None:
 
 def test_details_survive_a_restart_and_nothing_is_described_twice(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
-    clock = Clock()
+    clock = FakeClock()
     store = HistoryStore(path)
     h = JobHistory("x", store, clock)
     apply_details(h, listing(rec("f", "importing"), rec("r", "importing")), api="v1")
@@ -367,7 +360,7 @@ def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, capl
     caplog.set_level("INFO")
     store = HistoryStore(str(path))
     assert not list(tmp_path.glob("state.db.corrupt-*")) and "migrated" in caplog.text
-    h = JobHistory("x", store, Clock())
+    h = JobHistory("x", store, FakeClock())
     assert h.first_seen("a") == 1000.0
     summary = apply_details(h, listing(rec("a", "failed"), rec("b", "failed")))
     assert transitions(summary) == {("c", "failed"): 1}    # b was counted before
@@ -377,36 +370,45 @@ def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, capl
     assert version.fetchone() == (2,)
 
 
-def test_restart_describes_nothing_twice(simulator, exporter, tmp_path: Path) -> None:
+def test_restart_describes_nothing_twice(simulator, tmp_path: Path) -> None:
     z = simulator.add_cluster("z", "v2", reasons_in_list=False)
     doomed, done = z.add_jobs(2, "images", "importing", progress=40)
     running = z.add_jobs(1, "images", "importing", progress=10)[0]
     config = {"state_file": str(tmp_path / "state.db"), "defaults": fast_defaults(),
               "clusters": [simulator.cluster_config("z")]}
-    proc = exporter(config)
-    proc.wait_for_metrics(lambda m: m.get(("zilliz_import_up", (("cluster_name", "z"),))))
-    z.set_state(doomed, "failed")
-    z.set_reason(doomed, "schema mismatch: field 'vector' expects dim 768, got 512")
-    z.set_state(done, "completed")
-    z.set_rows(done, 12_000, 12_000)
+    clock = FakeClock()
+    exporter = InProcessExporter(config, clock)
+    reason = "schema mismatch: field 'vector' expects dim 768, got 512"
 
     def failed_reason(m: dict) -> str:
         found = samples(m, "zilliz_import_failed_job_info", job_id=doomed)
         return dict(next(iter(found))[1])["reason"] if found else ""
-    proc.wait_for_metrics(
-        lambda m: failed_reason(m) and m.get(("zilliz_import_rows_imported_total", (
-            ("cluster_name", "z"), ("collection", "images")))) == 12_000)
-    assert proc.stop() == 0
+    rows = ("zilliz_import_rows_imported_total", (("cluster_name", "z"),
+                                                  ("collection", "images")))
+    try:
+        assert exporter.poll()[("zilliz_import_up", (("cluster_name", "z"),))] == 1
+        z.set_state(doomed, "failed")
+        z.set_reason(doomed, reason)
+        z.set_state(done, "completed")
+        z.set_rows(done, 12_000, 12_000)
+        clock.advance(1)
+        metrics = exporter.poll()
+        assert failed_reason(metrics) == reason and metrics[rows] == 12_000
+    finally:
+        exporter.close()
     assert doomed in z.described and done in z.described
     z.described.clear()
-    listed = z.requests
-    proc2 = exporter(config)
-    wait_until(lambda: z.requests >= listed + 3, what="three polls after the restart")
-    metrics = proc2.metrics()
-    assert failed_reason(metrics) == \
-        "schema mismatch: field 'vector' expects dim 768, got 512"
-    assert z.described == []            # everything it knew, it still knows
-    z.set_progress(running, 20)
-    wait_until(lambda: z.described == [running], what="the moved job to be described")
-    assert metrics[("zilliz_import_rows_imported_total", (
-        ("cluster_name", "z"), ("collection", "images")))] == 0    # no recount
+    restarted = InProcessExporter(config, clock)
+    try:
+        for _ in range(3):
+            clock.advance(1)
+            metrics = restarted.poll()
+        assert failed_reason(metrics) == reason
+        assert z.described == []            # everything it knew, it still knows
+        assert metrics[rows] == 0           # no recount
+        z.set_progress(running, 20)
+        clock.advance(1)
+        restarted.poll()
+        assert z.described == [running]     # the moved job is described
+    finally:
+        restarted.close()

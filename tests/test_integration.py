@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import gzip
+import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import fast_defaults, job_counts, parse_metrics, samples, wait_until
+from conftest import (
+    fast_defaults, free_port, job_counts, parse_metrics, run_cli, samples, wait_until,
+)
 from exporter.simulator import Simulator
 
 
-def seed(cluster, spread: dict[str, dict[str, int]]) -> None:
+def seed(cluster, spread: dict[str, dict]) -> None:
+    """Jobs per collection and state; a state may be (canonical, wire name)."""
     for collection, states in spread.items():
         for state, n in states.items():
-            cluster.add_jobs(n, collection, state)
+            state, wire = state if isinstance(state, tuple) else (state, "")
+            cluster.add_jobs(n, collection, state, wire=wire)
 
 
 def truth(cluster) -> dict[tuple[str, str], float]:
@@ -34,7 +36,8 @@ def all_match(sim: Simulator, names: list[str]):
 
 def test_counts_equal_ground_truth_for_every_paging_behaviour(simulator, exporter) -> None:
     spread = {"alpha": {"pending": 3, "importing": 9, "completed": 11, "failed": 2},
-              "beta": {"ImportRunning": 4, "Completed": 7, "WaitingForRetry": 1}}
+              "beta": {("importing", "ImportRunning"): 4, ("completed", "Completed"): 7,
+                       ("waiting_for_retry", "WaitingForRetry"): 1}}
     simulator.add_cluster("v1-total", "v1", count_mode="total")
     simulator.add_cluster("v1-pagecount", "v1", count_mode="page")
     simulator.add_cluster("v2-count", "v2", count_mode="total")
@@ -69,12 +72,6 @@ def test_counts_equal_ground_truth_for_every_paging_behaviour(simulator, exporte
         assert len(served) >= 2 and set(served) == {1}, (name, served)
     assert "waiting_for_retry" in proc.logs()       # unknown state logged once per cluster
     assert proc.logs().count("state=waiting_for_retry") == len(names)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 FAULTS = [("auth_body", "auth"), ("auth_http", "auth"), ("429", "http"), ("500", "http"),
@@ -151,15 +148,15 @@ def test_failure_mid_listing_keeps_the_last_complete_listing(simulator, exporter
 
 
 def test_readiness_and_endpoints(simulator, exporter) -> None:
-    slow = simulator.add_cluster("slow", "v2", latency=2.5)
+    # slow enough that the first poll cannot end before the first probe (a scrape that
+    # waits for nothing but the board: test_web's test_scrape_does_not_wait_...)
+    slow = simulator.add_cluster("slow", "v2", latency=1.5)
     seed(slow, {"c": {"pending": 1}})
     proc = exporter({"defaults": fast_defaults(timeout="5s"),
                      "clusters": [simulator.cluster_config("slow")]})
     assert proc.get("/-/ready")[0] == 503
     assert proc.get("/-/healthy")[0] == 200
-    started = time.monotonic()
-    status, _, _ = proc.get("/metrics")           # a scrape never waits on the poll
-    assert status == 200 and time.monotonic() - started < 2.0
+    assert proc.get("/metrics")[0] == 200
     wait_until(lambda: proc.get("/-/ready")[0] == 200, what="ready")
     status, headers, body = proc.get("/", headers={})
     assert status == 200 and b'href="/metrics"' in body
@@ -183,7 +180,7 @@ def test_custom_telemetry_path(simulator, exporter) -> None:
 
 def test_sigterm_stops_within_5s_while_a_request_hangs(simulator, exporter) -> None:
     simulator.add_cluster("hangs", "v2").fail("hang")
-    proc = exporter({"defaults": {"timeout": "60s"},
+    proc = exporter({"defaults": fast_defaults(timeout="60s"),
                      "clusters": [simulator.cluster_config("hangs")]})
     wait_until(lambda: simulator.clusters["hangs"].requests > 0, what="a hanging request")
     started = time.monotonic()
@@ -199,6 +196,12 @@ def test_sigint_exits_0(simulator, exporter, sig) -> None:
     assert proc.proc is not None and proc.proc.wait(5) == 0
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_once_writes_exposition_atomically(simulator, tmp_path: Path) -> None:
     good = simulator.add_cluster("good", "v2")
     seed(good, {"c": {"importing": 4}})
@@ -209,17 +212,16 @@ def test_once_writes_exposition_atomically(simulator, tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"defaults": {"retries": 0},
                                       "clusters": [simulator.cluster_config("good")]}))
     out = tmp_path / "zie.prom"
-    result = subprocess.run([sys.executable, "-m", "exporter", "-c", str(config), "--once",
-                             "--output", str(out)], capture_output=True, timeout=30)
+    result = run_cli("-c", str(config), "--once", "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert job_counts(parse_metrics(out.read_text()), "good") == truth(good)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".zie-")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "zie.prom"]  # no temp
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()   # as open() makes it
     config.write_text(yaml.safe_dump({"defaults": {"retries": 0}, "clusters": [
         simulator.cluster_config("good"), simulator.cluster_config("bad")]}))
-    result = subprocess.run([sys.executable, "-m", "exporter", "-c", str(config), "--once"],
-                            capture_output=True, timeout=30)
+    result = run_cli("-c", str(config), "--once")
     assert result.returncode == 1
-    metrics = parse_metrics(result.stdout.decode())
+    metrics = parse_metrics(result.stdout)
     assert metrics[("zilliz_import_up", (("cluster_name", "bad"),))] == 0
     assert job_counts(metrics, "good") == truth(good)
 

@@ -9,7 +9,6 @@ import re
 import ssl
 import subprocess
 import tempfile
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -20,10 +19,13 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from conftest import ROOT, fast_defaults, job_counts, require_tool, wait_until
-from exporter.config import ClusterConfig, WebConfig
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from conftest import ROOT, fast_defaults, job_counts, require_tool, run_cli, wait_until
+from exporter.collector import ImportCollector
+from exporter.config import ClusterConfig, PollSettings
+from exporter.history import JobHistory
+from exporter.poller import ClusterPoller, ClusterSnapshot, SnapshotBoard, Stopped
 from exporter.web import WebApp, create_server
+from exporter.webconfig import WebConfig
 
 ARTIFACTS = Path(os.environ.get("ZIE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -106,19 +108,29 @@ def test_bad_web_config_is_a_startup_error(tmp_path: Path, doc: dict, key: str) 
     config = tmp_path / "c.yml"
     config.write_text(yaml.safe_dump({"clusters": [{"name": "a", "url": "http://x",
                                                     "api": "v2"}]}))
-    result = subprocess.run([sys.executable, "-m", "exporter", "-c", str(config),
-                             "--web.config.file", str(web)], capture_output=True, text=True,
-                            timeout=30, cwd=ROOT)
+    result = run_cli("-c", str(config), "--web.config.file", str(web), cwd=ROOT)
     assert result.returncode == 2 and f"key '{key}'" in result.stderr
 
 
 # ---- the HTTP layer alone --------------------------------------------------------------
 
-def test_scrape_does_not_wait_for_anything_but_the_board() -> None:
+def test_scrape_does_not_wait_for_anything_but_the_board(simulator) -> None:
+    """A poll hangs on its API; /metrics, the page and the probes answer meanwhile."""
+    simulator.add_cluster("x", "v2").fail("hang")
+    cluster = ClusterConfig(name="x", url=simulator.url_for("x"), api="v2", cluster_id="in01-x",
+                            api_key="key-x", settings=PollSettings(timeout=3600, retries=0))
     board = SnapshotBoard()
-    cluster = ClusterConfig(name="x", url="http://h", api="v2")
-    board.publish(ClusterSnapshot(cluster=cluster))
+    poller = ClusterPoller(cluster, board, JobHistory("x"))
+    outcome: list[str] = []
+
+    def poll() -> None:
+        try:
+            poller.poll_once()
+        except Stopped:
+            outcome.append("stopped")
+    polling = threading.Thread(target=poll, daemon=True)
     registry = CollectorRegistry()
+    registry.register(ImportCollector(board))
     ready = threading.Event()
     app = WebApp(registry=registry, board=board, is_ready=ready.is_set,
                  web_config=WebConfig(), lifecycle=True, reload=lambda: "bad: key 'x'")
@@ -126,6 +138,11 @@ def test_scrape_does_not_wait_for_anything_but_the_board() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
+        polling.start()
+        wait_until(lambda: simulator.clusters["x"].requests, what="the poll's request")
+        body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        assert 'zilliz_import_cluster_info{api="v2",cluster_id="in01-x"' in body
+        assert "zilliz_import_up{" not in body and polling.is_alive()   # still polling
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(url + "/-/ready", timeout=5)
         assert info.value.code == 503
@@ -138,20 +155,24 @@ def test_scrape_does_not_wait_for_anything_but_the_board() -> None:
         page = urllib.request.urlopen(url + "/", timeout=5).read().decode()
         assert "<td>x</td>" in page and "waiting" in page
     finally:
+        poller.stop()
         server.shutdown()
         server.server_close()
+    simulator.stop()                        # the hung request ends; the poll sees the stop
+    polling.join(10)
+    assert outcome == ["stopped"] and board.get("x") == ClusterSnapshot(cluster=cluster)
 
 
 # ---- the status page in a real browser -------------------------------------------------
 
 def chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     binary = require_tool("chromium")
-    profile = tempfile.mkdtemp(prefix="zie-chromium-")
-    return subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="zie-chromium-") as profile:
+        return subprocess.run(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             *args], capture_output=True, text=True, timeout=timeout)
 
 
 def table_rows(dom: str, table_id: str) -> list[list[str]]:

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 
 from exporter.cli import build_parser, parse_listen_address
-from exporter.config import load_web_config
+from exporter.webconfig import load_web_config
 
 
 def probe_url(argv: list[str]) -> tuple[str, ssl.SSLContext | None]:
