@@ -544,8 +544,13 @@ class PollerGroup:
             thread.join()
         return [results[name] for name in self._pollers if name in results]
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """Stop every poller; wait up to ``timeout`` in all for them to finish."""
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop every poller; wait up to ``timeout`` in all for them to finish.
+
+        A poller blocked in a request that hangs is abandoned (its thread is a daemon
+        and its listing is never published); the wait only lets one that is folding a
+        listing into the history finish writing it before the state file closes.
+        """
         with self._lock:
             pollers = list(self._pollers.values())
         for poller in pollers:
