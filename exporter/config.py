@@ -21,6 +21,8 @@ REDACTED = "<secret>"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -51,6 +53,7 @@ class PollSettings:
     max_failed_job_series: int = 100
     failed_job_window: float = 6 * 3600.0
     requests_per_second: float = 10.0
+    max_response_bytes: int = 32 * 1024 * 1024
 
 
 # key -> (kind, minimum, maximum); durations in seconds.
@@ -72,6 +75,8 @@ _SETTING_RULES: dict[str, tuple[str, float, float]] = {
     # Zilliz Cloud allows about 20 per second per user and endpoint; 10 leaves room
     # for the key's other users (the import pipeline itself).
     "requests_per_second": ("number", 0.01, 10_000),
+    # A larger answer fails the poll (reason decode) instead of filling the memory.
+    "max_response_bytes": ("size", 1024, 2 ** 40),
 }
 
 # Zilliz Cloud refuses other page sizes: code 80003 (v1) and 96008 (v2).
@@ -136,6 +141,25 @@ def parse_duration(value: Any) -> float:
     return total
 
 
+def parse_size(value: Any) -> int:
+    """Parse "512KiB", "32MiB", "1GiB" or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(f"bad size {value!r} (use 512KiB, 32MiB, 1GiB or bytes)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"]
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
 def format_duration(seconds: float) -> str:
     if seconds and seconds == int(seconds):
         s = int(seconds)
@@ -179,6 +203,8 @@ def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
         try:
             if kind == "duration":
                 number: float = parse_duration(value)
+            elif kind == "size":
+                number = parse_size(value)
             elif kind == "number":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"must be a number, got {value!r}")
@@ -392,6 +418,8 @@ def redacted(config: Config) -> dict[str, Any]:
             kind = _SETTING_RULES[f.name][0]
             if kind == "duration":
                 value = format_duration(value)
+            elif kind == "size":
+                value = format_size(value)
             elif kind == "number" and value == int(value):
                 value = int(value)        # 10, not 10.0
             out[f.name] = value
