@@ -149,6 +149,7 @@ class SnapshotBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snapshots: dict[str, ClusterSnapshot] = {}
+        self.version = 0      # changes with every publish and removal: a cache key
 
     def snapshots(self) -> tuple[ClusterSnapshot, ...]:
         return tuple(self._snapshots.values())
@@ -162,10 +163,12 @@ class SnapshotBoard:
         with self._lock:
             if current():
                 self._snapshots = {**self._snapshots, snapshot.cluster.name: snapshot}
+                self.version += 1
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._snapshots = {k: v for k, v in self._snapshots.items() if k != name}
+            self.version += 1
 
 
 def backoff_delay(attempt: int, retry_after: float | None, cap: float,

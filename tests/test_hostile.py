@@ -312,3 +312,34 @@ def test_a_bug_in_a_poll_publishes_a_failed_snapshot_and_logs_once(
     assert "ZeroDivisionError" in snapshot.last_error
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and tracebacks[0].levelno == logging.ERROR
+
+
+def test_a_lone_surrogate_from_a_server_leaves_every_cluster_served() -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
+
+    from conftest import FakeClock, parse_metrics
+    from exporter.collector import ImportCollector
+    from exporter.simulator import Simulator
+    from exporter.web import ExpositionCache
+
+    board, clock = SnapshotBoard(), FakeClock()
+    with Simulator() as sim:
+        for name, collection in (("bad", "x\ud800\x00y"), ("good", "docs")):
+            sim.add_cluster(name, "v2").add_jobs(2, collection, "importing", progress=10)
+            config = ClusterConfig(name=name, url=sim.url_for(name), api="v2",
+                                   cluster_id=sim.clusters[name].cluster_id,
+                                   api_key=sim.clusters[name].api_key,
+                                   settings=PollSettings(retries=0))
+            assert ClusterPoller(config, board, JobHistory(name, clock=clock),
+                                 clock=clock).poll_once().up
+    registry = CollectorRegistry()
+    registry.register(ImportCollector(board, clock=clock))
+    encoder, content_type = choose_encoder("")
+    metrics = parse_metrics(ExpositionCache(registry, board, clock).body(
+        encoder, content_type, False).decode())
+    importing = {dict(labels)["cluster_name"]: (dict(labels)["collection"], value)
+                 for (name, labels), value in metrics.items()
+                 if name == "zilliz_import_jobs" and dict(labels)["state"] == "importing"}
+    assert importing == {"bad": ("x\ufffdy", 2), "good": ("docs", 2)}
+    assert metrics[("zilliz_import_render_errors_total", ())] == 0
