@@ -101,27 +101,28 @@ class ExpositionCache:
     def body(self, encoder: Encoder, content_type: str, gzipped: bool) -> bytes:
         if not self._enabled:
             with self._lock:
-                return self._encode(encoder, content_type, gzipped)
+                return self._encode(encoder, content_type, gzipped, {})
         key = (self._board.version, int(self._clock()))
         with self._lock:
             if key != self._key:
                 self._key, self._bodies = key, {}
-            body = self._bodies.get((content_type, gzipped))
-            if body is None:
-                body = self._encode(encoder, content_type, gzipped)
-                if len(self._bodies) < _MAX_ENCODINGS:
-                    self._bodies[(content_type, gzipped)] = body
-            return body
+            return self._encode(encoder, content_type, gzipped, self._bodies)
 
-    def _encode(self, encoder: Encoder, content_type: str, gzipped: bool) -> bytes:
-        if gzipped:
-            plain = self._bodies.get((content_type, False)) if self._enabled else None
-            if plain is None:
-                plain = self._encode(encoder, content_type, False)
-                if self._enabled and len(self._bodies) < _MAX_ENCODINGS:
-                    self._bodies[(content_type, False)] = plain
-            return gzip.compress(plain, compresslevel=1)
-        return self._render(encoder)
+    def invalidate(self) -> None:
+        """Render afresh on the next scrape (after a reload: its gauge changed)."""
+        with self._lock:
+            self._key = None
+
+    def _encode(self, encoder: Encoder, content_type: str, gzipped: bool,
+                bodies: dict[tuple[str, bool], bytes]) -> bytes:
+        """From ``bodies`` or rendered into it; gzip compresses the plain body."""
+        body = bodies.get((content_type, gzipped))
+        if body is None:
+            body = gzip.compress(self._encode(encoder, content_type, False, bodies),
+                                 compresslevel=1) if gzipped else self._render(encoder)
+            if len(bodies) < _MAX_ENCODINGS:
+                bodies[(content_type, gzipped)] = body
+        return body
 
     def _render(self, encoder: Encoder) -> bytes:
         """Encode every family; a family that fails is encoded again sample by
@@ -461,6 +462,7 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
                 self._send(403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n")
             else:
                 error = app.reload()
+                cache.invalidate()
                 if error is None:
                     self._send(200, b"Reloaded\n")
                 else:
