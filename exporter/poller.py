@@ -232,16 +232,15 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
         result = with_retries(
             lambda: list_import_jobs(session, cluster, page, observe), settings,
             wait=wait, rng=rng, log_fields={"cluster_name": cluster.name, "page": page})
-        if len(result.records) > settings.page_size:
-            if page == 1:       # a server that ignores paging: the whole listing
-                listing.extend(result.records, result.reasons)
-                listing.pages = page
-                break
+        oversized = len(result.records) > settings.page_size
+        if oversized and page > 1:
             raise PaginationFailure(
                 f"page {page} held {len(result.records)} jobs, more than the "
                 f"page_size={settings.page_size} asked for")
         new_ids = listing.extend(result.records, result.reasons)
         listing.pages = page
+        if oversized:           # page 1 of a server that ignores paging: the whole listing
+            break
         if result.count is not None and result.count > len(result.records):
             total = result.count        # a count larger than its page is a total
         if not result.records or len(result.records) < settings.page_size:

@@ -96,7 +96,7 @@ class ExpositionCache:
         self._key: tuple[int, int] | None = None
         self._bodies: dict[tuple[str, bool], bytes] = {}
         self.render_errors = 0       # series left out, cumulative
-        self._logged: set[str] = set()
+        self._logged: set[str] = set()    # metrics and failures already logged
 
     def body(self, encoder: Encoder, content_type: str, gzipped: bool) -> bytes:
         if not self._enabled:
@@ -132,10 +132,12 @@ class ExpositionCache:
         try:
             for family in self._registry.collect():
                 families.append(family)
-        except Exception:
+        except Exception as exc:
             errors += 1
-            log.error("a collector failed; its series are left out of this scrape",
-                      exc_info=True)
+            if repr(type(exc)) not in self._logged:      # once, not every second
+                self._logged.add(repr(type(exc)))
+                log.error("a collector failed; its series are left out of scrapes",
+                          exc_info=True)
         parts = []
         for family in families:
             try:
