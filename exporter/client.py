@@ -301,7 +301,7 @@ def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_i
 
 def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, path: str,
              observe: Observer, *, params: dict[str, str | int] | None = None,
-             body: dict[str, Any] | None = None, page: int = 0) -> bytes:
+             body: dict[str, Any] | None = None, page: int = 0) -> bytearray:
     """Send one request (GET with ``params`` or POST with ``body``); the answer's body.
 
     The answer is streamed, so ``max_response_bytes`` caps what is held, and
@@ -355,7 +355,7 @@ def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, p
 
 
 def _read_body(response: requests.Response, cluster: ClusterConfig,
-               deadline: float) -> bytes:
+               deadline: float) -> bytearray:
     """The whole body, or DecodeFailure past max_response_bytes, TimeoutFailure past
     the deadline. Each socket read waits at most for what is left of the deadline."""
     host, limit = cluster.host, cluster.settings.max_response_bytes
@@ -377,7 +377,7 @@ def _read_body(response: requests.Response, cluster: ClusterConfig,
             # read1: what has arrived, so the deadline is checked between arrivals
             chunk = raw.read1(READ_CHUNK_BYTES, decode_content=True)
             if not chunk:
-                return bytes(body)
+                return body       # not copied: json reads a bytearray as it is
             body += chunk
             if len(body) > limit:
                 raise DecodeFailure(too_large)
@@ -395,7 +395,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json(answer: bytes, host: str) -> Any:
+def _json(answer: bytes | bytearray, host: str) -> Any:
     """JSON, strictly: NaN and Infinity are not JSON, and nesting too deep for the
     parser is as malformed as a syntax error."""
     try:
@@ -443,7 +443,7 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
     return data
 
 
-def parse_list_answer(answer: bytes, cluster: ClusterConfig) -> ListingPage:
+def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> ListingPage:
     """One page of the listing from an answer's body; raises only ApiFailure.
 
     Every field is checked: a malformed one is reason decode, never an exception
@@ -484,7 +484,8 @@ def parse_list_answer(answer: bytes, cluster: ClusterConfig) -> ListingPage:
     return ListingPage(records=tuple(records), count=count, reasons=reasons)
 
 
-def parse_describe_answer(answer: bytes, cluster: ClusterConfig, job_id: str) -> JobDetails:
+def parse_describe_answer(answer: bytes | bytearray, cluster: ClusterConfig,
+                          job_id: str) -> JobDetails:
     """A job's details from an answer's body; raises only ApiFailure."""
     data = _data(_json(answer, cluster.host), cluster)
     if cluster.api == "v1":
