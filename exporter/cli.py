@@ -26,7 +26,7 @@ from exporter.config import (
 )
 from exporter.history import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
-from exporter.memory import limit_malloc_arenas
+from exporter.memory import MemoryReturner, limit_malloc_arenas
 from exporter.poller import PollerGroup, SnapshotBoard
 from exporter.sharding import parse_shard_index, select_shard
 from exporter.web import WebApp, create_server
@@ -340,8 +340,9 @@ def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
     log.info("listening", extra={"fields": {
         "address": f"{shown}:{server.server_port}", "tls": web_config.tls is not None,
         "version": __version__}})
+    memory = MemoryReturner()
     while not stop.wait(1.0):
-        pass
+        memory.tick()
     log.info("shutting down")
     server.shutdown()
     server.server_close()

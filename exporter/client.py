@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import json
 import logging
+import math
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
 from exporter import __version__
 from exporter.config import ClusterConfig
@@ -48,6 +52,13 @@ MAX_REASON_CHARS = 200
 
 _STATE_ALIASES = {"running": "importing", "importing": "importing"}
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# A transport adapter that holds requests back (ratelimit.PacedAdapter) notes on the
+# response how long it did, in seconds: that time does not count against timeout.
+PACING_ATTRIBUTE = "paced_seconds"
+# Answers are read in pieces of at most this many (decoded) bytes.
+READ_CHUNK_BYTES = 16 * 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class ApiFailure(Exception):
@@ -99,6 +110,17 @@ def normalise_state(raw: str) -> str:
     name = raw[6:] if raw.startswith("Import") and raw[6:7].isupper() else raw
     snake = _CAMEL.sub("_", name).lower().replace(" ", "_").replace("-", "_")
     return _STATE_ALIASES.get(snake, snake)
+
+
+def label_text(text: str) -> str:
+    """Server text made safe for a label value: valid UTF-8 (lone surrogates, which
+    JSON allows and UTF-8 cannot encode, become U+FFFD), control characters removed.
+
+    Without this, one such name in one listing would make every scrape fail.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return _CONTROL.sub("", _SURROGATE.sub("\ufffd", text))
 
 
 class JobRecord(NamedTuple):
@@ -204,7 +226,7 @@ def failure_text(raw: Any, secret: str) -> str:
     whitespace collapsed, the API key scrubbed should a server ever echo it."""
     if raw is None:
         return ""
-    text = " ".join(_scrub(str(raw), secret).split())
+    text = label_text(" ".join(_scrub(str(raw), secret).split()))
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
 
 
@@ -237,15 +259,15 @@ def list_import_jobs(session: requests.Session, cluster: ClusterConfig, current_
             params: dict[str, str | int] = {
                 "clusterId": cluster.cluster_id, "pageSize": settings.page_size,
                 "currentPage": current_page}
-            payload = _request(session, cluster, "list", "/v1/vector/collections/import/list",
-                               observe, params=params, page=current_page)
+            answer = _request(session, cluster, "list", "/v1/vector/collections/import/list",
+                              observe, params=params, page=current_page)
         else:
             body = {"clusterId": cluster.cluster_id, "pageSize": settings.page_size,
                     "currentPage": current_page, "dbName": cluster.db_name,
                     "projectId": cluster.project_id, "regionId": cluster.region_id}
-            payload = _request(session, cluster, "list", "/v2/vectordb/jobs/import/list",
-                               observe, body=body, page=current_page)
-        return _parse(payload, cluster)
+            answer = _request(session, cluster, "list", "/v2/vectordb/jobs/import/list",
+                              observe, body=body, page=current_page)
+        return parse_list_answer(answer, cluster)
     result: ListingPage = _scrubbed(call, cluster.api_key)
     return result
 
@@ -265,28 +287,35 @@ def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_i
     def call() -> JobDetails:
         if cluster.api == "v1":
             params: dict[str, str | int] = {"jobId": job_id, "clusterId": cluster.cluster_id}
-            payload = _request(session, cluster, "describe",
-                               "/v1/vector/collections/import/get", observe, params=params)
-            return _parse_v1_details(_data(payload, cluster), job_id, cluster.api_key)
-        body = {"jobId": job_id, "clusterId": cluster.cluster_id,
-                "projectId": cluster.project_id, "regionId": cluster.region_id}
-        path = GET_PROGRESS_PATH if get_progress else DESCRIBE_PATH
-        payload = _request(session, cluster, "describe", path, observe, body=body)
-        return _parse_v2_details(_data(payload, cluster), job_id, cluster.api_key)
+            answer = _request(session, cluster, "describe",
+                              "/v1/vector/collections/import/get", observe, params=params)
+        else:
+            body = {"jobId": job_id, "clusterId": cluster.cluster_id,
+                    "projectId": cluster.project_id, "regionId": cluster.region_id}
+            path = GET_PROGRESS_PATH if get_progress else DESCRIBE_PATH
+            answer = _request(session, cluster, "describe", path, observe, body=body)
+        return parse_describe_answer(answer, cluster, job_id)
     result: JobDetails = _scrubbed(call, cluster.api_key)
     return result
 
 
 def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, path: str,
              observe: Observer, *, params: dict[str, str | int] | None = None,
-             body: dict[str, Any] | None = None, page: int = 0) -> Any:
-    """Send one request (GET with ``params`` or POST with ``body``); the decoded JSON."""
+             body: dict[str, Any] | None = None, page: int = 0) -> bytearray:
+    """Send one request (GET with ``params`` or POST with ``body``); the answer's body.
+
+    The answer is streamed, so ``max_response_bytes`` caps what is held, and
+    ``timeout`` bounds the whole answer, not each socket read as requests' own
+    timeout does: a server that never stops sending fails with reason timeout.
+    """
     timeout = cluster.settings.timeout
     try:
         if body is None:
-            response = session.get(cluster.url + path, params=params, timeout=timeout)
+            response = session.get(cluster.url + path, params=params, timeout=timeout,
+                                   stream=True)
         else:
-            response = session.post(cluster.url + path, json=body, timeout=timeout)
+            response = session.post(cluster.url + path, json=body, timeout=timeout,
+                                    stream=True)
     except requests.Timeout:
         observe(endpoint, "error")
         raise TimeoutFailure(f"no answer from {cluster.host} within {timeout:g}s") from None
@@ -301,25 +330,78 @@ def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, p
         observe(endpoint, "error")
         raise ConnectionFailure(f"request to {cluster.host} failed: {type(exc).__name__}") \
             from None
-    status = response.status_code
-    observe(endpoint, str(status))
-    if log.isEnabledFor(logging.DEBUG):
-        fields: dict[str, Any] = {"cluster_name": cluster.name,
-                                  "path": urlsplit(response.url).path, "status": status,
-                                  "duration_seconds": round(response.elapsed.total_seconds(), 3)}
-        if page:
-            fields["page"] = page
-        log.debug("api request", extra={"fields": fields})
-    if status in (401, 403):
-        raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
-    if status != 200:
-        raise HttpFailure(f"HTTP {status} from {cluster.host}", status,
-                          parse_retry_after(response.headers.get("Retry-After")))
-    try:
-        return response.json()
-    except ValueError:
-        raise DecodeFailure(f"{cluster.host} answered with a body that is not JSON") from None
+    # The answer's headers are in; the body gets what is left of the timeout. Time
+    # queued for the exporter's own rate limiter (see ratelimit.PacedAdapter) is no
+    # part of the request.
+    spent = response.elapsed.total_seconds() - getattr(response, PACING_ATTRIBUTE, 0.0)
+    deadline = time.monotonic() + max(0.0, timeout - spent)
+    with response:
+        status = response.status_code
+        observe(endpoint, str(status))
+        if log.isEnabledFor(logging.DEBUG):
+            fields: dict[str, Any] = {"cluster_name": cluster.name,
+                                      "path": urlsplit(response.url).path, "status": status,
+                                      "duration_seconds": round(
+                                          response.elapsed.total_seconds(), 3)}
+            if page:
+                fields["page"] = page
+            log.debug("api request", extra={"fields": fields})
+        if status in (401, 403):
+            raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
+        if status != 200:
+            raise HttpFailure(f"HTTP {status} from {cluster.host}", status,
+                              parse_retry_after(response.headers.get("Retry-After")))
+        return _read_body(response, cluster, deadline)
 
+
+def _read_body(response: requests.Response, cluster: ClusterConfig,
+               deadline: float) -> bytearray:
+    """The whole body, or DecodeFailure past max_response_bytes, TimeoutFailure past
+    the deadline. Each socket read waits at most for what is left of the deadline."""
+    host, limit = cluster.host, cluster.settings.max_response_bytes
+    too_large = f"{host} answered more than max_response_bytes={limit} bytes"
+    declared = (response.headers.get("Content-Length") or "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise DecodeFailure(too_large)
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    body = bytearray()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutFailure(f"{host} did not finish its answer within "
+                                     f"{cluster.settings.timeout:g}s")
+            if sock is not None:
+                sock.settimeout(left)
+            # read1: what has arrived, so the deadline is checked between arrivals
+            chunk = raw.read1(READ_CHUNK_BYTES, decode_content=True)
+            if not chunk:
+                return body       # not copied: json reads a bytearray as it is
+            body += chunk
+            if len(body) > limit:
+                raise DecodeFailure(too_large)
+    except (ReadTimeoutError, socket.timeout):
+        raise TimeoutFailure(f"{host} did not finish its answer within "
+                             f"{cluster.settings.timeout:g}s") from None
+    except DecodeError:
+        raise DecodeFailure(f"{host} answered a body that does not decompress") from None
+    except (ProtocolError, OSError) as exc:
+        raise ConnectionFailure(f"{host} broke off its answer: "
+                                f"{_connection_reason(exc)}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(answer: bytes | bytearray, host: str) -> Any:
+    """JSON, strictly: NaN and Infinity are not JSON, and nesting too deep for the
+    parser is as malformed as a syntax error."""
+    try:
+        return json.loads(answer, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise DecodeFailure(f"{host} answered with a body that is not JSON") from None
 
 def _ssl_reason(exc: Exception) -> str:
     text = str(exc)
@@ -346,10 +428,13 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
     code = payload.get("code")
     success = V1_SUCCESS_CODES if cluster.api == "v1" else V2_SUCCESS_CODES
     if type(code) is not int or code not in success:   # a list or object is no code
-        message = str(payload.get("message") or "no message")[:200]
+        message = payload.get("message")
+        message = failure_text(message, "") if isinstance(message, str) and message \
+            else "no message"
         if type(code) is int and code in AUTH_BODY_CODES:
             raise AuthFailure(f"{host} refused the credentials: code {code}: {message}")
-        raise ApiFailure(f"{host} answered code {str(code)[:40]}: {message}")
+        shown = str(code) if type(code) is int else type(code).__name__
+        raise ApiFailure(f"{host} answered code {shown[:40]}: {message}")
     data = payload.get("data")
     if data is None:
         data = {}
@@ -358,9 +443,14 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
     return data
 
 
-def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
+def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> ListingPage:
+    """One page of the listing from an answer's body; raises only ApiFailure.
+
+    Every field is checked: a malformed one is reason decode, never an exception
+    that would escape the poll.
+    """
     host = cluster.host
-    data = _data(payload, cluster)
+    data = _data(_json(answer, host), cluster)
     items = data.get("tasks" if cluster.api == "v1" else "records")
     if items is None:
         items = []
@@ -369,46 +459,73 @@ def _parse(payload: Any, cluster: ClusterConfig) -> ListingPage:
     records = []
     reasons: dict[str, str] = {}
     for item in items:
-        try:
-            job_id = item["jobId"]
-            state = item["state"]
-            collection = item.get("collectionName") or ""
-            progress = item.get("progress")
-            reason = item.get("reason")
-        except (TypeError, KeyError, AttributeError):
-            raise DecodeFailure(f"{host} answered a job without jobId or state") from None
+        if not isinstance(item, dict) or "jobId" not in item or "state" not in item:
+            raise DecodeFailure(f"{host} answered a job without jobId or state")
+        job_id, state = item["jobId"], item["state"]
+        collection = item.get("collectionName") or ""
+        progress = _percent(item.get("progress"))
+        reason = item.get("reason")
         if type(job_id) is not str:
-            if not isinstance(job_id, int) or isinstance(job_id, bool):
+            if type(job_id) is not int:
                 raise DecodeFailure(f"{host} answered a job whose jobId is malformed")
             job_id = str(job_id)
-        if type(state) is not str:
-            raise DecodeFailure(f"{host} answered a job whose state is malformed")
-        if type(progress) is not int:
-            progress = int(progress) if isinstance(progress, float) else -1
-        records.append(JobRecord(job_id, collection if type(collection) is str
-                                 else str(collection), normalise_state(state), progress))
+        if type(state) is not str or type(collection) is not str or progress is None \
+                or not (reason is None or type(reason) is str):
+            raise DecodeFailure(f"{host} answered a job {label_text(job_id)[:80]!r} with a "
+                                "malformed state, collectionName, progress or reason")
+        job_id = label_text(job_id)
+        records.append(JobRecord(job_id, label_text(collection),
+                                 normalise_state(label_text(state)), progress))
         if reason:
             reasons[job_id] = failure_text(reason, cluster.api_key)
     count = data.get("count")
-    if isinstance(count, bool) or not isinstance(count, int):
+    if type(count) is not int:
         count = None
     return ListingPage(records=tuple(records), count=count, reasons=reasons)
 
 
+def parse_describe_answer(answer: bytes | bytearray, cluster: ClusterConfig,
+                          job_id: str) -> JobDetails:
+    """A job's details from an answer's body; raises only ApiFailure."""
+    data = _data(_json(answer, cluster.host), cluster)
+    if cluster.api == "v1":
+        return _parse_v1_details(data, job_id, cluster.api_key)
+    return _parse_v2_details(data, job_id, cluster.api_key)
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (bools included)."""
+    if type(value) is int:
+        return float(min(value, 2 ** 62)) if value > -2 ** 62 else float(-2 ** 62)
+    if type(value) is float and math.isfinite(value):
+        return value
+    return None
+
+
+def _percent(value: Any) -> int | None:
+    """A progress percentage clamped to 0-100, -1 when absent; None when it is not a
+    number (a finite one: 1e400 parses as infinity)."""
+    if value is None:
+        return -1
+    number = _finite(value)
+    if number is None:
+        return None
+    return min(100, max(0, round(number)))
+
+
 def _number(value: Any) -> int:
     """A whole non-negative number from a JSON field, -1 when absent or malformed."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    number = _finite(value)
+    if number is None or number < 0:
         return -1
-    return int(value)
+    return int(number)
 
 
 def _parse_v1_details(data: dict[str, Any], job_id: str, secret: str) -> JobDetails:
     # readyPercentage is documented as a percentage; whether a server sends 0-1
     # instead is unconfirmed, so it is read as the contract says: 0-100.
-    ready = data.get("readyPercentage")
-    progress = -1
-    if isinstance(ready, (int, float)) and not isinstance(ready, bool) and ready >= 0:
-        progress = min(100, round(ready))
+    ready = _finite(data.get("readyPercentage"))
+    progress = -1 if ready is None or ready < 0 else min(100, round(ready))
     error = data.get("errorMessage")
     return JobDetails(job_id=job_id, progress=progress,
                       reason=failure_text(error, secret) if error else "")
@@ -421,5 +538,6 @@ def _parse_v2_details(data: dict[str, Any], job_id: str, secret: str) -> JobDeta
     return JobDetails(job_id=job_id, progress=min(progress, 100),
                       imported_rows=_number(data.get("importedRows")),
                       total_rows=_number(data.get("totalRows")),
-                      state=normalise_state(state) if isinstance(state, str) and state else "",
+                      state=normalise_state(label_text(state))
+                      if isinstance(state, str) and state else "",
                       reason=failure_text(reason, secret) if reason else "")

@@ -20,6 +20,9 @@ REDACTED = "<secret>"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Binary units only, as the contract says: "32MB" is refused rather than guessed at.
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -71,6 +74,8 @@ class PollSettings:
     # Zilliz Cloud allows about 20 per second per user and endpoint; 10 leaves room
     # for the key's other users (the import pipeline itself).
     requests_per_second: float = key("number", 10.0, 0.01, 10_000)
+    # A larger answer fails the poll (reason decode) instead of filling the memory.
+    max_response_bytes: int = key("size", 32 * 1024 * 1024, 1024, 2 ** 40)
 
 
 SETTING_KEYS = _keys(PollSettings)
@@ -149,13 +154,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
-_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3,
-               "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3}
-
-
 def parse_size(value: Any) -> int:
-    """Parse "512KiB", "32MiB", "1GiB" (or KB/MB/GB) or a plain number of bytes."""
+    """Parse "512KiB", "32MiB", "1GiB" or a plain number of bytes."""
     if isinstance(value, bool):
         raise ValueError("not a size")
     if isinstance(value, int):

@@ -541,6 +541,13 @@ class JobHistory:
 
         collections = {collection for collection, _ in counts}
         self._collections = collections
+        # A collection that left the listing leaves /metrics, counters included (a
+        # counter that comes back starts again from 0, which Prometheus reads as a
+        # reset), so series and memory stay flat under collection churn.
+        for key in [k for k in self._transitions if k[0] not in collections]:
+            del self._transitions[key]
+        for collection in [c for c in self._rows_imported if c not in collections]:
+            del self._rows_imported[collection]
         for collection in collections:
             for state in CANONICAL_STATES:
                 counts.setdefault((collection, state), 0)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 import requests
 
 from exporter.client import (
-    CANONICAL_STATES, ApiFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
+    CANONICAL_STATES, ApiFailure, DecodeFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
     PaginationFailure, describe_import_job, list_import_jobs, make_session,
 )
 from exporter.config import ClusterConfig, PollSettings
@@ -149,6 +149,7 @@ class SnapshotBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snapshots: dict[str, ClusterSnapshot] = {}
+        self.version = 0      # changes with every publish and removal: a cache key
 
     def snapshots(self) -> tuple[ClusterSnapshot, ...]:
         return tuple(self._snapshots.values())
@@ -162,10 +163,12 @@ class SnapshotBoard:
         with self._lock:
             if current():
                 self._snapshots = {**self._snapshots, snapshot.cluster.name: snapshot}
+                self.version += 1
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._snapshots = {k: v for k, v in self._snapshots.items() if k != name}
+            self.version += 1
 
 
 def backoff_delay(attempt: int, retry_after: float | None, cap: float,
@@ -210,7 +213,8 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     Stops on a short or empty page, on a reached total, on a page that brings
     no new job id (servers that ignore paging), and fails past max_pages. A first
     page holding more jobs than were asked for is a server that ignores paging
-    (Milvus): it is the whole listing, and no second request is sent.
+    (Milvus): it is the whole listing, and no second request is sent; a later page
+    doing so is refused (pagination).
     ``wait`` sleeps between retries and returns True when the poller must stop.
     """
     settings = cluster.settings
@@ -228,9 +232,14 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
         result = with_retries(
             lambda: list_import_jobs(session, cluster, page, observe), settings,
             wait=wait, rng=rng, log_fields={"cluster_name": cluster.name, "page": page})
+        oversized = len(result.records) > settings.page_size
+        if oversized and page > 1:
+            raise PaginationFailure(
+                f"page {page} held {len(result.records)} jobs, more than the "
+                f"page_size={settings.page_size} asked for")
         new_ids = listing.extend(result.records, result.reasons)
         listing.pages = page
-        if page == 1 and len(result.records) > settings.page_size:
+        if oversized:           # page 1 of a server that ignores paging: the whole listing
             break
         if result.count is not None and result.count > len(result.records):
             total = result.count        # a count larger than its page is a total
@@ -291,6 +300,7 @@ class ClusterPoller:
         self._unknown_states: set[str] = set()
         self._get_progress = False    # describe answered 404: an old Milvus
         self._failing = False
+        self._crashes: set[type[BaseException]] = set()   # logged with a traceback once
         self._snapshot = ClusterSnapshot(cluster=cluster, shard=shard)
         board.publish(self._snapshot, self._current)
 
@@ -336,78 +346,102 @@ class ClusterPoller:
                 self.poll_once()
             except Stopped:
                 return
-            except Exception:  # a bug must not kill the cluster's schedule
-                log.exception("poll crashed", extra={"fields": {
-                    "cluster_name": self.cluster.name}})
             if self._stop.wait(next_poll_delay(interval, time.monotonic() - started)):
                 return
 
     def poll_once(self) -> ClusterSnapshot:
         """One poll: fetch, fold into history, publish. Returns the new snapshot."""
-        cluster = self.cluster
         started = time.monotonic()
+        try:
+            return self._poll(started)
+        except Stopped:
+            raise
+        except ApiFailure as failure:     # not from the listing: still a failed poll
+            return self._publish_failure(failure, started)
+        except Exception as exc:
+            # A bug must neither kill the cluster's schedule nor leave it silently
+            # stale: the poll fails like any other, and the traceback is logged once.
+            if self._stop.is_set():
+                raise Stopped() from None
+            first = type(exc) not in self._crashes
+            self._crashes.add(type(exc))
+            if first:
+                log.error("poll crashed; counted as a failed poll (reason decode)",
+                          exc_info=True, extra={"fields": {
+                              "cluster_name": self.cluster.name}})
+            return self._publish_failure(
+                DecodeFailure(f"internal error handling the answer: {type(exc).__name__}"),
+                started, log_it=not first)
+
+    def _poll(self, started: float) -> ClusterSnapshot:
+        cluster = self.cluster
         try:
             listing = fetch_listing(self._session, cluster, observe=self._observe,
                                     wait=self._wait, rng=self._rng)
         except ApiFailure as failure:
-            duration = time.monotonic() - started
             if self._stop.is_set():
                 raise Stopped() from None
-            self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
-            fields = {"cluster_name": cluster.name, "reason": failure.reason,
-                      "error": str(failure), "duration_seconds": round(duration, 3)}
-            if self._failing:
-                log.warning("poll failed", extra={"fields": fields})
-            else:
-                log.warning("cluster started failing", extra={"fields": fields})
-            self._failing = True
-            snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
-                               last_error_reason=failure.reason, last_error=str(failure),
-                               poll_errors=dict(self._poll_errors),
-                               api_requests=dict(self._api_requests),
-                               rate_limit_wait=self._rate_limit_wait())
+            return self._publish_failure(failure, started)
+        for state in listing.states() - self._unknown_states:
+            if state not in CANONICAL_STATES:
+                self._unknown_states.add(state)
+                log.warning("unknown job state; counted under its own name",
+                            extra={"fields": {"cluster_name": cluster.name,
+                                              "state": state}})
+        settings = cluster.settings
+        summary = self._history.apply(
+            listing, stuck_after=settings.stuck_after,
+            stall_after=settings.stall_after,
+            max_stuck_series=settings.max_stuck_job_series,
+            rules=detail_rules(cluster))
+        duration = time.monotonic() - started
+        if self._stop.is_set():
+            raise Stopped()
+        fields = {"cluster_name": cluster.name, "duration_seconds": round(duration, 3),
+                  "pages": listing.pages, "jobs": len(listing)}
+        if self._failing:
+            log.info("cluster recovered", extra={"fields": fields})
         else:
-            for state in listing.states() - self._unknown_states:
-                if state not in CANONICAL_STATES:
-                    self._unknown_states.add(state)
-                    log.warning("unknown job state; counted under its own name",
-                                extra={"fields": {"cluster_name": cluster.name,
-                                                  "state": state}})
-            settings = cluster.settings
-            summary = self._history.apply(
-                listing, stuck_after=settings.stuck_after,
-                stall_after=settings.stall_after,
-                max_stuck_series=settings.max_stuck_job_series,
-                rules=detail_rules(cluster))
-            duration = time.monotonic() - started
-            if self._stop.is_set():
-                raise Stopped()
-            fields = {"cluster_name": cluster.name, "duration_seconds": round(duration, 3),
-                      "pages": listing.pages, "jobs": len(listing)}
-            if self._failing:
-                log.info("cluster recovered", extra={"fields": fields})
-            else:
-                log.debug("poll succeeded", extra={"fields": fields})
-            self._failing = False
-            if len(listing) >= TRIM_AFTER_JOBS:
-                del listing
-                release_free_memory()
-            snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
-                               last_success=self._clock(), jobs=summary,
-                               poll_errors=dict(self._poll_errors),
-                               api_requests=dict(self._api_requests),
-                               rate_limit_wait=self._rate_limit_wait())
-            self._snapshot = snapshot
-            self._board.publish(snapshot, self._current)
-            # The listing is out; details follow in a second snapshot, so a slow or
-            # failing describe endpoint never holds the listing back.
-            if self._describe_jobs():
-                snapshot = replace(snapshot, poll_duration=time.monotonic() - started,
-                                   jobs=self._history.refresh(summary),
-                                   api_requests=dict(self._api_requests),
-                                   rate_limit_wait=self._rate_limit_wait())
-            else:
-                return snapshot
+            log.debug("poll succeeded", extra={"fields": fields})
+        self._failing = False
+        if len(listing) >= TRIM_AFTER_JOBS:
+            del listing
+            release_free_memory()
+        snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
+                           last_success=self._clock(), jobs=summary,
+                           poll_errors=dict(self._poll_errors),
+                           api_requests=dict(self._api_requests),
+                           rate_limit_wait=self._rate_limit_wait())
+        self._snapshot = snapshot
+        self._board.publish(snapshot, self._current)
+        # The listing is out; details follow in a second snapshot, so a slow or
+        # failing describe endpoint never holds the listing back.
+        if not self._describe_jobs():
+            return snapshot
+        snapshot = replace(snapshot, poll_duration=time.monotonic() - started,
+                           jobs=self._history.refresh(summary),
+                           api_requests=dict(self._api_requests),
+                           rate_limit_wait=self._rate_limit_wait())
+        self._snapshot = snapshot
+        self._board.publish(snapshot, self._current)
+        return snapshot
+
+    def _publish_failure(self, failure: ApiFailure, started: float,
+                         log_it: bool = True) -> ClusterSnapshot:
+        """Publish a failed poll: up 0, the reason counted, job series kept until stale."""
+        duration = time.monotonic() - started
+        self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
+        if log_it:
+            fields = {"cluster_name": self.cluster.name, "reason": failure.reason,
+                      "error": str(failure), "duration_seconds": round(duration, 3)}
+            log.warning("poll failed" if self._failing else "cluster started failing",
+                        extra={"fields": fields})
+        self._failing = True
+        snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
+                           last_error_reason=failure.reason, last_error=str(failure),
+                           poll_errors=dict(self._poll_errors),
+                           api_requests=dict(self._api_requests),
+                           rate_limit_wait=self._rate_limit_wait())
         self._snapshot = snapshot
         self._board.publish(snapshot, self._current)
         return snapshot

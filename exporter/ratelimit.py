@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from exporter.client import PACING_ATTRIBUTE
+
 RECOVERY_SECONDS = 60.0
 
 
@@ -220,9 +222,12 @@ class PacedAdapter(HTTPAdapter):
                     raise Interrupted("stopped while waiting for the rate limiter")
         finally:
             bucket.leave(ticket)
+            paced = max(0.0, self._clock() - started)
             with self._lock:
-                self.waited += max(0.0, self._clock() - started)
+                self.waited += paced
         response = super().send(request, *args, **kwargs)
+        # requests' elapsed includes the wait; the client's timeout must not.
+        setattr(response, PACING_ATTRIBUTE, paced)
         if response.status_code == 429:
             bucket.throttled(sent)
         return response

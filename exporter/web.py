@@ -3,14 +3,22 @@
 ``create_server`` takes everything it serves as arguments (registry, board,
 callbacks), so the HTTP layer is tested without pollers or a network. Scrapes
 render the registry; they never wait on a poll.
+
+The exposition is rendered once per change of the snapshot board and per second
+(ages move with the clock), each encoding at most once, and every scraper in
+between is served the same bytes (``ExpositionCache``): fifty scrapers cost one
+render. A series that cannot be encoded is left out and counted in
+``zilliz_import_render_errors_total``; the rest of the scrape is still served.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import gzip
 import hashlib
 import html
+import io
 import logging
 import socket
 import ssl
@@ -18,11 +26,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Iterable, cast
 
 import bcrypt
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.client import CANONICAL_STATES
@@ -30,6 +40,18 @@ from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 log = logging.getLogger("exporter.web")
+
+# The largest request body we accept (POST /-/reload needs none).
+MAX_REQUEST_BODY = 65536
+# Seconds a request head may pause between two reads before the connection is
+# dropped; an idle keep-alive connection waits for its next request IDLE_TIMEOUT.
+HEAD_READ_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0
+# Distinct encodings (content types, gzip or not) kept per render.
+_MAX_ENCODINGS = 8
+_EOF = b"# EOF\n"
+
+Encoder = Callable[[Collector], bytes]
 
 
 @dataclass
@@ -44,6 +66,119 @@ class WebApp:
     reload: Callable[[], str | None] = lambda: None   # None when applied, else the error
     is_ready: Callable[[], bool] = lambda: True
     clock: Callable[[], float] = time.time
+    cache_exposition: bool = True      # False renders on every scrape (the benchmark's baseline)
+
+
+class _Families(Collector):
+    """Some metric families in the shape the encoders take (anything with collect())."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+class ExpositionCache:
+    """/metrics bodies, rendered once per board change and second, per encoding.
+
+    Rendering holds a lock, so scrapers arriving together wait for one render
+    instead of each doing it; none of them ever waits on a poll.
+    """
+
+    def __init__(self, registry: CollectorRegistry, board: SnapshotBoard,
+                 clock: Callable[[], float] = time.time, enabled: bool = True) -> None:
+        self._registry = registry
+        self._board = board
+        self._clock = clock
+        self._enabled = enabled
+        self._lock = threading.Lock()
+        self._key: tuple[int, int] | None = None
+        self._bodies: dict[tuple[str, bool], bytes] = {}
+        self.render_errors = 0       # series left out, cumulative
+        self._logged: set[str] = set()    # metrics and failures already logged
+
+    def body(self, encoder: Encoder, content_type: str, gzipped: bool) -> bytes:
+        if not self._enabled:
+            with self._lock:
+                return self._encode(encoder, content_type, gzipped, {})
+        key = (self._board.version, int(self._clock()))
+        with self._lock:
+            if key != self._key:
+                self._key, self._bodies = key, {}
+            return self._encode(encoder, content_type, gzipped, self._bodies)
+
+    def invalidate(self) -> None:
+        """Render afresh on the next scrape (after a reload: its gauge changed)."""
+        with self._lock:
+            self._key = None
+
+    def _encode(self, encoder: Encoder, content_type: str, gzipped: bool,
+                bodies: dict[tuple[str, bool], bytes]) -> bytes:
+        """From ``bodies`` or rendered into it; gzip compresses the plain body."""
+        body = bodies.get((content_type, gzipped))
+        if body is None:
+            body = gzip.compress(self._encode(encoder, content_type, False, bodies),
+                                 compresslevel=1) if gzipped else self._render(encoder)
+            if len(bodies) < _MAX_ENCODINGS:
+                bodies[(content_type, gzipped)] = body
+        return body
+
+    def _render(self, encoder: Encoder) -> bytes:
+        """Encode every family; a family that fails is encoded again sample by
+        sample, leaving out (and counting) only the samples that cannot be."""
+        families: list[Metric] = []
+        errors = 0
+        try:
+            for family in self._registry.collect():
+                families.append(family)
+        except Exception as exc:
+            errors += 1
+            if repr(type(exc)) not in self._logged:      # once, not every second
+                self._logged.add(repr(type(exc)))
+                log.error("a collector failed; its series are left out of scrapes",
+                          exc_info=True)
+        parts = []
+        for family in families:
+            try:
+                parts.append(self._one(encoder, family))
+                continue
+            except Exception:
+                pass
+            kept = []
+            for sample in family.samples:
+                probe = copy.copy(family)
+                probe.samples = [sample]
+                try:
+                    self._one(encoder, probe)
+                except Exception:
+                    errors += 1
+                    continue
+                kept.append(sample)
+            if family.name not in self._logged:      # once per metric, not per scrape
+                self._logged.add(family.name)
+                log.warning("series left out of scrapes: they cannot be encoded",
+                            extra={"fields": {"metric": family.name,
+                                              "left_out": len(family.samples) - len(kept)}})
+            family = copy.copy(family)
+            family.samples = kept
+            try:
+                parts.append(self._one(encoder, family))
+            except Exception:         # not the samples: the family itself
+                errors += 1
+        self.render_errors += errors
+        counter = CounterMetricFamily(
+            "zilliz_import_render_errors_total", "Series that could not be rendered and "
+            "were left out of a scrape (the rest of the scrape is still served).",
+            value=self.render_errors)
+        parts.append(self._one(encoder, counter))
+        body = b"".join(parts)
+        return body + _EOF if encoder(_Families([])).endswith(_EOF) else body
+
+    @staticmethod
+    def _one(encoder: Encoder, family: Metric) -> bytes:
+        encoded = encoder(_Families([family]))
+        return encoded[:-len(_EOF)] if encoded.endswith(_EOF) else encoded
 
 
 # A bcrypt hash of a password nobody has: an unknown user costs one bcrypt check like a
@@ -91,6 +226,7 @@ class _AuthCache:
 class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128      # socketserver's 5 drops connections under a scrape burst
     ssl_context: ssl.SSLContext | None = None
 
     def get_request(self):  # type: ignore[no-untyped-def]
@@ -233,11 +369,27 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
     auth = _AuthCache(dict(app.web_config.basic_auth_users)) \
         if app.web_config.basic_auth_users else None
 
+    cache = ExpositionCache(app.registry, app.board, app.clock, app.cache_exposition)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True
-        timeout = 60
+        timeout = IDLE_TIMEOUT
         server_version = f"zilliz-import-exporter/{__version__}"
+
+        def handle_one_request(self) -> None:
+            """Wait up to IDLE_TIMEOUT for a request; once it starts, each read of its
+            head may pause only HEAD_READ_TIMEOUT, so a trickling client lets go."""
+            self.connection.settimeout(IDLE_TIMEOUT)
+            try:
+                started = cast(io.BufferedReader, self.rfile).peek(1)
+            except (OSError, ValueError):
+                started = b""
+            if not started:
+                self.close_connection = True
+                return
+            self.connection.settimeout(HEAD_READ_TIMEOUT)
+            super().handle_one_request()
 
         def log_message(self, format: str, *args: object) -> None:
             log.debug("http request", extra={"fields": {"client": self.client_address[0],
@@ -287,15 +439,21 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
         def do_POST(self) -> None:
             if not self._authorised():
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(min(length, 65536))
+            declared = (self.headers.get("Content-Length") or "0").strip()
+            if not declared.isdigit() or int(declared) > MAX_REQUEST_BODY:
+                # Answered at once: reading a body of unknown length would hang.
+                self.close_connection = True
+                self._send(400, b"Bad Content-Length\n", headers={"Connection": "close"})
+                return
+            if int(declared):
+                self.rfile.read(int(declared))
             if self.path.split("?", 1)[0] != "/-/reload":
                 self._send(405, b"Method not allowed\n")
             elif not app.lifecycle:
                 self._send(403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n")
             else:
                 error = app.reload()
+                cache.invalidate()
                 if error is None:
                     self._send(200, b"Reloaded\n")
                 else:
@@ -303,12 +461,10 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
 
         def _metrics(self) -> None:
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encoder(app.registry)
-            headers = {}
-            if "gzip" in (self.headers.get("Accept-Encoding") or ""):
-                body = gzip.compress(body, compresslevel=1)
-                headers["Content-Encoding"] = "gzip"
-            self._send(200, body, content_type, headers)
+            gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "")
+            body = cache.body(encoder, content_type, gzipped)
+            self._send(200, body, content_type,
+                       {"Content-Encoding": "gzip"} if gzipped else None)
 
     server_class: type[ExporterServer] = ExporterServer
     if ":" in host:

@@ -215,7 +215,7 @@ def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text,size", [
     ("512KiB", 512 * 1024), ("32MiB", 32 * 1024 ** 2), ("1GiB", 1024 ** 3), (4096, 4096),
-    ("4096", 4096), ("1.5KiB", 1536), ("2MB", 2_000_000)])
+    ("4096", 4096), ("1.5KiB", 1536), ("2MiB", 2 * 1024 ** 2)])
 def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
@@ -238,7 +238,7 @@ def test_every_key_reads_back_from_check_config_output() -> None:
                 "retries": 0, "stuck_after": "3h", "stall_after": 0, "stale_after": "90s",
                 "max_stuck_job_series": 3, "max_describes_per_poll": 0, "max_job_series": 4,
                 "max_failed_job_series": 5, "failed_job_window": "1d",
-                "requests_per_second": 2.5}
+                "requests_per_second": 2.5, "max_response_bytes": "512KiB"}
     assert set(settings) == set(SETTING_KEYS)
     config = parse_config({"defaults": settings, "clusters": [
         cluster(tls_insecure_skip_verify=True, retries=1),

@@ -73,7 +73,7 @@ class SimProcess:
     def yaml_entry(self, name: str, **extra: Any) -> dict[str, Any]:
         c = self.config(name)
         entry: dict[str, Any] = {"name": name, "url": c.url, "api": c.api, "api_key": c.api_key,
-                                 "requests_per_second": UNPACED}
+                                 "requests_per_second": 10_000}   # the config's maximum
         if c.cluster_id:
             entry["cluster_id"] = c.cluster_id
         entry.update(extra)
@@ -525,10 +525,297 @@ def memory_and_writes(tmp: Path, big_jobs: int) -> None:
         sim.close()
 
 
+
+# ---- issue 13: hostile servers, churn, TLS bursts, many scrapers ------------------------
+
+HOSTILE_SERVER = r"""
+import sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+RECORD = b'{"jobId": "j%09d", "collectionName": "c", "state": "Pending"}, '
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def log_message(self, *a): pass
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def chunk(data):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        try:
+            chunk(b'{"code": 0, "data": {"records": [')
+            if not self.path.startswith("/endless"):   # valid records, then the end
+                size = 200_000_000 if self.path.startswith("/huge") else 31 * 2**20
+                sent, i = 0, 0
+                while sent < size:
+                    block = b"".join(RECORD % (i + k) for k in range(1000))
+                    chunk(block); sent += len(block); i += 1000
+                chunk(b'{"jobId": "last", "state": "Pending"}]}}')
+                self.wfile.write(b"0\r\n\r\n")
+            else:                                   # never ends, 100 KB/s: not the cap
+                while True:
+                    chunk(b" " * 1024)
+                    time.sleep(0.01)
+        except OSError:
+            pass
+        self.close_connection = True
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.stdin.read()
+"""
+
+HOSTILE_CLIENT = r"""
+import json, resource, sys, time
+from exporter.client import ApiFailure, list_import_jobs, make_session
+from exporter.config import ClusterConfig, PollSettings
+from exporter.memory import resident_bytes
+url, timeout, prefix = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+cluster = ClusterConfig(name="h", url=url + prefix, api="v2",
+                        settings=PollSettings(timeout=timeout, retries=0))
+before = resident_bytes()
+started = time.monotonic()
+try:
+    list_import_jobs(make_session(cluster), cluster, 1)
+    reason = "none"
+except ApiFailure as failure:
+    reason = failure.reason
+print(json.dumps({"reason": reason, "seconds": time.monotonic() - started,
+                  "before": before,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def hostile_answers() -> None:
+    print("Hostile answers: 200 MB, never-ending, and just under max_response_bytes (32MiB); "
+          "timeout 5s")
+    server = subprocess.Popen([sys.executable, "-c", HOSTILE_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert server.stdout is not None
+    url = f"http://127.0.0.1:{int(server.stdout.readline())}"
+    try:
+        for name, prefix in (("200 MB answer", "/huge"), ("endless chunked answer", "/endless"),
+                             ("31 MiB answer (just under the cap)", "/max")):
+            out = subprocess.run([sys.executable, "-c", HOSTILE_CLIENT, url, "5", prefix],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=120,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            result = json.loads(out.stdout)
+            grew = (result["peak"] - result["before"]) / 2**20
+            report(f"{name}: reason {result['reason']}, seconds taken",
+                   f"{result['seconds']:.2f} s", "5 s timeout", result["seconds"] / 5,
+                   "<= 1.2 (timeout + 1 s)")
+            if prefix == "/max":     # parsed: what a maximal answer costs, against the cap
+                report(f"{name}: peak RSS growth vs the cap", f"{grew:.1f} MiB", "32 MiB",
+                       grew / 32, "a small multiple")
+            else:
+                report(f"{name}: peak RSS growth", f"{grew:.1f} MiB", "64 MiB", grew / 64,
+                       "< 1")
+    finally:
+        server.terminate()
+
+
+CHURN_CHILD = r"""
+import json, sys
+from prometheus_client import CollectorRegistry, generate_latest
+from exporter.collector import ImportCollector
+from exporter.config import ClusterConfig, PollSettings
+from exporter.history import JobHistory
+from exporter.memory import release_free_memory, resident_bytes
+from exporter.poller import ClusterPoller, SnapshotBoard
+from exporter.simulator import Simulator
+polls = int(sys.argv[1])
+now = [1_000_000.0]
+clock = lambda: now[0]
+board = SnapshotBoard()
+registry = CollectorRegistry()
+registry.register(ImportCollector(board, clock=clock))
+out = {}
+with Simulator() as sim:
+    c = sim.add_cluster("churn", "v2")
+    config = ClusterConfig(name="churn", url=sim.url_for("churn"), api="v2",
+                           cluster_id=c.cluster_id, api_key=c.api_key,
+                           settings=PollSettings(retries=0, max_describes_per_poll=5,
+                                                 requests_per_second=100000))
+    poller = ClusterPoller(config, board, JobHistory("churn", clock=clock), clock=clock)
+    rounds = []
+    for i in range(polls):
+        if rounds:
+            for job_id in rounds[-1]:
+                c.set_rows(job_id, 10, 10)
+                c.set_state(job_id, "completed" if i % 2 else "failed", 100)
+        rounds.append(c.add_jobs(20, f"coll-{i}", "importing", progress=50))
+        if len(rounds) > 5:
+            c.remove_jobs(rounds.pop(0))
+        poller.poll_once()
+        now[0] += 60
+        if i + 1 in (polls // 5, polls):
+            text = generate_latest(registry).decode()
+            release_free_memory()
+            out[i + 1] = {"rss": resident_bytes(),
+                          "series": sum(1 for l in text.splitlines()
+                                        if l.startswith("zilliz_import_")),
+                          "stale": sum(1 for l in text.splitlines() if 'collection="coll-' in l
+                                       and int(l.split('collection="coll-')[1].split('"')[0])
+                                       < i - 5)}
+print(json.dumps(out))
+"""
+
+
+def collection_churn(polls: int) -> None:
+    print(f"Collection churn: {polls} polls, a new collection each, 5 listed at once")
+    out = subprocess.run([sys.executable, "-c", CHURN_CHILD, str(polls)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(out.stdout)
+    early, late = result[str(polls // 5)], result[str(polls)]
+    report(f"series after {polls} polls vs after {polls // 5}", str(late["series"]),
+           str(early["series"]), late["series"] / early["series"], "= 1.00")
+    report("series of collections no longer listed", str(late["stale"]), "0", None, "= 0")
+    grew = (late["rss"] - early["rss"]) / 2**20
+    report(f"RSS growth from poll {polls // 5} to {polls}", f"{grew:.2f} MiB",
+           f"{early['rss'] / 2**20:.1f} MiB", late["rss"] / early["rss"], "~ 1.00 (flat)")
+
+
+def tls_burst(tmp: Path, connections: int) -> None:
+    print(f"{connections} TLS connections opened at once, then closed")
+    import datetime  # noqa: F401 - conftest's certificate helpers need cryptography
+    import socket
+    import ssl
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from conftest import _cert, _name, _write
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("bench ca", ca_key, _name("bench ca"), ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert("server", key, ca.subject, ca_key, server=True)
+    ca_file = _write(tmp / "ca.pem", ca)
+    web = tmp / "web.yml"
+    web.write_text(json.dumps({"tls_server_config": {
+        "cert_file": _write(tmp / "server.pem", cert), "key_file": _write(tmp / "server.key",
+                                                                         key=key)}}))
+    sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 100, "collections": 5}])
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
+        exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
+                                   ["--web.config.file", str(web)],
+                                   env={"PYTHONPATH": str(ROOT)})
+        exporter.start()
+        port = exporter.port
+        ctx = ssl.create_default_context(cafile=ca_file)
+        time.sleep(3)
+        assert exporter.proc is not None
+        rss = lambda: int(re.search(r"VmRSS:\s+(\d+) kB", Path(  # noqa: E731
+            f"/proc/{exporter.proc.pid}/status").read_text()).group(1)) * 1024  # type: ignore
+        before = rss()
+        socks = []
+        for _ in range(connections):
+            sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30),
+                                   server_hostname="127.0.0.1")
+            sock.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(4096)
+            socks.append(sock)
+        peak = rss()
+        for sock in socks:
+            sock.close()
+        time.sleep(10)
+        after = rss()
+        exporter.stop()
+        report("RSS before the burst", f"{before / 2**20:.1f} MiB", "", None, "")
+        report(f"RSS with {connections} TLS connections open", f"{peak / 2**20:.1f} MiB",
+               f"{before / 2**20:.1f} MiB", peak / before, "")
+        report("RSS 10 s after they closed, growth over before",
+               f"{(after - before) / 2**20:.1f} MiB", "8 MiB", (after - before) / 2**20 / 8,
+               "< 1")
+    finally:
+        sim.close()
+
+
+SCRAPE_CHILD = r"""
+import sys, time
+from exporter.cli import build_registry
+from exporter.config import ClusterConfig, PollSettings
+from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.web import WebApp, create_server
+base, clusters, cached = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "cached"
+board = SnapshotBoard()
+group = PollerGroup(board)
+group.apply(tuple(ClusterConfig(name=f"c{i}", url=base, api="v2", cluster_id=f"in01-c{i}",
+                                api_key=f"key-c{i}",
+                                settings=PollSettings(interval=2, requests_per_second=100000))
+                  for i in range(clusters)))
+server = create_server(WebApp(registry=build_registry(board, lambda: True), board=board,
+                              cache_exposition=cached), "127.0.0.1", 0)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def many_scrapers(seconds: float, scrapers: int = 50, clusters: int = 10) -> None:
+    print(f"{scrapers} concurrent scrapers for {seconds:g} s of polls on {clusters} clusters "
+          "x 2,000 jobs (interval 2s)")
+    import threading
+    sim = SimProcess([{"name": f"c{i}", "flavour": "v2", "jobs": 2000, "collections": 20,
+                       "states": ["pending", "importing", "completed", "failed"]}
+                      for i in range(clusters)])
+    figures = {}
+    try:
+        for mode in ("bypassed", "cached"):
+            child = subprocess.Popen([sys.executable, "-c", SCRAPE_CHILD, sim.url,
+                                      str(clusters), mode], stdout=subprocess.PIPE, text=True,
+                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert child.stdout is not None
+            url = f"http://127.0.0.1:{int(child.stdout.readline())}/metrics"
+            wait_until(lambda: requests.get(url, timeout=30).text.count(
+                "zilliz_import_up{") == clusters, 120, "every cluster polled")
+            latencies: list[float] = []
+            errors = [0]
+            lock = threading.Lock()
+            end = time.monotonic() + seconds
+
+            def scrape() -> None:
+                session = requests.Session()
+                mine = []
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    try:
+                        response = session.get(url, timeout=30)
+                        ok = response.status_code == 200 and response.content
+                    except requests.RequestException:
+                        ok = False
+                    mine.append(time.perf_counter() - started)
+                    if not ok:
+                        with lock:
+                            errors[0] += 1
+                with lock:
+                    latencies.extend(mine)
+            threads = [threading.Thread(target=scrape) for _ in range(scrapers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            child.terminate()
+            child.wait()
+            latencies.sort()
+            figures[mode] = (len(latencies) / seconds, latencies[int(len(latencies) * 0.99)],
+                             statistics.median(latencies), errors[0])
+    finally:
+        sim.close()
+    cached, bypassed = figures["cached"], figures["bypassed"]
+    report("scrapes per second, cached vs rendered every scrape", f"{cached[0]:.0f}/s",
+           f"{bypassed[0]:.0f}/s", cached[0] / bypassed[0], ">= 10")
+    report("scrape p99 with the cache", f"{cached[1] * 1000:.0f} ms",
+           f"{bypassed[1] * 1000:.0f} ms", cached[1] / bypassed[1], "p99 < 1 s")
+    report("scrape median with the cache", f"{cached[2] * 1000:.0f} ms",
+           f"{bypassed[2] * 1000:.0f} ms", cached[2] / bypassed[2], "")
+    report("failed scrapes with the cache", str(cached[3]), str(bypassed[3]), None, "= 0")
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
-    sections = ["requests", "poll", "round", "limiter", "paced", "details", "scrape", "memory"]
+    sections = ["requests", "poll", "round", "limiter", "paced", "details", "scrape", "memory",
+                "hostile", "churn", "tls", "scrapers"]
     parser.add_argument("--only", choices=sections + ["fleet"], action="append",
                         help="run only these sections (fleet, the 6-minute rate-limit trial, "
                         "runs only when named)")
@@ -558,6 +845,14 @@ def main() -> None:
             scrape_latency(Path(tmp), 200 if args.quick else 400, 100000)
         if "memory" in wanted:
             memory_and_writes(Path(tmp), 100000)
+        if "hostile" in wanted:
+            hostile_answers()
+        if "churn" in wanted:
+            collection_churn(500)
+        if "tls" in wanted:
+            tls_burst(Path(tmp), 500)
+        if "scrapers" in wanted:
+            many_scrapers(10 if args.quick else 30)
     print("\n| figure | ours | floor | ratio | target |\n|---|---|---|---|---|")
     for row in RESULTS:
         print("| " + " | ".join(row) + " |")

@@ -1,0 +1,177 @@
+"""/metrics under load and under bad data: one render per board change and second,
+bad series left out and counted, bad requests answered at once."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import threading
+import time
+from typing import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from conftest import FakeClock, parse_metrics
+from exporter import web
+from exporter.config import ClusterConfig
+from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.web import ExpositionCache, WebApp, create_server
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+class Counting(Collector):
+    """One gauge per cluster name; counts how often it was collected."""
+
+    def __init__(self, names: tuple[str, ...] = ("a", "b")) -> None:
+        self.names = names
+        self.collected = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.collected += 1
+        family = GaugeMetricFamily("zilliz_import_up", "up", labels=["cluster_name"])
+        for name in self.names:
+            family.add_metric([name], 1)
+        yield family
+
+
+def cache_for(collector: Collector, enabled: bool = True
+              ) -> tuple[ExpositionCache, SnapshotBoard, FakeClock]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    board, clock = SnapshotBoard(), FakeClock()
+    return ExpositionCache(registry, board, clock, enabled), board, clock
+
+
+def text(cache: ExpositionCache, accept: str = "", gzipped: bool = False) -> str:
+    encoder, content_type = choose_encoder(accept)
+    body = cache.body(encoder, content_type, gzipped)
+    return (gzip.decompress(body) if gzipped else body).decode()
+
+
+def test_one_render_per_board_change_and_second_each_encoding_once() -> None:
+    collector = Counting()
+    cache, board, clock = cache_for(collector)
+    first = text(cache)
+    for _ in range(20):
+        assert text(cache) == first
+        assert text(cache, gzipped=True) == first        # compressed from the same render
+    assert collector.collected == 1
+    assert text(cache, OPENMETRICS).endswith("# EOF\n")
+    assert text(cache, OPENMETRICS, gzipped=True) == text(cache, OPENMETRICS)
+    assert collector.collected == 2                       # one per encoding
+    clock.advance(0.5)
+    text(cache)
+    assert collector.collected == 2                       # same second
+    clock.advance(0.5)
+    text(cache)
+    assert collector.collected == 3                       # ages move with the second
+    board.publish(ClusterSnapshot(cluster=ClusterConfig(name="x", url="http://h", api="v2")))
+    text(cache)
+    assert collector.collected == 4                       # the board changed
+
+
+def test_bypassed_cache_renders_every_scrape() -> None:
+    collector = Counting()
+    cache, _, _ = cache_for(collector, enabled=False)
+    for _ in range(3):
+        text(cache)
+    assert collector.collected == 3
+
+
+class Unencodable(Collector):
+    """One label value that UTF-8 cannot encode (a lone surrogate), among good ones."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("zilliz_import_jobs", "jobs",
+                                   labels=["cluster_name", "collection"])
+        family.add_metric(["good", "docs"], 3)
+        family.add_metric(["bad", "x\ud800"], 1)
+        family.add_metric(["other", "images"], 2)
+        yield family
+        yield from Counting(("good", "bad", "other")).collect()
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS])
+def test_a_series_that_cannot_be_encoded_is_left_out_and_counted(accept: str) -> None:
+    cache, _, clock = cache_for(Unencodable())
+    body = text(cache, accept)
+    metrics = parse_metrics(body)
+    jobs = {labels: v for (name, labels), v in metrics.items() if name == "zilliz_import_jobs"}
+    assert jobs == {(("cluster_name", "good"), ("collection", "docs")): 3,
+                    (("cluster_name", "other"), ("collection", "images")): 2}
+    assert len([k for k in metrics if k[0] == "zilliz_import_up"]) == 3
+    assert metrics[("zilliz_import_render_errors_total", ())] == 1
+    clock.advance(1)
+    assert parse_metrics(text(cache, accept))[("zilliz_import_render_errors_total", ())] == 2
+
+
+class Crashing(Collector):
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a bug")
+
+
+def test_a_crashing_collector_leaves_the_others_served() -> None:
+    registry = CollectorRegistry()
+    registry.register(Counting())
+    registry.register(Crashing())
+    cache = ExpositionCache(registry, SnapshotBoard(), FakeClock())
+    metrics = parse_metrics(text(cache))
+    assert metrics[("zilliz_import_up", (("cluster_name", "a"),))] == 1
+    assert metrics[("zilliz_import_render_errors_total", ())] == 1
+
+
+# ---- the HTTP server ----------------------------------------------------------------------
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, int]]:
+    registry = CollectorRegistry()
+    registry.register(Counting())
+    srv = create_server(WebApp(registry=registry, board=SnapshotBoard(), lifecycle=True),
+                        "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield "127.0.0.1", srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def exchange(address: tuple[str, int], request: bytes) -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                break
+        return answer
+
+
+@pytest.mark.parametrize("length", ["-5", "abc", "1e3", str(10 ** 12)])
+def test_a_bad_content_length_is_400_at_once(server: tuple[str, int], length: str) -> None:
+    answer = exchange(server, f"POST /-/reload HTTP/1.1\r\nHost: x\r\n"
+                              f"Content-Length: {length}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_good_content_length_is_read(server: tuple[str, int]) -> None:
+    answer = exchange(server, b"POST /-/reload HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 2\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_trickling_request_head_is_dropped(server: tuple[str, int],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web, "HEAD_READ_TIMEOUT", 0.2)
+    with socket.create_connection(server, timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")   # and never the end
+        started = time.monotonic()
+        assert sock.recv(1024) == b""                          # closed by the server
+        assert time.monotonic() - started < 4                  # not the 60 s idle wait
