@@ -35,7 +35,7 @@ import requests
 from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
 from exporter import __version__
-from exporter.config import ClusterConfig
+from exporter.config import REDACTED, ClusterConfig
 
 log = logging.getLogger("exporter.client")
 
@@ -43,7 +43,10 @@ CANONICAL_STATES = ("pending", "importing", "completed", "failed")
 ACTIVE_STATES = frozenset({"pending", "importing"})
 TERMINAL_STATES = frozenset({"completed", "failed"})
 
-AUTH_BODY_CODES = frozenset({80001, 21119, 1800})
+# Body codes that mean the credentials are refused (API-NOTES): v1 80001 "The token is
+# illegal" and 80002 "The token is invalid"; v2 21119 "The apikey is illegal." and
+# 96014-96017 "no permission for the cluster" (like HTTP 403); Milvus 1800 (with HTTP 401).
+AUTH_BODY_CODES = frozenset({80001, 80002, 21119, 96014, 96015, 96016, 96017, 1800})
 V1_SUCCESS_CODES = frozenset({200})
 # Milvus 2.4.0 to about 2.4.4 answered 200 in v2 bodies; later servers answer 0.
 V2_SUCCESS_CODES = frozenset({0, 200})
@@ -215,9 +218,9 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 def _scrub(text: str, secret: str) -> str:
     if secret:
-        text = text.replace(secret, "<secret>")
+        text = text.replace(secret, REDACTED)
         if ":" in secret:  # user:password: never show the password alone either
-            text = text.replace(secret.split(":", 1)[1], "<secret>")
+            text = text.replace(secret.split(":", 1)[1], REDACTED)
     return text
 
 

@@ -67,9 +67,12 @@ class WebApp:
     is_ready: Callable[[], bool] = lambda: True
     clock: Callable[[], float] = time.time
     cache_exposition: bool = True      # False renders on every scrape (the benchmark's baseline)
+    # Changes whenever something rendered from outside the board changes (a reload sets
+    # zilliz_import_config_last_reload_successful): part of the exposition cache's key.
+    generation: Callable[[], int] = lambda: 0
 
 
-class _Families(Collector):
+class FamilyList(Collector):
     """Some metric families in the shape the encoders take (anything with collect())."""
 
     def __init__(self, families: Iterable[Metric]) -> None:
@@ -87,13 +90,17 @@ class ExpositionCache:
     """
 
     def __init__(self, registry: CollectorRegistry, board: SnapshotBoard,
-                 clock: Callable[[], float] = time.time, enabled: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, enabled: bool = True,
+                 generation: Callable[[], int] = lambda: 0) -> None:
+        """``generation`` changes with what the board does not hold (a reload, by
+        SIGHUP, auto-reload or /-/reload), so that shows at the next scrape too."""
         self._registry = registry
         self._board = board
         self._clock = clock
         self._enabled = enabled
+        self._generation = generation
         self._lock = threading.Lock()
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[int, int, int] | None = None
         self._bodies: dict[tuple[str, bool], bytes] = {}
         self.render_errors = 0       # series left out, cumulative
         self._logged: set[str] = set()    # metrics and failures already logged
@@ -102,16 +109,11 @@ class ExpositionCache:
         if not self._enabled:
             with self._lock:
                 return self._encode(encoder, content_type, gzipped, {})
-        key = (self._board.version, int(self._clock()))
+        key = (self._board.version, self._generation(), int(self._clock()))
         with self._lock:
             if key != self._key:
                 self._key, self._bodies = key, {}
             return self._encode(encoder, content_type, gzipped, self._bodies)
-
-    def invalidate(self) -> None:
-        """Render afresh on the next scrape (after a reload: its gauge changed)."""
-        with self._lock:
-            self._key = None
 
     def _encode(self, encoder: Encoder, content_type: str, gzipped: bool,
                 bodies: dict[tuple[str, bool], bytes]) -> bytes:
@@ -124,9 +126,20 @@ class ExpositionCache:
                 bodies[(content_type, gzipped)] = body
         return body
 
+    def families(self, encoder: Encoder) -> list[Metric]:
+        """What a scrape serves, as families: every series that ``encoder`` can encode
+        (the rest left out and counted), then the render-errors counter. For --once,
+        which writes through prometheus_client.write_to_textfile."""
+        with self._lock:
+            return [family for family, _ in self._encodable(encoder)]
+
     def _render(self, encoder: Encoder) -> bytes:
-        """Encode every family; a family that fails is encoded again sample by
-        sample, leaving out (and counting) only the samples that cannot be."""
+        body = b"".join(part for _, part in self._encodable(encoder))
+        return body + _EOF if encoder(FamilyList([])).endswith(_EOF) else body
+
+    def _encodable(self, encoder: Encoder) -> list[tuple[Metric, bytes]]:
+        """Every family with its encoding; a family that fails is encoded again sample
+        by sample, leaving out (and counting) only the samples that cannot be."""
         families: list[Metric] = []
         errors = 0
         try:
@@ -138,10 +151,10 @@ class ExpositionCache:
                 self._logged.add(repr(type(exc)))
                 log.error("a collector failed; its series are left out of scrapes",
                           exc_info=True)
-        parts = []
+        parts: list[tuple[Metric, bytes]] = []
         for family in families:
             try:
-                parts.append(self._one(encoder, family))
+                parts.append((family, self._one(encoder, family)))
                 continue
             except Exception:
                 pass
@@ -163,7 +176,7 @@ class ExpositionCache:
             family = copy.copy(family)
             family.samples = kept
             try:
-                parts.append(self._one(encoder, family))
+                parts.append((family, self._one(encoder, family)))
             except Exception:         # not the samples: the family itself
                 errors += 1
         self.render_errors += errors
@@ -171,13 +184,12 @@ class ExpositionCache:
             "zilliz_import_render_errors_total", "Series that could not be rendered and "
             "were left out of a scrape (the rest of the scrape is still served).",
             value=self.render_errors)
-        parts.append(self._one(encoder, counter))
-        body = b"".join(parts)
-        return body + _EOF if encoder(_Families([])).endswith(_EOF) else body
+        parts.append((counter, self._one(encoder, counter)))
+        return parts
 
     @staticmethod
     def _one(encoder: Encoder, family: Metric) -> bytes:
-        encoded = encoder(_Families([family]))
+        encoded = encoder(FamilyList([family]))
         return encoded[:-len(_EOF)] if encoded.endswith(_EOF) else encoded
 
 
@@ -369,7 +381,8 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
     auth = _AuthCache(dict(app.web_config.basic_auth_users)) \
         if app.web_config.basic_auth_users else None
 
-    cache = ExpositionCache(app.registry, app.board, app.clock, app.cache_exposition)
+    cache = ExpositionCache(app.registry, app.board, app.clock, app.cache_exposition,
+                            app.generation)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -453,7 +466,6 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
                 self._send(403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n")
             else:
                 error = app.reload()
-                cache.invalidate()
                 if error is None:
                     self._send(200, b"Reloaded\n")
                 else:

@@ -80,7 +80,11 @@ def test_v2_accepts_code_0_and_the_old_milvus_200(code: int) -> None:
 
 @pytest.mark.parametrize("cluster,url,body,error,reason", [
     (V1, V1_URL, {"code": 80001, "message": "Invalid token"}, AuthFailure, "auth"),
+    (V1, V1_URL, {"code": 80002, "message": "The token is invalid"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 21119, "message": "The apikey is illegal."}, AuthFailure, "auth"),
+    *[(V2, V2_URL, {"code": code, "message": "no permission for the cluster"}, AuthFailure,
+       "auth") for code in (96014, 96015, 96016, 96017)],
+    (V2, V2_URL, {"code": 96008, "message": "pageSize out of range"}, ApiFailure, "api"),
     (V2, V2_URL, {"code": 1800, "message": "user hasn't authenticated"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 100, "message": "collection not found"}, ApiFailure, "api"),
     (V1, V1_URL, {"code": 0, "data": {}}, ApiFailure, "api"),  # v1 success is 200
