@@ -32,8 +32,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
-from exporter.client import (
-    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobDetails, JobRecord, NameIndex,
+from exporter.client import JobDetails
+from exporter.jobs import (
+    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, state_index,
 )
 
 log = logging.getLogger("exporter.history")
@@ -396,7 +397,7 @@ class JobHistory:
         self.cluster = cluster
         self._store = store
         self._clock = clock
-        self._state_index = NameIndex(CANONICAL_STATES)
+        self._state_index = state_index()
         self._jobs: dict[str, bytes] = {}
         self._details: dict[str, _Details] = {}
         self._transitions: Counter[tuple[str, str]] = Counter()
@@ -467,8 +468,9 @@ class JobHistory:
             if progress < 0 or progress > 127:
                 progress = _clamp(progress)
             index = state_index.get(state)
-            if index is None:
+            if index is None:       # a new name, or past MAX_STATE_NAMES: OTHER_STATE
                 index = self._state_index(state)
+                state = self._state_index.names[index]
             previous = jobs.get(job_id)
             terminal = state in terminal_states
             newly_terminal = False

@@ -20,10 +20,11 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 import requests
 
 from exporter.client import (
-    CANONICAL_STATES, ApiFailure, DecodeFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
-    PaginationFailure, describe_import_job, list_import_jobs, make_session,
+    DecodeFailure, HttpFailure, JobDetails, PaginationFailure, PollFailure, describe_import_job,
+    list_import_jobs, make_session,
 )
 from exporter.config import ClusterConfig, PollSettings
+from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord, NameIndex
 from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
 from exporter.memory import release_free_memory
 from exporter.ratelimit import PacedAdapter, RateLimits, pace
@@ -192,7 +193,7 @@ def with_retries(call: Callable[[], T], settings: PollSettings, *,
     while True:
         try:
             return call()
-        except ApiFailure as failure:
+        except PollFailure as failure:
             if not failure.retryable or attempt >= settings.retries:
                 raise
             delay = backoff_delay(attempt, failure.retry_after,
@@ -208,7 +209,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                   observe: Callable[[str, str], None] = lambda endpoint, code: None,
                   wait: Callable[[float], bool] | None = None,
                   rng: random.Random | None = None) -> Listing:
-    """Page through one listing; raise ApiFailure (never return half a listing).
+    """Page through one listing; raise PollFailure (never return half a listing).
 
     Stops on a short or empty page, on a reached total, on a page that brings
     no new job id (servers that ignore paging), and fails past max_pages. A first
@@ -297,7 +298,8 @@ class ClusterPoller:
         self._thread: threading.Thread | None = None
         self._poll_errors: dict[str, int] = {}
         self._api_requests: dict[tuple[str, str], int] = {}
-        self._unknown_states: set[str] = set()
+        self._unknown_states: set[str] = set()    # at most MAX_UNKNOWN_STATES
+        self._states_capped = False
         self._get_progress = False    # describe answered 404: an old Milvus
         self._failing = False
         self._crashes: set[type[BaseException]] = set()   # logged with a traceback once
@@ -356,7 +358,7 @@ class ClusterPoller:
             return self._poll(started)
         except Stopped:
             raise
-        except ApiFailure as failure:     # not from the listing: still a failed poll
+        except PollFailure as failure:     # not from the listing: still a failed poll
             return self._publish_failure(failure, started)
         except Exception as exc:
             # A bug must neither kill the cluster's schedule nor leave it silently
@@ -378,16 +380,11 @@ class ClusterPoller:
         try:
             listing = fetch_listing(self._session, cluster, observe=self._observe,
                                     wait=self._wait, rng=self._rng)
-        except ApiFailure as failure:
+        except PollFailure as failure:
             if self._stop.is_set():
                 raise Stopped() from None
             return self._publish_failure(failure, started)
-        for state in listing.states() - self._unknown_states:
-            if state not in CANONICAL_STATES:
-                self._unknown_states.add(state)
-                log.warning("unknown job state; counted under its own name",
-                            extra={"fields": {"cluster_name": cluster.name,
-                                              "state": state}})
+        self._log_unknown_states(listing.states())
         settings = cluster.settings
         summary = self._history.apply(
             listing, stuck_after=settings.stuck_after,
@@ -426,7 +423,25 @@ class ClusterPoller:
         self._board.publish(snapshot, self._current)
         return snapshot
 
-    def _publish_failure(self, failure: ApiFailure, started: float,
+    def _log_unknown_states(self, states: set[str]) -> None:
+        """Log each unknown state name once, up to MAX_UNKNOWN_STATES of them (beyond,
+        the history counts new names under OTHER_STATE): a server inventing names
+        grows neither this set nor the log without bound."""
+        for state in sorted(states - self._unknown_states):
+            if state in CANONICAL_STATES or self._states_capped:
+                continue
+            if len(self._unknown_states) >= MAX_UNKNOWN_STATES:
+                self._states_capped = True
+                log.warning("too many distinct job states; new ones are counted under "
+                            f"{OTHER_STATE!r} and not logged", extra={"fields": {
+                                "cluster_name": self.cluster.name, "state": state}})
+                continue
+            self._unknown_states.add(state)
+            log.warning("unknown job state; counted under its own name",
+                        extra={"fields": {"cluster_name": self.cluster.name,
+                                          "state": state}})
+
+    def _publish_failure(self, failure: PollFailure, started: float,
                          log_it: bool = True) -> ClusterSnapshot:
         """Publish a failed poll: up 0, the reason counted, job series kept until stale."""
         duration = time.monotonic() - started
@@ -463,7 +478,7 @@ class ClusterPoller:
                 details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
                                        wait=self._wait, rng=self._rng,
                                        log_fields=fields)
-            except ApiFailure as failure:
+            except PollFailure as failure:
                 if self._stop.is_set():
                     raise Stopped() from None
                 final = failure.reason in ("api", "decode")

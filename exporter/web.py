@@ -35,7 +35,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.client import CANONICAL_STATES
+from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
 

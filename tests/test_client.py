@@ -8,7 +8,7 @@ import responses
 from responses import matchers
 
 from exporter.client import (
-    ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure,
+    ApiFailure, AuthFailure, PollFailure, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure,
     JobDetails, describe_import_job, failure_text, list_import_jobs, make_session,
     normalise_state, parse_retry_after,
 )
@@ -102,6 +102,8 @@ def test_body_codes_are_classified(cluster, url, body, error, reason) -> None:
     with pytest.raises(error) as info:
         fetch(cluster)
     assert info.value.reason == reason and not info.value.retryable
+    assert isinstance(info.value, PollFailure)      # the root: every way a poll fails
+    assert isinstance(info.value, ApiFailure) == (reason == "api")
     assert KEY not in str(info.value)
 
 

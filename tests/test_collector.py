@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import FakeClock
 from exporter import __version__
-from exporter.client import JobRecord
+from exporter.jobs import JobRecord
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory

@@ -192,7 +192,7 @@ EVIL = "<script>document.title='pwned'</script> schema mismatch: field 'vec' dim
 
 
 def test_status_page_escapes_server_text_and_caps_sections() -> None:
-    from exporter.client import JobRecord
+    from exporter.jobs import JobRecord
     from exporter.history import FailedJob, JobHistory
     from exporter.poller import Listing
     from exporter.web import render_status_page
