@@ -30,11 +30,12 @@ from typing import Callable, Iterable, cast
 
 import bcrypt
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from exporter import __version__
+from exporter.collector import RENDER_ERRORS
 from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
@@ -180,10 +181,8 @@ class ExpositionCache:
             except Exception:         # not the samples: the family itself
                 errors += 1
         self.render_errors += errors
-        counter = CounterMetricFamily(
-            "zilliz_import_render_errors_total", "Series that could not be rendered and "
-            "were left out of a scrape (the rest of the scrape is still served).",
-            value=self.render_errors)
+        counter = RENDER_ERRORS.new()
+        counter.add_metric((), self.render_errors)
         parts.append((counter, self._one(encoder, counter)))
         return parts
 
@@ -325,34 +324,80 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
                     failed, "no failures within failed_job_window"))
 
 
+@dataclass(frozen=True)
+class ClusterRow:
+    """What the per-cluster table's cells are made from: one snapshot, at one time."""
+
+    snap: ClusterSnapshot
+    now: float
+    by_state: dict[str, int]          # empty when the jobs are unknown or stale
+
+    @classmethod
+    def of(cls, snap: ClusterSnapshot, now: float) -> "ClusterRow":
+        fresh = snap.jobs is not None and not snap.is_stale(now)
+        return cls(snap, now, snap.jobs.by_state() if snap.jobs is not None and fresh
+                   else {})
+
+    def status(self) -> str:
+        return "waiting" if not self.snap.polled else "up" if self.snap.up else "down"
+
+    def jobs(self, state: str) -> str:
+        return str(self.by_state.get(state, 0)) if self.by_state else "-"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the per-cluster table: its heading, its cell's text (escaped when
+    rendered) and its cell's CSS class."""
+
+    heading: str
+    cell: Callable[[ClusterRow], str]
+    css: Callable[[ClusterRow], str] = lambda row: ""
+
+
+def _state_column(state: str) -> Column:
+    return Column(state, lambda row: row.jobs(state))
+
+
+# The per-cluster table, one declaration per column, in order.
+CLUSTER_COLUMNS = (
+    Column("cluster", lambda row: row.snap.cluster.name),
+    Column("api", lambda row: row.snap.cluster.api),
+    Column("host", lambda row: row.snap.cluster.host),
+    Column("status", ClusterRow.status,
+           lambda row: {"waiting": "wait"}.get(row.status(), row.status())),
+    Column("last success", lambda row: _age(row.now - row.snap.last_success)
+           if row.snap.last_success else "never"),
+    Column("last error", lambda row: f"{row.snap.last_error_reason}: {row.snap.last_error}"
+           if row.snap.last_error_reason else "", lambda row: "err"),
+    *(_state_column(state) for state in CANONICAL_STATES),
+    Column("other", lambda row: str(sum(n for s, n in row.by_state.items()
+                                        if s not in CANONICAL_STATES))),
+    Column("stuck", lambda row: str(sum(row.snap.jobs.stuck.values()))
+           if row.snap.jobs is not None and row.by_state else "0"),
+    Column("interval", lambda row: f"{row.snap.cluster.settings.interval:g}s"),
+)
+
+
+def _cluster_table(snapshots: list[ClusterSnapshot], now: float) -> str:
+    head = "".join(f"<th>{html.escape(column.heading)}</th>" for column in CLUSTER_COLUMNS)
+    rows = []
+    for snap in snapshots:
+        row = ClusterRow.of(snap, now)
+        cells = []
+        for column in CLUSTER_COLUMNS:
+            css = column.css(row)
+            attribute = f' class="{css}"' if css else ""
+            cells.append(f"<td{attribute}>{html.escape(column.cell(row))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table id="clusters"><thead><tr>{head}</tr></thead><tbody>\n'
+            f"{''.join(rows)}\n</tbody></table>")
+
+
 def render_status_page(app: WebApp) -> str:
     """The landing page: links, one row per cluster, then the jobs that need a look."""
     now = app.clock()
-    rows = []
     snapshots = sorted(app.board.snapshots(), key=lambda s: s.cluster.name)
-    for snap in snapshots:
-        c = snap.cluster
-        by_state = snap.jobs.by_state() if snap.jobs is not None and not snap.is_stale(now) \
-            else {}
-        stuck = sum(snap.jobs.stuck.values()) if snap.jobs is not None and by_state else 0
-        if not snap.polled:
-            status = '<td class="wait">waiting</td>'
-        elif snap.up:
-            status = '<td class="up">up</td>'
-        else:
-            status = '<td class="down">down</td>'
-        last = _age(now - snap.last_success) if snap.last_success else "never"
-        error = (f"{html.escape(snap.last_error_reason)}: {html.escape(snap.last_error)}"
-                 if snap.last_error_reason else "")
-        states = "".join(f"<td>{by_state.get(s, 0) if by_state else '-'}</td>"
-                         for s in CANONICAL_STATES)
-        other = sum(n for s, n in by_state.items() if s not in CANONICAL_STATES)
-        rows.append(
-            f"<tr><td>{html.escape(c.name)}</td><td>{c.api}</td>"
-            f"<td>{html.escape(c.host)}</td>{status}<td>{last}</td>"
-            f"<td class=\"err\">{error}</td>{states}<td>{other}</td>"
-            f"<td>{stuck}</td><td>{c.settings.interval:g}s</td></tr>")
-    head = "".join(f"<th>{s}</th>" for s in CANONICAL_STATES)
     metrics = html.escape(app.telemetry_path)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Zilliz Import Exporter</title>
@@ -367,11 +412,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <p>Version {__version__}. <a href="{metrics}">Metrics</a> ·
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
 <h2>Clusters</h2>
-<table id="clusters"><thead><tr><th>cluster</th><th>api</th><th>host</th><th>status</th>
-<th>last success</th><th>last error</th>{head}<th>other</th><th>stuck</th>
-<th>interval</th></tr></thead><tbody>
-{''.join(rows)}
-</tbody></table>
+{_cluster_table(snapshots, now)}
 {_job_sections(snapshots, now)}</body></html>
 """
 

@@ -8,10 +8,11 @@ import responses
 from responses import matchers
 
 from exporter.client import (
-    ApiFailure, AuthFailure, PollFailure, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure,
-    JobDetails, describe_import_job, failure_text, list_import_jobs, make_session,
-    normalise_state, parse_retry_after,
+    ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, JobDetails,
+    PollFailure, TimeoutFailure, describe_import_job, failure_text, list_import_jobs,
+    make_session, parse_retry_after,
 )
+from exporter.jobs import normalise_state
 from exporter.config import ClusterConfig, PollSettings
 
 KEY = "zc-client-test-key-93b1"

@@ -19,7 +19,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from conftest import ROOT, fast_defaults, job_counts, require_tool, run_cli, wait_until
+from conftest import (
+    GOLDEN_NOW, ROOT, fast_defaults, golden_board, job_counts, require_tool, run_cli, wait_until,
+)
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
@@ -217,6 +219,25 @@ def test_status_page_escapes_server_text_and_caps_sections() -> None:
     assert stuck == ["c<1>", "<i>col</i>", "<b>id</b>", "importing", "10s", "age"]
     (running,) = table_rows(page, "running")
     assert running[4] == "10%" and running[5:] == ["-", "-"]
+
+
+def test_cluster_table_has_one_cell_per_declared_column() -> None:
+    """The per-cluster table is CLUSTER_COLUMNS: a new column is one declaration."""
+    from exporter.web import CLUSTER_COLUMNS, render_status_page
+    page = render_status_page(WebApp(registry=CollectorRegistry(), board=golden_board(),
+                                     clock=lambda: GOLDEN_NOW))
+    head = re.search(r'<table id="clusters"><thead><tr>(.*?)</tr>', page, re.S)
+    assert head and re.findall(r"<th>(.*?)</th>", head.group(1)) == \
+        [column.heading for column in CLUSTER_COLUMNS]
+    rows = {r[0]: r for r in table_rows(page, "clusters")}
+    assert list(rows) == ["milvus-a", "new-one", "prod-search"]
+    assert rows["prod-search"] == ["prod-search", "v1", "controller.api.gcp.zillizcloud.com",
+                                   "up", "20s ago", "", "1", "2", "7", "1", "3", "1", "60s"]
+    assert rows["milvus-a"] == ["milvus-a", "v2", "milvus:19530", "down", "60m ago",
+                                "auth: HTTP 401 from milvus: credentials refused",
+                                "-", "-", "-", "-", "0", "0", "60s"]     # stale: no jobs
+    assert rows["new-one"][3:5] == ["waiting", "never"]
+    assert '<td class="down">down</td>' in page and '<td class="wait">waiting</td>' in page
 
 
 def test_status_page_in_headless_chromium(simulator, exporter) -> None:
