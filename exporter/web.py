@@ -26,12 +26,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, cast
+from typing import Callable, Iterable, Mapping, cast
 
 import bcrypt
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from exporter import __version__
@@ -71,6 +71,15 @@ class WebApp:
     # Changes whenever something rendered from outside the board changes (a reload sets
     # zilliz_import_config_last_reload_successful): part of the exposition cache's key.
     generation: Callable[[], int] = lambda: 0
+    # Built from the fields above: what respond() keeps between requests.
+    cache: ExpositionCache = field(init=False, repr=False)
+    auth: _AuthCache | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache = ExpositionCache(self.registry, self.board, self.clock,
+                                     self.cache_exposition, self.generation)
+        self.auth = _AuthCache(dict(self.web_config.basic_auth_users)) \
+            if self.web_config.basic_auth_users else None
 
 
 class FamilyList(Collector):
@@ -417,13 +426,62 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 """
 
 
-def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
-    """A threaded HTTP(S) server for ``app``; call serve_forever() to run it."""
-    auth = _AuthCache(dict(app.web_config.basic_auth_users)) \
-        if app.web_config.basic_auth_users else None
+# status, headers (Content-Length aside: the server frames the body), body
+Response = tuple[int, dict[str, str], bytes]
+_TEXT = "text/plain; charset=utf-8"
 
-    cache = ExpositionCache(app.registry, app.board, app.clock, app.cache_exposition,
-                            app.generation)
+
+def respond(app: WebApp, method: str, path: str, headers: Mapping[str, str],
+            body: bytes = b"") -> Response:
+    """The answer to one request, without a socket: auth, routes, lifecycle, the status
+    page and /metrics content negotiation. Header names match in any case; a HEAD is
+    answered as a GET (the server leaves the body out)."""
+    asked = {name.lower(): value for name, value in headers.items()}
+    status, payload, content_type, extra = _route(app, method, path.split("?", 1)[0], asked,
+                                                  body)
+    return status, {"Content-Type": content_type, **app.web_config.headers, **extra}, payload
+
+
+def _route(app: WebApp, method: str, path: str, headers: dict[str, str],
+           body: bytes) -> tuple[int, bytes, str, dict[str, str]]:
+    """(status, body, content type, more headers) of one request."""
+    if app.auth is not None and not app.auth.check(headers.get("authorization")):
+        return 401, b"Unauthorized\n", _TEXT, {
+            "WWW-Authenticate": 'Basic realm="zilliz-import-exporter"'}
+    if method == "POST":
+        if path != "/-/reload":
+            return 405, b"Method not allowed\n", _TEXT, {}
+        if not app.lifecycle:
+            return 403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n", _TEXT, {}
+        error = app.reload()
+        if error is None:
+            return 200, b"Reloaded\n", _TEXT, {}
+        return 400, (error + "\n").encode("utf-8"), _TEXT, {}
+    if method not in ("GET", "HEAD"):
+        return 405, b"Method not allowed\n", _TEXT, {"Allow": "GET, HEAD, POST"}
+    if path == app.telemetry_path:
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        gzipped = gzip_accepted(headers.get("accept-encoding", ""))
+        return 200, app.cache.body(encoder, content_type, gzipped), content_type, \
+            {"Content-Encoding": "gzip"} if gzipped else {}
+    if path == "/":
+        return 200, render_status_page(app).encode("utf-8"), "text/html; charset=utf-8", {}
+    if path == "/-/healthy":
+        return 200, b"Healthy\n", _TEXT, {}
+    if path == "/-/ready":
+        if app.is_ready():
+            return 200, b"Ready\n", _TEXT, {}
+        return 503, b"Not ready: waiting for every cluster's first poll\n", _TEXT, {}
+    if path == "/-/reload":
+        return 405, b"Use POST\n", _TEXT, {"Allow": "POST"}
+    return 404, b"Not found\n", _TEXT, {}
+
+
+def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
+    """A threaded HTTP(S) server for ``app``; call serve_forever() to run it.
+
+    The handler only does what needs the socket (TLS, timeouts, keep-alive, reading a
+    request body, leaving a HEAD answer's body out); respond() does the rest."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -449,75 +507,33 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
             log.debug("http request", extra={"fields": {"client": self.client_address[0],
                                                         "request": format % args}})
 
-        def _send(self, status: int, body: bytes, content_type: str = "text/plain; "
-                  "charset=utf-8", headers: dict[str, str] | None = None) -> None:
+        def _send(self, response: Response) -> None:
+            status, headers, body = response
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Type", headers.pop("Content-Type"))
             self.send_header("Content-Length", str(len(body)))
-            for name, value in {**app.web_config.headers, **(headers or {})}.items():
+            for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
 
-        def _authorised(self) -> bool:
-            if auth is None or auth.check(self.headers.get("Authorization")):
-                return True
-            self._send(401, b"Unauthorized\n",
-                       headers={"WWW-Authenticate": 'Basic realm="zilliz-import-exporter"'})
-            return False
-
         def do_GET(self) -> None:
-            if not self._authorised():
-                return
-            path = self.path.split("?", 1)[0]
-            if path == app.telemetry_path:
-                self._metrics()
-            elif path == "/":
-                self._send(200, render_status_page(app).encode("utf-8"),
-                           "text/html; charset=utf-8")
-            elif path == "/-/healthy":
-                self._send(200, b"Healthy\n")
-            elif path == "/-/ready":
-                if app.is_ready():
-                    self._send(200, b"Ready\n")
-                else:
-                    self._send(503, b"Not ready: waiting for every cluster's first poll\n")
-            elif path == "/-/reload":
-                self._send(405, b"Use POST\n", headers={"Allow": "POST"})
-            else:
-                self._send(404, b"Not found\n")
+            self._send(respond(app, self.command, self.path, dict(self.headers.items())))
 
         do_HEAD = do_GET
 
         def do_POST(self) -> None:
-            if not self._authorised():
-                return
             declared = (self.headers.get("Content-Length") or "0").strip()
             if not declared.isdigit() or int(declared) > MAX_REQUEST_BODY:
-                # Answered at once: reading a body of unknown length would hang.
+                # Answered at once, before auth (as Go's net/http does): reading a body
+                # of unknown length would hang.
                 self.close_connection = True
-                self._send(400, b"Bad Content-Length\n", headers={"Connection": "close"})
+                self._send((400, {"Content-Type": _TEXT, **app.web_config.headers,
+                                  "Connection": "close"}, b"Bad Content-Length\n"))
                 return
-            if int(declared):
-                self.rfile.read(int(declared))
-            if self.path.split("?", 1)[0] != "/-/reload":
-                self._send(405, b"Method not allowed\n")
-            elif not app.lifecycle:
-                self._send(403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n")
-            else:
-                error = app.reload()
-                if error is None:
-                    self._send(200, b"Reloaded\n")
-                else:
-                    self._send(400, (error + "\n").encode("utf-8"))
-
-        def _metrics(self) -> None:
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "")
-            body = cache.body(encoder, content_type, gzipped)
-            self._send(200, body, content_type,
-                       {"Content-Encoding": "gzip"} if gzipped else None)
+            body = self.rfile.read(int(declared)) if int(declared) else b""
+            self._send(respond(app, "POST", self.path, dict(self.headers.items()), body))
 
     server_class: type[ExporterServer] = ExporterServer
     if ":" in host:
@@ -527,4 +543,3 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
     if app.web_config.tls is not None:
         server.ssl_context = tls_context(app.web_config.tls)
     return server
-
