@@ -37,6 +37,7 @@ from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 from exporter import __version__
 from exporter.config import REDACTED, ClusterConfig
 from exporter.jobs import JobRecord, normalise_state
+from exporter.logs import bind
 
 log = logging.getLogger("exporter.client")
 
@@ -304,13 +305,12 @@ def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, p
         status = response.status_code
         observe(endpoint, str(status))
         if log.isEnabledFor(logging.DEBUG):
-            fields: dict[str, Any] = {"cluster_name": cluster.name,
-                                      "path": urlsplit(response.url).path, "status": status,
+            fields: dict[str, Any] = {"path": urlsplit(response.url).path, "status": status,
                                       "duration_seconds": round(
                                           response.elapsed.total_seconds(), 3)}
             if page:
                 fields["page"] = page
-            log.debug("api request", extra={"fields": fields})
+            bind(log, cluster_name=cluster.name).debug("api request", extra={"fields": fields})
         if status in (401, 403):
             raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
         if status != 200:

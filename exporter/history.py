@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 from exporter.client import JobDetails
+from exporter.logs import bind
 from exporter.jobs import (
     ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, state_index,
 )
@@ -395,6 +396,7 @@ class JobHistory:
     def __init__(self, cluster: str, store: HistoryStore | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cluster = cluster
+        self._log = bind(log, cluster_name=cluster)
         self._store = store
         self._clock = clock
         self._state_index = state_index()
@@ -559,11 +561,10 @@ class JobHistory:
         candidates.sort(key=lambda job: (job.first_seen, job.job_id))
         if len(candidates) > max_stuck_series and not self._cap_logged:
             self._cap_logged = True
-            log.warning("more stuck jobs than max_stuck_job_series; the rest are counted "
-                        "in zilliz_import_jobs_stuck only",
-                        extra={"fields": {"cluster_name": self.cluster,
-                                          "stuck": len(candidates),
-                                          "max_stuck_job_series": max_stuck_series}})
+            self._log.warning("more stuck jobs than max_stuck_job_series; the rest are "
+                              "counted in zilliz_import_jobs_stuck only",
+                              extra={"fields": {"stuck": len(candidates),
+                                                "max_stuck_job_series": max_stuck_series}})
         transitions = dict(self._transitions)
         for collection in collections:
             for state in ("completed", "failed"):

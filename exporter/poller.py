@@ -26,6 +26,7 @@ from exporter.client import (
 from exporter.config import ClusterConfig, PollSettings
 from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord, NameIndex
 from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
+from exporter.logs import FieldsAdapter, bind
 from exporter.memory import release_free_memory
 from exporter.ratelimit import PacedAdapter, RateLimits, pace
 
@@ -183,7 +184,7 @@ def backoff_delay(attempt: int, retry_after: float | None, cap: float,
 
 def with_retries(call: Callable[[], T], settings: PollSettings, *,
                  wait: Callable[[float], bool], rng: random.Random,
-                 log_fields: Mapping[str, object]) -> T:
+                 logger: FieldsAdapter) -> T:
     """One API call, retried after timeouts, connection errors, 429 and 5xx.
 
     Backs off exponentially with jitter (Retry-After honoured); ``wait`` sleeps and
@@ -198,8 +199,8 @@ def with_retries(call: Callable[[], T], settings: PollSettings, *,
                 raise
             delay = backoff_delay(attempt, failure.retry_after,
                                   max(settings.interval, settings.timeout), rng)
-            log.debug("retrying request", extra={"fields": {
-                **log_fields, "reason": failure.reason, "delay_seconds": round(delay, 3)}})
+            logger.debug("retrying request", extra={"fields": {
+                "reason": failure.reason, "delay_seconds": round(delay, 3)}})
             attempt += 1
             if wait(delay):
                 raise Stopped() from None
@@ -222,6 +223,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     rng = rng or random.Random()
     wait = wait or threading.Event().wait
     listing = Listing()
+    cluster_log = bind(log, cluster_name=cluster.name)
     total: int | None = None
     page = 0
     while True:
@@ -232,7 +234,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                 f"({len(listing)} jobs so far)")
         result = with_retries(
             lambda: list_import_jobs(session, cluster, page, observe), settings,
-            wait=wait, rng=rng, log_fields={"cluster_name": cluster.name, "page": page})
+            wait=wait, rng=rng, logger=cluster_log.bind(page=page))
         oversized = len(result.records) > settings.page_size
         if oversized and page > 1:
             raise PaginationFailure(
@@ -284,6 +286,7 @@ class ClusterPoller:
         by default it waits on the poller's stop event (tests pass one that records
         the backoff instead of sleeping through it)."""
         self.cluster = cluster
+        self._log = bind(log, cluster_name=cluster.name)
         self._board = board
         self._history = history
         self._clock = clock
@@ -368,9 +371,8 @@ class ClusterPoller:
             first = type(exc) not in self._crashes
             self._crashes.add(type(exc))
             if first:
-                log.error("poll crashed; counted as a failed poll (reason decode)",
-                          exc_info=True, extra={"fields": {
-                              "cluster_name": self.cluster.name}})
+                self._log.error("poll crashed; counted as a failed poll (reason decode)",
+                                exc_info=True)
             return self._publish_failure(
                 DecodeFailure(f"internal error handling the answer: {type(exc).__name__}"),
                 started, log_it=not first)
@@ -394,12 +396,12 @@ class ClusterPoller:
         duration = time.monotonic() - started
         if self._stop.is_set():
             raise Stopped()
-        fields = {"cluster_name": cluster.name, "duration_seconds": round(duration, 3),
-                  "pages": listing.pages, "jobs": len(listing)}
+        fields = {"duration_seconds": round(duration, 3), "pages": listing.pages,
+                  "jobs": len(listing)}
         if self._failing:
-            log.info("cluster recovered", extra={"fields": fields})
+            self._log.info("cluster recovered", extra={"fields": fields})
         else:
-            log.debug("poll succeeded", extra={"fields": fields})
+            self._log.debug("poll succeeded", extra={"fields": fields})
         self._failing = False
         if len(listing) >= TRIM_AFTER_JOBS:
             del listing
@@ -432,14 +434,13 @@ class ClusterPoller:
                 continue
             if len(self._unknown_states) >= MAX_UNKNOWN_STATES:
                 self._states_capped = True
-                log.warning("too many distinct job states; new ones are counted under "
-                            f"{OTHER_STATE!r} and not logged", extra={"fields": {
-                                "cluster_name": self.cluster.name, "state": state}})
+                self._log.warning("too many distinct job states; new ones are counted "
+                                  f"under {OTHER_STATE!r} and not logged",
+                                  extra={"fields": {"state": state}})
                 continue
             self._unknown_states.add(state)
-            log.warning("unknown job state; counted under its own name",
-                        extra={"fields": {"cluster_name": self.cluster.name,
-                                          "state": state}})
+            self._log.warning("unknown job state; counted under its own name",
+                              extra={"fields": {"state": state}})
 
     def _publish_failure(self, failure: PollFailure, started: float,
                          log_it: bool = True) -> ClusterSnapshot:
@@ -447,9 +448,9 @@ class ClusterPoller:
         duration = time.monotonic() - started
         self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
         if log_it:
-            fields = {"cluster_name": self.cluster.name, "reason": failure.reason,
-                      "error": str(failure), "duration_seconds": round(duration, 3)}
-            log.warning("poll failed" if self._failing else "cluster started failing",
+            fields = {"reason": failure.reason, "error": str(failure),
+                      "duration_seconds": round(duration, 3)}
+            self._log.warning("poll failed" if self._failing else "cluster started failing",
                         extra={"fields": fields})
         self._failing = True
         snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
@@ -473,19 +474,18 @@ class ClusterPoller:
         plan = self._history.describe_plan()
         answered = False
         for job_id in plan:
-            fields = {"cluster_name": self.cluster.name, "job_id": job_id}
+            job_log = self._log.bind(job_id=job_id)
             try:
                 details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
-                                       wait=self._wait, rng=self._rng,
-                                       log_fields=fields)
+                                       wait=self._wait, rng=self._rng, logger=job_log)
             except PollFailure as failure:
                 if self._stop.is_set():
                     raise Stopped() from None
                 final = failure.reason in ("api", "decode")
                 self._history.record_details(job_id, None, final=final)
-                log.debug("describe failed; the job keeps its last known details",
-                          extra={"fields": {**fields, "reason": failure.reason,
-                                            "error": str(failure)}})
+                job_log.debug("describe failed; the job keeps its last known details",
+                              extra={"fields": {"reason": failure.reason,
+                                                "error": str(failure)}})
                 if not final or not answered:
                     break
                 continue
@@ -504,8 +504,8 @@ class ClusterPoller:
             if failure.status != 404 or self.cluster.api != "v2" or self._get_progress:
                 raise
         self._get_progress = True
-        log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) from "
-                 "now on", extra={"fields": {"cluster_name": self.cluster.name}})
+        self._log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) "
+                       "from now on")
         return describe_import_job(self._session, self.cluster, job_id, get_progress=True,
                                    observe=self._observe)
 
