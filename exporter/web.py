@@ -1,8 +1,9 @@
 """HTTP: /metrics, the status page, health, readiness and reload, behind TLS and auth.
 
-``create_server`` takes everything it serves as arguments (registry, board,
-callbacks), so the HTTP layer is tested without pollers or a network. Scrapes
-render the registry; they never wait on a poll.
+``respond`` answers one request from a ``WebApp`` (registry, board, callbacks)
+without a socket, so routes, auth and pages are tested in process; ``create_server``
+wraps it in a thin threaded HTTP(S) server. Scrapes render the registry; they never
+wait on a poll.
 
 The exposition is rendered once per change of the snapshot board and per second
 (ages move with the clock), each encoding at most once, and every scraper in
@@ -343,9 +344,8 @@ class ClusterRow:
 
     @classmethod
     def of(cls, snap: ClusterSnapshot, now: float) -> "ClusterRow":
-        fresh = snap.jobs is not None and not snap.is_stale(now)
-        return cls(snap, now, snap.jobs.by_state() if snap.jobs is not None and fresh
-                   else {})
+        return cls(snap, now, snap.jobs.by_state()
+                   if snap.jobs is not None and not snap.is_stale(now) else {})
 
     def status(self) -> str:
         return "waiting" if not self.snap.polled else "up" if self.snap.up else "down"
