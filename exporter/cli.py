@@ -29,7 +29,7 @@ from exporter.logs import LEVELS, setup_logging
 from exporter.memory import MemoryReturner, limit_malloc_arenas
 from exporter.poller import PollerGroup, SnapshotBoard
 from exporter.sharding import parse_shard_index, select_shard
-from exporter.web import WebApp, create_server
+from exporter.web import ExpositionCache, FamilyList, WebApp, create_server
 from exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
@@ -161,7 +161,7 @@ class ConfigWatcher:
             self.check(reload)
 
 
-class Runtime:
+class ConfigRuntime:
     """Holds the running configuration and applies reloads (SIGHUP or /-/reload)."""
 
     def __init__(self, config: Config, group: PollerGroup, shard: tuple[int, int],
@@ -172,6 +172,7 @@ class Runtime:
         self._loader = loader
         self._lock = threading.Lock()
         self.reload_ok = True
+        self.generation = 0     # counts reloads, applied or refused: a scrape cache key
         self._ready = False
 
     def clusters(self, config: Config) -> tuple[ClusterConfig, ...]:
@@ -187,24 +188,30 @@ class Runtime:
         """Apply the config file again; None when applied, else the refusal."""
         with self._lock:
             try:
-                config = self._loader()
-            except ConfigError as exc:
-                self.reload_ok = False
-                for line in exc.lines:
-                    log.error("configuration refused; the running one stays",
-                              extra={"fields": {"error": line}})
-                return str(exc)
-            if config.state_file != self.config.state_file:
-                log.warning("state_file changes take effect at the next restart")
-            _log_rate_notes(config)
-            changes = self.group.apply(self.clusters(config))
-            self.config = config
-            self.reload_ok = True
-            summary = {kind: ",".join(sorted(n for n, k in changes.items() if k == kind))
-                       for kind in ("added", "removed", "changed")}
-            log.info("configuration reloaded", extra={"fields": {
-                k: v for k, v in summary.items() if v}})
-            return None
+                return self._reload()
+            finally:    # after reload_ok is set: a scrape then renders it afresh
+                self.generation += 1
+
+    def _reload(self) -> str | None:
+        try:
+            config = self._loader()
+        except ConfigError as exc:
+            self.reload_ok = False
+            for line in exc.lines:
+                log.error("configuration refused; the running one stays",
+                          extra={"fields": {"error": line}})
+            return str(exc)
+        if config.state_file != self.config.state_file:
+            log.warning("state_file changes take effect at the next restart")
+        _log_rate_notes(config)
+        changes = self.group.apply(self.clusters(config))
+        self.config = config
+        self.reload_ok = True
+        summary = {kind: ",".join(sorted(n for n, k in changes.items() if k == kind))
+                   for kind in ("added", "removed", "changed")}
+        log.info("configuration reloaded", extra={"fields": {
+            k: v for k, v in summary.items() if v}})
+        return None
 
     def is_ready(self) -> bool:
         """Ready once every cluster finished its first poll; it then stays ready."""
@@ -276,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     board = SnapshotBoard()
     group = PollerGroup(board, store=store, shard=shard[1])
-    runtime = Runtime(config, group, shard, loader)
+    runtime = ConfigRuntime(config, group, shard, loader)
     registry = build_registry(board, lambda: runtime.reload_ok)
     try:
         if args.once:
-            return _run_once(runtime, registry, args.output)
+            return _run_once(runtime, registry, board, args.output)
         return _serve(runtime, registry, board, web_config, args, host, port, watcher)
     finally:
         group.stop()
@@ -290,14 +297,18 @@ def main(argv: list[str] | None = None) -> int:
             stop()
 
 
-def _run_once(runtime: Runtime, registry: CollectorRegistry, output: str) -> int:
+def _run_once(runtime: ConfigRuntime, registry: CollectorRegistry, board: SnapshotBoard,
+              output: str) -> int:
     runtime.group.apply(runtime.clusters(runtime.config), start=False)
     snapshots = runtime.group.poll_all_once()
+    # Rendered as /metrics is: a series that cannot be encoded is left out and counted.
+    served = CollectorRegistry(auto_describe=False)
+    served.register(FamilyList(ExpositionCache(registry, board).families(generate_latest)))
     if output == "-":
-        sys.stdout.buffer.write(generate_latest(registry))
+        sys.stdout.buffer.write(generate_latest(served))
         sys.stdout.flush()
     else:   # replaced in one step, as node_exporter's textfile collector needs
-        write_to_textfile(output, registry)
+        write_to_textfile(output, served)
     failed = [s.cluster.name for s in snapshots if not s.up]
     if failed:
         log.error("some clusters failed", extra={"fields": {"clusters": ",".join(failed)}})
@@ -305,12 +316,12 @@ def _run_once(runtime: Runtime, registry: CollectorRegistry, output: str) -> int
     return EXIT_OK
 
 
-def _serve(runtime: Runtime, registry: CollectorRegistry, board: SnapshotBoard,
+def _serve(runtime: ConfigRuntime, registry: CollectorRegistry, board: SnapshotBoard,
            web_config: WebConfig, args: argparse.Namespace, host: str, port: int,
            watcher: ConfigWatcher | None) -> int:
     app = WebApp(registry=registry, board=board, telemetry_path=args.telemetry_path,
                  web_config=web_config, lifecycle=args.lifecycle, reload=runtime.reload,
-                 is_ready=runtime.is_ready)
+                 is_ready=runtime.is_ready, generation=lambda: runtime.generation)
     try:
         server = create_server(app, host, port)
     except OSError as exc:

@@ -3,7 +3,8 @@ details of one job ("describe").
 
 Errors form a small tree whose ``reason`` is the contract's poll-error reason:
 
-    ApiFailure            reason "api"    the body said no (non-success code)
+    PollFailure                           every way a poll can fail
+    ├── ApiFailure        reason "api"    the body said no (non-success code)
     ├── AuthFailure       reason "auth"   HTTP 401/403 or a bad-key body code
     ├── TimeoutFailure    reason "timeout"
     ├── ConnectionFailure reason "connection"
@@ -20,7 +21,6 @@ transport, and scrubbed once more before they leave.
 from __future__ import annotations
 
 import email.utils
-import functools
 import json
 import logging
 import math
@@ -28,30 +28,29 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import requests
 from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
 from exporter import __version__
-from exporter.config import ClusterConfig
+from exporter.config import REDACTED, ClusterConfig
+from exporter.jobs import JobRecord, normalise_state
+from exporter.logs import bind
 
 log = logging.getLogger("exporter.client")
 
-CANONICAL_STATES = ("pending", "importing", "completed", "failed")
-ACTIVE_STATES = frozenset({"pending", "importing"})
-TERMINAL_STATES = frozenset({"completed", "failed"})
-
-AUTH_BODY_CODES = frozenset({80001, 21119, 1800})
+# Body codes that mean the credentials are refused (API-NOTES): v1 80001 "The token is
+# illegal" and 80002 "The token is invalid"; v2 21119 "The apikey is illegal." and
+# 96014-96017 "no permission for the cluster" (like HTTP 403); Milvus 1800 (with HTTP 401).
+AUTH_BODY_CODES = frozenset({80001, 80002, 21119, 96014, 96015, 96016, 96017, 1800})
 V1_SUCCESS_CODES = frozenset({200})
 # Milvus 2.4.0 to about 2.4.4 answered 200 in v2 bodies; later servers answer 0.
 V2_SUCCESS_CODES = frozenset({0, 200})
 # A failure text becomes a label value: one line, bounded.
 MAX_REASON_CHARS = 200
 
-_STATE_ALIASES = {"running": "importing", "importing": "importing"}
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 # A transport adapter that holds requests back (ratelimit.PacedAdapter) notes on the
 # response how long it did, in seconds: that time does not count against timeout.
 PACING_ATTRIBUTE = "paced_seconds"
@@ -61,8 +60,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-class ApiFailure(Exception):
-    reason = "api"
+class PollFailure(Exception):
+    """Every way a poll can fail; each subclass names its contract reason."""
+
+    reason: str
     retryable = False
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -70,21 +71,25 @@ class ApiFailure(Exception):
         self.retry_after = retry_after
 
 
-class AuthFailure(ApiFailure):
+class ApiFailure(PollFailure):
+    reason = "api"
+
+
+class AuthFailure(PollFailure):
     reason = "auth"
 
 
-class TimeoutFailure(ApiFailure):
+class TimeoutFailure(PollFailure):
     reason = "timeout"
     retryable = True
 
 
-class ConnectionFailure(ApiFailure):
+class ConnectionFailure(PollFailure):
     reason = "connection"
     retryable = True
 
 
-class HttpFailure(ApiFailure):
+class HttpFailure(PollFailure):
     reason = "http"
 
     def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
@@ -93,23 +98,12 @@ class HttpFailure(ApiFailure):
         self.retryable = status == 429 or status >= 500
 
 
-class DecodeFailure(ApiFailure):
+class DecodeFailure(PollFailure):
     reason = "decode"
 
 
-class PaginationFailure(ApiFailure):
+class PaginationFailure(PollFailure):
     reason = "pagination"
-
-
-@functools.lru_cache(maxsize=256)
-def normalise_state(raw: str) -> str:
-    """``ImportCompleted``/``Completed`` -> ``completed``; unknown -> snake_case.
-
-    Cached: a listing holds a handful of distinct states over thousands of jobs.
-    """
-    name = raw[6:] if raw.startswith("Import") and raw[6:7].isupper() else raw
-    snake = _CAMEL.sub("_", name).lower().replace(" ", "_").replace("-", "_")
-    return _STATE_ALIASES.get(snake, snake)
 
 
 def label_text(text: str) -> str:
@@ -121,15 +115,6 @@ def label_text(text: str) -> str:
     if text.isascii() and text.isprintable():
         return text
     return _CONTROL.sub("", _SURROGATE.sub("\ufffd", text))
-
-
-class JobRecord(NamedTuple):
-    """One job as listed; a tuple because a large listing holds 100,000 of them."""
-
-    job_id: str
-    collection: str
-    state: str          # normalised
-    progress: int       # -1 when the API reports none (v1)
 
 
 @dataclass(frozen=True)
@@ -160,25 +145,6 @@ class JobDetails:
     total_rows: int = -1
     state: str = ""
     reason: str = ""
-
-
-class NameIndex:
-    """Small integers for the few names (collections, states) that thousands of jobs
-    repeat, so per-job storage holds an index instead of another string.
-
-    Hot loops try ``index.get(name)`` first and call the object only for a new name.
-    """
-
-    def __init__(self, names: tuple[str, ...] = ()) -> None:
-        self.names: list[str] = list(names)
-        self.index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
-
-    def __call__(self, name: str) -> int:
-        found = self.index.get(name)
-        if found is None:
-            found = self.index[name] = len(self.names)
-            self.names.append(name)
-        return found
 
 
 def make_session(cluster: ClusterConfig) -> requests.Session:
@@ -215,9 +181,9 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 def _scrub(text: str, secret: str) -> str:
     if secret:
-        text = text.replace(secret, "<secret>")
+        text = text.replace(secret, REDACTED)
         if ":" in secret:  # user:password: never show the password alone either
-            text = text.replace(secret.split(":", 1)[1], "<secret>")
+            text = text.replace(secret.split(":", 1)[1], REDACTED)
     return text
 
 
@@ -243,7 +209,7 @@ def _scrubbed(call: Callable[[], Any], secret: str) -> Any:
     """Run one API call; no failure leaves it carrying the API key."""
     try:
         return call()
-    except ApiFailure as failure:
+    except PollFailure as failure:
         scrubbed = _scrub(str(failure), secret)
         if scrubbed != str(failure):
             failure.args = (scrubbed,)
@@ -281,7 +247,7 @@ def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_i
                         get_progress: bool = False, observe: Observer = _ignore) -> JobDetails:
     """The details of one job; ``get_progress`` selects the old Milvus path.
 
-    Raises the same ApiFailure tree as the list call; an HTTP 404 on ``describe``
+    Raises the same PollFailure tree as the list call; an HTTP 404 on ``describe``
     (an HttpFailure with status 404) means the server predates it.
     """
     def call() -> JobDetails:
@@ -339,13 +305,12 @@ def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, p
         status = response.status_code
         observe(endpoint, str(status))
         if log.isEnabledFor(logging.DEBUG):
-            fields: dict[str, Any] = {"cluster_name": cluster.name,
-                                      "path": urlsplit(response.url).path, "status": status,
+            fields: dict[str, Any] = {"path": urlsplit(response.url).path, "status": status,
                                       "duration_seconds": round(
                                           response.elapsed.total_seconds(), 3)}
             if page:
                 fields["page"] = page
-            log.debug("api request", extra={"fields": fields})
+            bind(log, cluster_name=cluster.name).debug("api request", extra={"fields": fields})
         if status in (401, 403):
             raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
         if status != 200:
@@ -421,7 +386,7 @@ def _connection_reason(exc: Exception) -> str:
 
 
 def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
-    """The ``data`` object of a successful answer; ApiFailure for any other."""
+    """The ``data`` object of a successful answer; PollFailure for any other."""
     host = cluster.host
     if not isinstance(payload, dict) or "code" not in payload:
         raise DecodeFailure(f"{host} answered JSON without a 'code'")
@@ -444,7 +409,7 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
 
 
 def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> ListingPage:
-    """One page of the listing from an answer's body; raises only ApiFailure.
+    """One page of the listing from an answer's body; raises only PollFailure.
 
     Every field is checked: a malformed one is reason decode, never an exception
     that would escape the poll.
@@ -486,7 +451,7 @@ def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> List
 
 def parse_describe_answer(answer: bytes | bytearray, cluster: ClusterConfig,
                           job_id: str) -> JobDetails:
-    """A job's details from an answer's body; raises only ApiFailure."""
+    """A job's details from an answer's body; raises only PollFailure."""
     data = _data(_json(answer, cluster.host), cluster)
     if cluster.api == "v1":
         return _parse_v1_details(data, job_id, cluster.api_key)

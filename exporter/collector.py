@@ -1,5 +1,9 @@
 """Renders the snapshot board as metric families, fresh on every scrape.
 
+Every ``zilliz_import_*`` family is declared once in ``FAMILIES`` (name, type,
+HELP, labels), in the order it renders; ``ImportCollector.collect`` only fills
+values. HELP text, types and order are public: tests/golden/metrics.txt pins them.
+
 Nothing persists between scrapes: a collection that leaves a listing, or a
 cluster removed by a reload, is simply not rendered again. Rendering never
 calls the API; ages are the only values computed at scrape time.
@@ -9,16 +13,104 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.poller import SnapshotBoard
+from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 POLL_ERROR_REASONS = ("auth", "timeout", "connection", "http", "api", "decode", "pagination")
 _FROM_POLL = " Served from the last poll, not fetched at scrape time."
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family's descriptor: what /metrics says about it besides values."""
+
+    name: str
+    kind: str                   # "gauge" or "counter"
+    help: str
+    labels: tuple[str, ...] = ()
+
+    def new(self) -> GaugeMetricFamily | CounterMetricFamily:
+        """An empty family to fill (a counter's name keeps its ``_total``)."""
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.help, labels=self.labels)
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+
+_JOB = ("cluster_name", "collection")
+_CLUSTER = ("cluster_name",)
+
+JOBS = Family("zilliz_import_jobs", "gauge",
+              "Import jobs in the cluster's last listing, by state." + _FROM_POLL,
+              (*_JOB, "state"))
+JOBS_STUCK = Family("zilliz_import_jobs_stuck", "gauge",
+                    "Active import jobs older than stuck_after or without progress for "
+                    "stall_after." + _FROM_POLL, _JOB)
+OLDEST_ACTIVE_AGE = Family("zilliz_import_oldest_active_job_age_seconds", "gauge",
+                           "Age of the oldest pending or importing job, measured from when "
+                           "the exporter first saw it; 0 when none." + _FROM_POLL, _JOB)
+STUCK_JOB_INFO = Family("zilliz_import_stuck_job_info", "gauge",
+                        "One series per stuck job (reason age or stalled), at most "
+                        "max_stuck_job_series per cluster." + _FROM_POLL,
+                        (*_JOB, "job_id", "state", "reason"))
+TRANSITIONS = Family("zilliz_import_job_transitions_total", "counter",
+                     "Jobs seen reaching completed or failed after the cluster's first "
+                     "listing." + _FROM_POLL, (*_JOB, "state"))
+PROGRESS = Family("zilliz_import_job_progress_ratio", "gauge",
+                  "Progress (0-1) of each active job, at most max_job_series per cluster, "
+                  "oldest first." + _FROM_POLL, (*_JOB, "job_id", "state"))
+ROWS = Family("zilliz_import_job_rows", "gauge",
+              "Rows of active jobs whose rows are known (v2 describe), kind imported or "
+              "total." + _FROM_POLL, (*_JOB, "job_id", "kind"))
+ETA = Family("zilliz_import_job_eta_seconds", "gauge",
+             "Estimated seconds until an importing job completes, from the rate the "
+             "exporter observed; absent until it moved." + _FROM_POLL, (*_JOB, "job_id"))
+FAILED_JOB_INFO = Family("zilliz_import_failed_job_info", "gauge",
+                         "One series per job seen failing within failed_job_window; reason "
+                         "is the API's failure text or unknown. At most "
+                         "max_failed_job_series per cluster, newest first." + _FROM_POLL,
+                         (*_JOB, "job_id", "reason"))
+ROWS_IMPORTED = Family("zilliz_import_rows_imported_total", "counter",
+                       "Rows of jobs seen reaching completed after the cluster's first "
+                       "listing (v2 describe totalRows)." + _FROM_POLL, _JOB)
+UP = Family("zilliz_import_up", "gauge",
+            "1 when the cluster's last poll succeeded, else 0.", _CLUSTER)
+LAST_SUCCESS = Family("zilliz_import_last_success_timestamp_seconds", "gauge",
+                      "Unix time of the cluster's last published listing.", _CLUSTER)
+POLL_DURATION = Family("zilliz_import_poll_duration_seconds", "gauge",
+                       "How long the cluster's last poll took.", _CLUSTER)
+POLL_ERRORS = Family("zilliz_import_poll_errors_total", "counter", "Failed polls by reason.",
+                     (*_CLUSTER, "reason"))
+API_REQUESTS = Family("zilliz_import_api_requests_total", "counter",
+                      "HTTP requests sent to the API; endpoint list or describe; code is the "
+                      "HTTP status, or error when none came back.",
+                      (*_CLUSTER, "endpoint", "code"))
+RATE_LIMIT_WAIT = Family("zilliz_import_rate_limit_wait_seconds_total", "counter",
+                         "Time the cluster's requests waited for the exporter's own rate "
+                         "limiter (requests_per_second).", _CLUSTER)
+CLUSTER_INFO = Family("zilliz_import_cluster_info", "gauge", "Cluster metadata for joins.",
+                      (*_CLUSTER, "cluster_id", "api", "host", "shard"))
+BUILD_INFO = Family("zilliz_import_exporter_build_info", "gauge",
+                    "Exporter version and Python version.", ("version", "python_version"))
+RELOAD_OK = Family("zilliz_import_config_last_reload_successful", "gauge",
+                   "1 when the last configuration (re)load succeeded.")
+# Rendered by the scrape itself (web.ExpositionCache), after every other family.
+RENDER_ERRORS = Family("zilliz_import_render_errors_total", "counter",
+                       "Series that could not be rendered and were left out of a scrape "
+                       "(the rest of the scrape is still served).")
+
+# What ImportCollector renders, in this order.
+FAMILIES = (JOBS, JOBS_STUCK, OLDEST_ACTIVE_AGE, STUCK_JOB_INFO, TRANSITIONS, PROGRESS, ROWS,
+            ETA, FAILED_JOB_INFO, ROWS_IMPORTED, UP, LAST_SUCCESS, POLL_DURATION, POLL_ERRORS,
+            API_REQUESTS, RATE_LIMIT_WAIT, CLUSTER_INFO, BUILD_INFO, RELOAD_OK)
+
+# (family, label values, value): one series
+Sample = tuple[Family, Sequence[str], float]
 
 
 class ImportCollector(Collector):
@@ -32,123 +124,58 @@ class ImportCollector(Collector):
         return []  # dynamic: registering must not trigger a collect()
 
     def collect(self) -> Iterator[Metric]:
-        now = self._clock()
-        jobs = GaugeMetricFamily(
-            "zilliz_import_jobs", "Import jobs in the cluster's last listing, by state."
-            + _FROM_POLL, labels=["cluster_name", "collection", "state"])
-        stuck = GaugeMetricFamily(
-            "zilliz_import_jobs_stuck", "Active import jobs older than stuck_after or "
-            "without progress for stall_after." + _FROM_POLL,
-            labels=["cluster_name", "collection"])
-        oldest = GaugeMetricFamily(
-            "zilliz_import_oldest_active_job_age_seconds", "Age of the oldest pending or "
-            "importing job, measured from when the exporter first saw it; 0 when none."
-            + _FROM_POLL, labels=["cluster_name", "collection"])
-        stuck_info = GaugeMetricFamily(
-            "zilliz_import_stuck_job_info", "One series per stuck job (reason age or "
-            "stalled), at most max_stuck_job_series per cluster." + _FROM_POLL,
-            labels=["cluster_name", "collection", "job_id", "state", "reason"])
-        transitions = CounterMetricFamily(
-            "zilliz_import_job_transitions_total", "Jobs seen reaching completed or failed after "
-            "the cluster's first listing." + _FROM_POLL,
-            labels=["cluster_name", "collection", "state"])
-        up = GaugeMetricFamily("zilliz_import_up", "1 when the cluster's last poll "
-                               "succeeded, else 0.", labels=["cluster_name"])
-        last_success = GaugeMetricFamily(
-            "zilliz_import_last_success_timestamp_seconds",
-            "Unix time of the cluster's last published listing.", labels=["cluster_name"])
-        duration = GaugeMetricFamily("zilliz_import_poll_duration_seconds",
-                                     "How long the cluster's last poll took.",
-                                     labels=["cluster_name"])
-        errors = CounterMetricFamily("zilliz_import_poll_errors_total", "Failed polls by reason.",
-                                     labels=["cluster_name", "reason"])
-        requests = CounterMetricFamily(
-            "zilliz_import_api_requests_total", "HTTP requests sent to the API; endpoint list "
-            "or describe; code is the HTTP status, or error when none came back.",
-            labels=["cluster_name", "endpoint", "code"])
-        progress = GaugeMetricFamily(
-            "zilliz_import_job_progress_ratio", "Progress (0-1) of each active job, at most "
-            "max_job_series per cluster, oldest first." + _FROM_POLL,
-            labels=["cluster_name", "collection", "job_id", "state"])
-        rows = GaugeMetricFamily(
-            "zilliz_import_job_rows", "Rows of active jobs whose rows are known (v2 "
-            "describe), kind imported or total." + _FROM_POLL,
-            labels=["cluster_name", "collection", "job_id", "kind"])
-        eta = GaugeMetricFamily(
-            "zilliz_import_job_eta_seconds", "Estimated seconds until an importing job "
-            "completes, from the rate the exporter observed; absent until it moved."
-            + _FROM_POLL, labels=["cluster_name", "collection", "job_id"])
-        failed_info = GaugeMetricFamily(
-            "zilliz_import_failed_job_info", "One series per job seen failing within "
-            "failed_job_window; reason is the API's failure text or unknown. At most "
-            "max_failed_job_series per cluster, newest first." + _FROM_POLL,
-            labels=["cluster_name", "collection", "job_id", "reason"])
-        rows_imported = CounterMetricFamily(
-            "zilliz_import_rows_imported_total", "Rows of jobs seen reaching completed after "
-            "the cluster's first listing (v2 describe totalRows)." + _FROM_POLL,
-            labels=["cluster_name", "collection"])
-        waited = CounterMetricFamily(
-            "zilliz_import_rate_limit_wait_seconds_total", "Time the cluster's requests "
-            "waited for the exporter's own rate limiter (requests_per_second).",
-            labels=["cluster_name"])
-        info = GaugeMetricFamily("zilliz_import_cluster_info", "Cluster metadata for joins.",
-                                 labels=["cluster_name", "cluster_id", "api", "host", "shard"])
-        for snap in sorted(self._board.snapshots(), key=lambda s: s.cluster.name):
-            name = snap.cluster.name
-            info.add_metric([name, snap.cluster.cluster_id, snap.cluster.api,
-                             snap.cluster.host, str(snap.shard)], 1)
-            if not snap.polled:
-                continue
-            up.add_metric([name], 1 if snap.up else 0)
-            duration.add_metric([name], snap.poll_duration)
-            if snap.last_success is not None:
-                last_success.add_metric([name], snap.last_success)
-            for reason in POLL_ERROR_REASONS:
-                errors.add_metric([name, reason], snap.poll_errors.get(reason, 0))
-            for (endpoint, code), count in sorted(snap.api_requests.items()):
-                requests.add_metric([name, endpoint, code], count)
-            waited.add_metric([name], snap.rate_limit_wait)
-            summary = snap.jobs
-            if summary is None or snap.is_stale(now):
-                continue
-            for (collection, state), count in summary.counts.items():
-                jobs.add_metric([name, collection, state], count)
-            for collection, count in summary.stuck.items():
-                stuck.add_metric([name, collection], count)
-                first_seen = summary.oldest_active.get(collection)
-                age = 0.0 if first_seen is None else max(0.0, now - first_seen)
-                oldest.add_metric([name, collection], age)
-            for job in summary.stuck_jobs:
-                stuck_info.add_metric([name, job.collection, job.job_id, job.state,
-                                       job.reason], 1)
-            for (collection, state), count in summary.transitions.items():
-                transitions.add_metric([name, collection, state], count)
-            for running in summary.running:
-                if running.progress is not None:
-                    progress.add_metric([name, running.collection, running.job_id, running.state],
-                                        running.progress)
-                if running.total_rows >= 0:
-                    rows.add_metric([name, running.collection, running.job_id, "imported"],
-                                    running.imported_rows)
-                    rows.add_metric([name, running.collection, running.job_id, "total"],
-                                    running.total_rows)
-                if running.eta is not None:
-                    eta.add_metric([name, running.collection, running.job_id], running.eta)
-            for failed in summary.failed:
-                failed_info.add_metric([name, failed.collection, failed.job_id,
-                                        failed.reason], 1)
-            for collection, count in summary.rows_imported.items():
-                rows_imported.add_metric([name, collection], count)
-        yield from (jobs, stuck, oldest, stuck_info, transitions, progress, rows, eta,
-                    failed_info, rows_imported, up, last_success, duration, errors, requests,
-                    waited, info)
-        build = GaugeMetricFamily("zilliz_import_exporter_build_info",
-                                  "Exporter version and Python version.",
-                                  labels=["version", "python_version"])
-        build.add_metric([__version__, platform.python_version()], 1)
-        yield build
-        reload_ok = GaugeMetricFamily("zilliz_import_config_last_reload_successful",
-                                      "1 when the last configuration (re)load succeeded.")
-        reload_ok.add_metric([], 1 if self._reload_ok() else 0)
-        yield reload_ok
+        families = {family: family.new() for family in FAMILIES}
+        for family, labels, value in self._samples(self._clock()):
+            families[family].add_metric(labels, value)
+        yield from families.values()
 
+    def _samples(self, now: float) -> Iterator[Sample]:
+        for snap in sorted(self._board.snapshots(), key=lambda s: s.cluster.name):
+            yield from _cluster_samples(snap, now)
+        yield BUILD_INFO, (__version__, platform.python_version()), 1
+        yield RELOAD_OK, (), 1 if self._reload_ok() else 0
+
+
+def _cluster_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
+    """One cluster's series: its health, then its jobs unless stale."""
+    name, cluster = snap.cluster.name, snap.cluster
+    yield CLUSTER_INFO, (name, cluster.cluster_id, cluster.api, cluster.host,
+                         str(snap.shard)), 1
+    if not snap.polled:
+        return
+    yield UP, (name,), 1 if snap.up else 0
+    yield POLL_DURATION, (name,), snap.poll_duration
+    if snap.last_success is not None:
+        yield LAST_SUCCESS, (name,), snap.last_success
+    for reason in POLL_ERROR_REASONS:
+        yield POLL_ERRORS, (name, reason), snap.poll_errors.get(reason, 0)
+    for (endpoint, code), count in sorted(snap.api_requests.items()):
+        yield API_REQUESTS, (name, endpoint, code), count
+    yield RATE_LIMIT_WAIT, (name,), snap.rate_limit_wait
+    summary = snap.jobs
+    if summary is None or snap.is_stale(now):
+        return
+    for (collection, state), count in summary.counts.items():
+        yield JOBS, (name, collection, state), count
+    for collection, count in summary.stuck.items():
+        yield JOBS_STUCK, (name, collection), count
+        first_seen = summary.oldest_active.get(collection)
+        yield OLDEST_ACTIVE_AGE, (name, collection), \
+            0.0 if first_seen is None else max(0.0, now - first_seen)
+    for job in summary.stuck_jobs:
+        yield STUCK_JOB_INFO, (name, job.collection, job.job_id, job.state, job.reason), 1
+    for (collection, state), count in summary.transitions.items():
+        yield TRANSITIONS, (name, collection, state), count
+    for running in summary.running:
+        job_labels = (name, running.collection, running.job_id)
+        if running.progress is not None:
+            yield PROGRESS, (*job_labels, running.state), running.progress
+        if running.total_rows >= 0:
+            yield ROWS, (*job_labels, "imported"), running.imported_rows
+            yield ROWS, (*job_labels, "total"), running.total_rows
+        if running.eta is not None:
+            yield ETA, job_labels, running.eta
+    for failed in summary.failed:
+        yield FAILED_JOB_INFO, (name, failed.collection, failed.job_id, failed.reason), 1
+    for collection, count in summary.rows_imported.items():
+        yield ROWS_IMPORTED, (name, collection), count

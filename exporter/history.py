@@ -32,8 +32,10 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
-from exporter.client import (
-    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobDetails, JobRecord, NameIndex,
+from exporter.client import JobDetails
+from exporter.logs import bind
+from exporter.jobs import (
+    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, state_index,
 )
 
 log = logging.getLogger("exporter.history")
@@ -394,9 +396,10 @@ class JobHistory:
     def __init__(self, cluster: str, store: HistoryStore | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cluster = cluster
+        self._log = bind(log, cluster_name=cluster)
         self._store = store
         self._clock = clock
-        self._state_index = NameIndex(CANONICAL_STATES)
+        self._state_index = state_index()
         self._jobs: dict[str, bytes] = {}
         self._details: dict[str, _Details] = {}
         self._transitions: Counter[tuple[str, str]] = Counter()
@@ -467,8 +470,9 @@ class JobHistory:
             if progress < 0 or progress > 127:
                 progress = _clamp(progress)
             index = state_index.get(state)
-            if index is None:
+            if index is None:       # a new name, or past MAX_STATE_NAMES: OTHER_STATE
                 index = self._state_index(state)
+                state = self._state_index.names[index]
             previous = jobs.get(job_id)
             terminal = state in terminal_states
             newly_terminal = False
@@ -557,11 +561,10 @@ class JobHistory:
         candidates.sort(key=lambda job: (job.first_seen, job.job_id))
         if len(candidates) > max_stuck_series and not self._cap_logged:
             self._cap_logged = True
-            log.warning("more stuck jobs than max_stuck_job_series; the rest are counted "
-                        "in zilliz_import_jobs_stuck only",
-                        extra={"fields": {"cluster_name": self.cluster,
-                                          "stuck": len(candidates),
-                                          "max_stuck_job_series": max_stuck_series}})
+            self._log.warning("more stuck jobs than max_stuck_job_series; the rest are "
+                              "counted in zilliz_import_jobs_stuck only",
+                              extra={"fields": {"stuck": len(candidates),
+                                                "max_stuck_job_series": max_stuck_series}})
         transitions = dict(self._transitions)
         for collection in collections:
             for state in ("completed", "failed"):

@@ -1,7 +1,8 @@
 """One line per event, as logfmt or JSON, with structured fields.
 
-Callers pass fields as ``extra={"fields": {...}}``; exception traces are
-folded into the same line so a log shipper never splits an event.
+Callers pass fields as ``extra={"fields": {...}}``, or bind the ones every line of
+a context shares once (``bind(log, cluster_name=...)``); exception traces are folded
+into the same line so a log shipper never splits an event.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, MutableMapping
+
+if TYPE_CHECKING:
+    _Adapter = logging.LoggerAdapter[logging.Logger]
+else:
+    _Adapter = logging.LoggerAdapter
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
@@ -40,6 +46,31 @@ def _logfmt_value(value: Any) -> str:
     # A raw \r or \n would let a value (a server's error text) forge a log line.
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
         .replace("\r", "\\r") + '"'
+
+
+class FieldsAdapter(_Adapter):
+    """A logger whose lines all carry some fields (a cluster's name), first, before
+    the fields of the call."""
+
+    def __init__(self, logger: logging.Logger, fields: dict[str, Any]) -> None:
+        super().__init__(logger, fields)
+        self.fields = fields
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]
+                ) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(kwargs.get("extra") or {})
+        extra["fields"] = {**self.fields, **(extra.get("fields") or {})}
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+    def bind(self, **fields: Any) -> "FieldsAdapter":
+        """This logger with more fields bound."""
+        return FieldsAdapter(self.logger, {**self.fields, **fields})
+
+
+def bind(logger: logging.Logger, **fields: Any) -> FieldsAdapter:
+    """``logger`` with ``fields`` on every line."""
+    return FieldsAdapter(logger, fields)
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -20,11 +20,13 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 import requests
 
 from exporter.client import (
-    CANONICAL_STATES, ApiFailure, DecodeFailure, HttpFailure, JobDetails, JobRecord, NameIndex,
-    PaginationFailure, describe_import_job, list_import_jobs, make_session,
+    DecodeFailure, HttpFailure, JobDetails, PaginationFailure, PollFailure, describe_import_job,
+    list_import_jobs, make_session,
 )
 from exporter.config import ClusterConfig, PollSettings
+from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord, NameIndex
 from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
+from exporter.logs import FieldsAdapter, bind
 from exporter.memory import release_free_memory
 from exporter.ratelimit import PacedAdapter, RateLimits, pace
 
@@ -182,7 +184,7 @@ def backoff_delay(attempt: int, retry_after: float | None, cap: float,
 
 def with_retries(call: Callable[[], T], settings: PollSettings, *,
                  wait: Callable[[float], bool], rng: random.Random,
-                 log_fields: Mapping[str, object]) -> T:
+                 logger: FieldsAdapter) -> T:
     """One API call, retried after timeouts, connection errors, 429 and 5xx.
 
     Backs off exponentially with jitter (Retry-After honoured); ``wait`` sleeps and
@@ -192,13 +194,13 @@ def with_retries(call: Callable[[], T], settings: PollSettings, *,
     while True:
         try:
             return call()
-        except ApiFailure as failure:
+        except PollFailure as failure:
             if not failure.retryable or attempt >= settings.retries:
                 raise
             delay = backoff_delay(attempt, failure.retry_after,
                                   max(settings.interval, settings.timeout), rng)
-            log.debug("retrying request", extra={"fields": {
-                **log_fields, "reason": failure.reason, "delay_seconds": round(delay, 3)}})
+            logger.debug("retrying request", extra={"fields": {
+                "reason": failure.reason, "delay_seconds": round(delay, 3)}})
             attempt += 1
             if wait(delay):
                 raise Stopped() from None
@@ -208,7 +210,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                   observe: Callable[[str, str], None] = lambda endpoint, code: None,
                   wait: Callable[[float], bool] | None = None,
                   rng: random.Random | None = None) -> Listing:
-    """Page through one listing; raise ApiFailure (never return half a listing).
+    """Page through one listing; raise PollFailure (never return half a listing).
 
     Stops on a short or empty page, on a reached total, on a page that brings
     no new job id (servers that ignore paging), and fails past max_pages. A first
@@ -221,6 +223,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
     rng = rng or random.Random()
     wait = wait or threading.Event().wait
     listing = Listing()
+    cluster_log = bind(log, cluster_name=cluster.name)
     total: int | None = None
     page = 0
     while True:
@@ -231,7 +234,7 @@ def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                 f"({len(listing)} jobs so far)")
         result = with_retries(
             lambda: list_import_jobs(session, cluster, page, observe), settings,
-            wait=wait, rng=rng, log_fields={"cluster_name": cluster.name, "page": page})
+            wait=wait, rng=rng, logger=cluster_log.bind(page=page))
         oversized = len(result.records) > settings.page_size
         if oversized and page > 1:
             raise PaginationFailure(
@@ -283,6 +286,7 @@ class ClusterPoller:
         by default it waits on the poller's stop event (tests pass one that records
         the backoff instead of sleeping through it)."""
         self.cluster = cluster
+        self._log = bind(log, cluster_name=cluster.name)
         self._board = board
         self._history = history
         self._clock = clock
@@ -297,7 +301,8 @@ class ClusterPoller:
         self._thread: threading.Thread | None = None
         self._poll_errors: dict[str, int] = {}
         self._api_requests: dict[tuple[str, str], int] = {}
-        self._unknown_states: set[str] = set()
+        self._unknown_states: set[str] = set()    # at most MAX_UNKNOWN_STATES
+        self._states_capped = False
         self._get_progress = False    # describe answered 404: an old Milvus
         self._failing = False
         self._crashes: set[type[BaseException]] = set()   # logged with a traceback once
@@ -356,7 +361,7 @@ class ClusterPoller:
             return self._poll(started)
         except Stopped:
             raise
-        except ApiFailure as failure:     # not from the listing: still a failed poll
+        except PollFailure as failure:     # not from the listing: still a failed poll
             return self._publish_failure(failure, started)
         except Exception as exc:
             # A bug must neither kill the cluster's schedule nor leave it silently
@@ -366,9 +371,8 @@ class ClusterPoller:
             first = type(exc) not in self._crashes
             self._crashes.add(type(exc))
             if first:
-                log.error("poll crashed; counted as a failed poll (reason decode)",
-                          exc_info=True, extra={"fields": {
-                              "cluster_name": self.cluster.name}})
+                self._log.error("poll crashed; counted as a failed poll (reason decode)",
+                                exc_info=True)
             return self._publish_failure(
                 DecodeFailure(f"internal error handling the answer: {type(exc).__name__}"),
                 started, log_it=not first)
@@ -378,16 +382,11 @@ class ClusterPoller:
         try:
             listing = fetch_listing(self._session, cluster, observe=self._observe,
                                     wait=self._wait, rng=self._rng)
-        except ApiFailure as failure:
+        except PollFailure as failure:
             if self._stop.is_set():
                 raise Stopped() from None
             return self._publish_failure(failure, started)
-        for state in listing.states() - self._unknown_states:
-            if state not in CANONICAL_STATES:
-                self._unknown_states.add(state)
-                log.warning("unknown job state; counted under its own name",
-                            extra={"fields": {"cluster_name": cluster.name,
-                                              "state": state}})
+        self._log_unknown_states(listing.states())
         settings = cluster.settings
         summary = self._history.apply(
             listing, stuck_after=settings.stuck_after,
@@ -397,12 +396,12 @@ class ClusterPoller:
         duration = time.monotonic() - started
         if self._stop.is_set():
             raise Stopped()
-        fields = {"cluster_name": cluster.name, "duration_seconds": round(duration, 3),
-                  "pages": listing.pages, "jobs": len(listing)}
+        fields = {"duration_seconds": round(duration, 3), "pages": listing.pages,
+                  "jobs": len(listing)}
         if self._failing:
-            log.info("cluster recovered", extra={"fields": fields})
+            self._log.info("cluster recovered", extra={"fields": fields})
         else:
-            log.debug("poll succeeded", extra={"fields": fields})
+            self._log.debug("poll succeeded", extra={"fields": fields})
         self._failing = False
         if len(listing) >= TRIM_AFTER_JOBS:
             del listing
@@ -426,15 +425,32 @@ class ClusterPoller:
         self._board.publish(snapshot, self._current)
         return snapshot
 
-    def _publish_failure(self, failure: ApiFailure, started: float,
+    def _log_unknown_states(self, states: set[str]) -> None:
+        """Log each unknown state name once, up to MAX_UNKNOWN_STATES of them (beyond,
+        the history counts new names under OTHER_STATE): a server inventing names
+        grows neither this set nor the log without bound."""
+        for state in sorted(states - self._unknown_states):
+            if state in CANONICAL_STATES or self._states_capped:
+                continue
+            if len(self._unknown_states) >= MAX_UNKNOWN_STATES:
+                self._states_capped = True
+                self._log.warning("too many distinct job states; new ones are counted "
+                                  f"under {OTHER_STATE!r} and not logged",
+                                  extra={"fields": {"state": state}})
+                continue
+            self._unknown_states.add(state)
+            self._log.warning("unknown job state; counted under its own name",
+                              extra={"fields": {"state": state}})
+
+    def _publish_failure(self, failure: PollFailure, started: float,
                          log_it: bool = True) -> ClusterSnapshot:
         """Publish a failed poll: up 0, the reason counted, job series kept until stale."""
         duration = time.monotonic() - started
         self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
         if log_it:
-            fields = {"cluster_name": self.cluster.name, "reason": failure.reason,
-                      "error": str(failure), "duration_seconds": round(duration, 3)}
-            log.warning("poll failed" if self._failing else "cluster started failing",
+            fields = {"reason": failure.reason, "error": str(failure),
+                      "duration_seconds": round(duration, 3)}
+            self._log.warning("poll failed" if self._failing else "cluster started failing",
                         extra={"fields": fields})
         self._failing = True
         snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
@@ -458,19 +474,18 @@ class ClusterPoller:
         plan = self._history.describe_plan()
         answered = False
         for job_id in plan:
-            fields = {"cluster_name": self.cluster.name, "job_id": job_id}
+            job_log = self._log.bind(job_id=job_id)
             try:
                 details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
-                                       wait=self._wait, rng=self._rng,
-                                       log_fields=fields)
-            except ApiFailure as failure:
+                                       wait=self._wait, rng=self._rng, logger=job_log)
+            except PollFailure as failure:
                 if self._stop.is_set():
                     raise Stopped() from None
                 final = failure.reason in ("api", "decode")
                 self._history.record_details(job_id, None, final=final)
-                log.debug("describe failed; the job keeps its last known details",
-                          extra={"fields": {**fields, "reason": failure.reason,
-                                            "error": str(failure)}})
+                job_log.debug("describe failed; the job keeps its last known details",
+                              extra={"fields": {"reason": failure.reason,
+                                                "error": str(failure)}})
                 if not final or not answered:
                     break
                 continue
@@ -489,8 +504,8 @@ class ClusterPoller:
             if failure.status != 404 or self.cluster.api != "v2" or self._get_progress:
                 raise
         self._get_progress = True
-        log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) from "
-                 "now on", extra={"fields": {"cluster_name": self.cluster.name}})
+        self._log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) "
+                       "from now on")
         return describe_import_job(self._session, self.cluster, job_id, get_progress=True,
                                    observe=self._observe)
 

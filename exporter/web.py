@@ -1,8 +1,9 @@
 """HTTP: /metrics, the status page, health, readiness and reload, behind TLS and auth.
 
-``create_server`` takes everything it serves as arguments (registry, board,
-callbacks), so the HTTP layer is tested without pollers or a network. Scrapes
-render the registry; they never wait on a poll.
+``respond`` answers one request from a ``WebApp`` (registry, board, callbacks)
+without a socket, so routes, auth and pages are tested in process; ``create_server``
+wraps it in a thin threaded HTTP(S) server. Scrapes render the registry; they never
+wait on a poll.
 
 The exposition is rendered once per change of the snapshot board and per second
 (ages move with the clock), each encoding at most once, and every scraper in
@@ -26,16 +27,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, cast
+from typing import Callable, Iterable, Mapping, cast
 
 import bcrypt
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.core import Metric
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.client import CANONICAL_STATES
+from exporter.collector import RENDER_ERRORS
+from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
 
@@ -67,9 +69,21 @@ class WebApp:
     is_ready: Callable[[], bool] = lambda: True
     clock: Callable[[], float] = time.time
     cache_exposition: bool = True      # False renders on every scrape (the benchmark's baseline)
+    # Changes whenever something rendered from outside the board changes (a reload sets
+    # zilliz_import_config_last_reload_successful): part of the exposition cache's key.
+    generation: Callable[[], int] = lambda: 0
+    # Built from the fields above: what respond() keeps between requests.
+    cache: ExpositionCache = field(init=False, repr=False)
+    auth: _AuthCache | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache = ExpositionCache(self.registry, self.board, self.clock,
+                                     self.cache_exposition, self.generation)
+        self.auth = _AuthCache(dict(self.web_config.basic_auth_users)) \
+            if self.web_config.basic_auth_users else None
 
 
-class _Families(Collector):
+class FamilyList(Collector):
     """Some metric families in the shape the encoders take (anything with collect())."""
 
     def __init__(self, families: Iterable[Metric]) -> None:
@@ -87,13 +101,17 @@ class ExpositionCache:
     """
 
     def __init__(self, registry: CollectorRegistry, board: SnapshotBoard,
-                 clock: Callable[[], float] = time.time, enabled: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, enabled: bool = True,
+                 generation: Callable[[], int] = lambda: 0) -> None:
+        """``generation`` changes with what the board does not hold (a reload, by
+        SIGHUP, auto-reload or /-/reload), so that shows at the next scrape too."""
         self._registry = registry
         self._board = board
         self._clock = clock
         self._enabled = enabled
+        self._generation = generation
         self._lock = threading.Lock()
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[int, int, int] | None = None
         self._bodies: dict[tuple[str, bool], bytes] = {}
         self.render_errors = 0       # series left out, cumulative
         self._logged: set[str] = set()    # metrics and failures already logged
@@ -102,16 +120,11 @@ class ExpositionCache:
         if not self._enabled:
             with self._lock:
                 return self._encode(encoder, content_type, gzipped, {})
-        key = (self._board.version, int(self._clock()))
+        key = (self._board.version, self._generation(), int(self._clock()))
         with self._lock:
             if key != self._key:
                 self._key, self._bodies = key, {}
             return self._encode(encoder, content_type, gzipped, self._bodies)
-
-    def invalidate(self) -> None:
-        """Render afresh on the next scrape (after a reload: its gauge changed)."""
-        with self._lock:
-            self._key = None
 
     def _encode(self, encoder: Encoder, content_type: str, gzipped: bool,
                 bodies: dict[tuple[str, bool], bytes]) -> bytes:
@@ -124,9 +137,20 @@ class ExpositionCache:
                 bodies[(content_type, gzipped)] = body
         return body
 
+    def families(self, encoder: Encoder) -> list[Metric]:
+        """What a scrape serves, as families: every series that ``encoder`` can encode
+        (the rest left out and counted), then the render-errors counter. For --once,
+        which writes through prometheus_client.write_to_textfile."""
+        with self._lock:
+            return [family for family, _ in self._encodable(encoder)]
+
     def _render(self, encoder: Encoder) -> bytes:
-        """Encode every family; a family that fails is encoded again sample by
-        sample, leaving out (and counting) only the samples that cannot be."""
+        body = b"".join(part for _, part in self._encodable(encoder))
+        return body + _EOF if encoder(FamilyList([])).endswith(_EOF) else body
+
+    def _encodable(self, encoder: Encoder) -> list[tuple[Metric, bytes]]:
+        """Every family with its encoding; a family that fails is encoded again sample
+        by sample, leaving out (and counting) only the samples that cannot be."""
         families: list[Metric] = []
         errors = 0
         try:
@@ -138,10 +162,10 @@ class ExpositionCache:
                 self._logged.add(repr(type(exc)))
                 log.error("a collector failed; its series are left out of scrapes",
                           exc_info=True)
-        parts = []
+        parts: list[tuple[Metric, bytes]] = []
         for family in families:
             try:
-                parts.append(self._one(encoder, family))
+                parts.append((family, self._one(encoder, family)))
                 continue
             except Exception:
                 pass
@@ -163,21 +187,18 @@ class ExpositionCache:
             family = copy.copy(family)
             family.samples = kept
             try:
-                parts.append(self._one(encoder, family))
+                parts.append((family, self._one(encoder, family)))
             except Exception:         # not the samples: the family itself
                 errors += 1
         self.render_errors += errors
-        counter = CounterMetricFamily(
-            "zilliz_import_render_errors_total", "Series that could not be rendered and "
-            "were left out of a scrape (the rest of the scrape is still served).",
-            value=self.render_errors)
-        parts.append(self._one(encoder, counter))
-        body = b"".join(parts)
-        return body + _EOF if encoder(_Families([])).endswith(_EOF) else body
+        counter = RENDER_ERRORS.new()
+        counter.add_metric((), self.render_errors)
+        parts.append((counter, self._one(encoder, counter)))
+        return parts
 
     @staticmethod
     def _one(encoder: Encoder, family: Metric) -> bytes:
-        encoded = encoder(_Families([family]))
+        encoded = encoder(FamilyList([family]))
         return encoded[:-len(_EOF)] if encoded.endswith(_EOF) else encoded
 
 
@@ -313,34 +334,79 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
                     failed, "no failures within failed_job_window"))
 
 
+@dataclass(frozen=True)
+class ClusterRow:
+    """What the per-cluster table's cells are made from: one snapshot, at one time."""
+
+    snap: ClusterSnapshot
+    now: float
+    by_state: dict[str, int]          # empty when the jobs are unknown or stale
+
+    @classmethod
+    def of(cls, snap: ClusterSnapshot, now: float) -> "ClusterRow":
+        return cls(snap, now, snap.jobs.by_state()
+                   if snap.jobs is not None and not snap.is_stale(now) else {})
+
+    def status(self) -> str:
+        return "waiting" if not self.snap.polled else "up" if self.snap.up else "down"
+
+    def jobs(self, state: str) -> str:
+        return str(self.by_state.get(state, 0)) if self.by_state else "-"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the per-cluster table: its heading, its cell's text (escaped when
+    rendered) and its cell's CSS class."""
+
+    heading: str
+    cell: Callable[[ClusterRow], str]
+    css: Callable[[ClusterRow], str] = lambda row: ""
+
+
+def _state_column(state: str) -> Column:
+    return Column(state, lambda row: row.jobs(state))
+
+
+# The per-cluster table, one declaration per column, in order.
+CLUSTER_COLUMNS = (
+    Column("cluster", lambda row: row.snap.cluster.name),
+    Column("api", lambda row: row.snap.cluster.api),
+    Column("host", lambda row: row.snap.cluster.host),
+    Column("status", ClusterRow.status,
+           lambda row: {"waiting": "wait"}.get(row.status(), row.status())),
+    Column("last success", lambda row: _age(row.now - row.snap.last_success)
+           if row.snap.last_success else "never"),
+    Column("last error", lambda row: f"{row.snap.last_error_reason}: {row.snap.last_error}"
+           if row.snap.last_error_reason else "", lambda row: "err"),
+    *(_state_column(state) for state in CANONICAL_STATES),
+    Column("other", lambda row: str(sum(n for s, n in row.by_state.items()
+                                        if s not in CANONICAL_STATES))),
+    Column("stuck", lambda row: str(sum(row.snap.jobs.stuck.values()))
+           if row.snap.jobs is not None and row.by_state else "0"),
+    Column("interval", lambda row: f"{row.snap.cluster.settings.interval:g}s"),
+)
+
+
+def _cluster_table(snapshots: list[ClusterSnapshot], now: float) -> str:
+    head = "".join(f"<th>{html.escape(column.heading)}</th>" for column in CLUSTER_COLUMNS)
+    rows = []
+    for snap in snapshots:
+        row = ClusterRow.of(snap, now)
+        cells = []
+        for column in CLUSTER_COLUMNS:
+            css = column.css(row)
+            attribute = f' class="{css}"' if css else ""
+            cells.append(f"<td{attribute}>{html.escape(column.cell(row))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table id="clusters"><thead><tr>{head}</tr></thead><tbody>\n'
+            f"{''.join(rows)}\n</tbody></table>")
+
+
 def render_status_page(app: WebApp) -> str:
     """The landing page: links, one row per cluster, then the jobs that need a look."""
     now = app.clock()
-    rows = []
     snapshots = sorted(app.board.snapshots(), key=lambda s: s.cluster.name)
-    for snap in snapshots:
-        c = snap.cluster
-        by_state = snap.jobs.by_state() if snap.jobs is not None and not snap.is_stale(now) \
-            else {}
-        stuck = sum(snap.jobs.stuck.values()) if snap.jobs is not None and by_state else 0
-        if not snap.polled:
-            status = '<td class="wait">waiting</td>'
-        elif snap.up:
-            status = '<td class="up">up</td>'
-        else:
-            status = '<td class="down">down</td>'
-        last = _age(now - snap.last_success) if snap.last_success else "never"
-        error = (f"{html.escape(snap.last_error_reason)}: {html.escape(snap.last_error)}"
-                 if snap.last_error_reason else "")
-        states = "".join(f"<td>{by_state.get(s, 0) if by_state else '-'}</td>"
-                         for s in CANONICAL_STATES)
-        other = sum(n for s, n in by_state.items() if s not in CANONICAL_STATES)
-        rows.append(
-            f"<tr><td>{html.escape(c.name)}</td><td>{c.api}</td>"
-            f"<td>{html.escape(c.host)}</td>{status}<td>{last}</td>"
-            f"<td class=\"err\">{error}</td>{states}<td>{other}</td>"
-            f"<td>{stuck}</td><td>{c.settings.interval:g}s</td></tr>")
-    head = "".join(f"<th>{s}</th>" for s in CANONICAL_STATES)
     metrics = html.escape(app.telemetry_path)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Zilliz Import Exporter</title>
@@ -355,21 +421,67 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <p>Version {__version__}. <a href="{metrics}">Metrics</a> ·
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
 <h2>Clusters</h2>
-<table id="clusters"><thead><tr><th>cluster</th><th>api</th><th>host</th><th>status</th>
-<th>last success</th><th>last error</th>{head}<th>other</th><th>stuck</th>
-<th>interval</th></tr></thead><tbody>
-{''.join(rows)}
-</tbody></table>
+{_cluster_table(snapshots, now)}
 {_job_sections(snapshots, now)}</body></html>
 """
 
 
-def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
-    """A threaded HTTP(S) server for ``app``; call serve_forever() to run it."""
-    auth = _AuthCache(dict(app.web_config.basic_auth_users)) \
-        if app.web_config.basic_auth_users else None
+# status, headers (Content-Length aside: the server frames the body), body
+Response = tuple[int, dict[str, str], bytes]
+_TEXT = "text/plain; charset=utf-8"
 
-    cache = ExpositionCache(app.registry, app.board, app.clock, app.cache_exposition)
+
+def respond(app: WebApp, method: str, path: str, headers: Mapping[str, str],
+            body: bytes = b"") -> Response:
+    """The answer to one request, without a socket: auth, routes, lifecycle, the status
+    page and /metrics content negotiation. Header names match in any case; a HEAD is
+    answered as a GET (the server leaves the body out)."""
+    asked = {name.lower(): value for name, value in headers.items()}
+    status, payload, content_type, extra = _route(app, method, path.split("?", 1)[0], asked,
+                                                  body)
+    return status, {"Content-Type": content_type, **app.web_config.headers, **extra}, payload
+
+
+def _route(app: WebApp, method: str, path: str, headers: dict[str, str],
+           body: bytes) -> tuple[int, bytes, str, dict[str, str]]:
+    """(status, body, content type, more headers) of one request."""
+    if app.auth is not None and not app.auth.check(headers.get("authorization")):
+        return 401, b"Unauthorized\n", _TEXT, {
+            "WWW-Authenticate": 'Basic realm="zilliz-import-exporter"'}
+    if method == "POST":
+        if path != "/-/reload":
+            return 405, b"Method not allowed\n", _TEXT, {}
+        if not app.lifecycle:
+            return 403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n", _TEXT, {}
+        error = app.reload()
+        if error is None:
+            return 200, b"Reloaded\n", _TEXT, {}
+        return 400, (error + "\n").encode("utf-8"), _TEXT, {}
+    if method not in ("GET", "HEAD"):
+        return 405, b"Method not allowed\n", _TEXT, {"Allow": "GET, HEAD, POST"}
+    if path == app.telemetry_path:
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        gzipped = gzip_accepted(headers.get("accept-encoding", ""))
+        return 200, app.cache.body(encoder, content_type, gzipped), content_type, \
+            {"Content-Encoding": "gzip"} if gzipped else {}
+    if path == "/":
+        return 200, render_status_page(app).encode("utf-8"), "text/html; charset=utf-8", {}
+    if path == "/-/healthy":
+        return 200, b"Healthy\n", _TEXT, {}
+    if path == "/-/ready":
+        if app.is_ready():
+            return 200, b"Ready\n", _TEXT, {}
+        return 503, b"Not ready: waiting for every cluster's first poll\n", _TEXT, {}
+    if path == "/-/reload":
+        return 405, b"Use POST\n", _TEXT, {"Allow": "POST"}
+    return 404, b"Not found\n", _TEXT, {}
+
+
+def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
+    """A threaded HTTP(S) server for ``app``; call serve_forever() to run it.
+
+    The handler only does what needs the socket (TLS, timeouts, keep-alive, reading a
+    request body, leaving a HEAD answer's body out); respond() does the rest."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -395,76 +507,33 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
             log.debug("http request", extra={"fields": {"client": self.client_address[0],
                                                         "request": format % args}})
 
-        def _send(self, status: int, body: bytes, content_type: str = "text/plain; "
-                  "charset=utf-8", headers: dict[str, str] | None = None) -> None:
+        def _send(self, response: Response) -> None:
+            status, headers, body = response
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Type", headers.pop("Content-Type"))
             self.send_header("Content-Length", str(len(body)))
-            for name, value in {**app.web_config.headers, **(headers or {})}.items():
+            for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
 
-        def _authorised(self) -> bool:
-            if auth is None or auth.check(self.headers.get("Authorization")):
-                return True
-            self._send(401, b"Unauthorized\n",
-                       headers={"WWW-Authenticate": 'Basic realm="zilliz-import-exporter"'})
-            return False
-
         def do_GET(self) -> None:
-            if not self._authorised():
-                return
-            path = self.path.split("?", 1)[0]
-            if path == app.telemetry_path:
-                self._metrics()
-            elif path == "/":
-                self._send(200, render_status_page(app).encode("utf-8"),
-                           "text/html; charset=utf-8")
-            elif path == "/-/healthy":
-                self._send(200, b"Healthy\n")
-            elif path == "/-/ready":
-                if app.is_ready():
-                    self._send(200, b"Ready\n")
-                else:
-                    self._send(503, b"Not ready: waiting for every cluster's first poll\n")
-            elif path == "/-/reload":
-                self._send(405, b"Use POST\n", headers={"Allow": "POST"})
-            else:
-                self._send(404, b"Not found\n")
+            self._send(respond(app, self.command, self.path, dict(self.headers.items())))
 
         do_HEAD = do_GET
 
         def do_POST(self) -> None:
-            if not self._authorised():
-                return
             declared = (self.headers.get("Content-Length") or "0").strip()
             if not declared.isdigit() or int(declared) > MAX_REQUEST_BODY:
-                # Answered at once: reading a body of unknown length would hang.
+                # Answered at once, before auth (as Go's net/http does): reading a body
+                # of unknown length would hang.
                 self.close_connection = True
-                self._send(400, b"Bad Content-Length\n", headers={"Connection": "close"})
+                self._send((400, {"Content-Type": _TEXT, **app.web_config.headers,
+                                  "Connection": "close"}, b"Bad Content-Length\n"))
                 return
-            if int(declared):
-                self.rfile.read(int(declared))
-            if self.path.split("?", 1)[0] != "/-/reload":
-                self._send(405, b"Method not allowed\n")
-            elif not app.lifecycle:
-                self._send(403, b"Lifecycle APIs are not enabled (--web.enable-lifecycle)\n")
-            else:
-                error = app.reload()
-                cache.invalidate()
-                if error is None:
-                    self._send(200, b"Reloaded\n")
-                else:
-                    self._send(400, (error + "\n").encode("utf-8"))
-
-        def _metrics(self) -> None:
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "")
-            body = cache.body(encoder, content_type, gzipped)
-            self._send(200, body, content_type,
-                       {"Content-Encoding": "gzip"} if gzipped else None)
+            body = self.rfile.read(int(declared)) if int(declared) else b""
+            self._send(respond(app, "POST", self.path, dict(self.headers.items()), body))
 
     server_class: type[ExporterServer] = ExporterServer
     if ":" in host:
@@ -474,4 +543,3 @@ def create_server(app: WebApp, host: str, port: int) -> ExporterServer:
     if app.web_config.tls is not None:
         server.ssl_context = tls_context(app.web_config.tls)
     return server
-

@@ -28,9 +28,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import build_registry
-from exporter.config import Config, parse_config
-from exporter.history import HistoryStore
-from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.config import ClusterConfig, Config, PollSettings, parse_config
+from exporter.history import FailedJob, HistoryStore, JobSummary, RunningJob, StuckJob
+from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
 from exporter.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,3 +342,54 @@ def exporter(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
 def fast_defaults(**extra: Any) -> dict[str, Any]:
     """Defaults that make an exporter poll every second in tests."""
     return {"interval": "1s", "timeout": "2s", "retries": 0, **extra}
+
+
+# ---- the golden exposition's board (tests/golden/metrics.txt; see test_collector) ----
+
+GOLDEN_NOW = 1_700_000_000.0
+
+_GOLDEN_SETTINGS = PollSettings(stale_after=300)
+
+
+def golden_board() -> SnapshotBoard:
+    """Three clusters: one up with every kind of job series, one down (its job series
+    stale and withdrawn), one not polled yet."""
+    board = SnapshotBoard()
+    summary = JobSummary(
+        counts={("docs", "completed"): 7, ("docs", "failed"): 1, ("docs", "importing"): 2,
+                ("docs", "pending"): 1, ("images", "completed"): 0, ("images", "failed"): 0,
+                ("images", "importing"): 0, ("images", "pending"): 0,
+                ("images", "waiting_for_retry"): 3},
+        stuck={"docs": 1, "images": 0},
+        oldest_active={"docs": GOLDEN_NOW - 9000},
+        stuck_jobs=(StuckJob("docs", "job-1", "importing", "age", GOLDEN_NOW - 9000),),
+        transitions={("docs", "completed"): 4, ("docs", "failed"): 1,
+                     ("images", "completed"): 0, ("images", "failed"): 0},
+        running=(RunningJob("docs", "job-1", "importing", GOLDEN_NOW - 9000, 0.25, 250, 1000,
+                            1800.0),
+                 RunningJob("docs", "job-2", "importing", GOLDEN_NOW - 60, 0.5, -1, -1,
+                            None),
+                 RunningJob("docs", "job-3", "pending", GOLDEN_NOW - 30, None, -1, -1,
+                            None)),
+        failed=(FailedJob("docs", "job-9", "bad file s3://b/x.parquet: schema mismatch",
+                          GOLDEN_NOW - 600),),
+        rows_imported={"docs": 123456, "images": 0})
+    board.publish(ClusterSnapshot(
+        cluster=ClusterConfig(name="prod-search",
+                              url="https://controller.api.gcp.zillizcloud.com", api="v1",
+                              cluster_id="in01-0123456789abcdef",
+                              api_key="golden-secret", settings=_GOLDEN_SETTINGS),
+        shard=0, polled=True, up=True, last_success=GOLDEN_NOW - 20, poll_duration=0.75,
+        jobs=summary, poll_errors={"timeout": 2},
+        api_requests={("describe", "200"): 5, ("list", "200"): 40, ("list", "error"): 2},
+        rate_limit_wait=1.5))
+    board.publish(ClusterSnapshot(
+        cluster=ClusterConfig(name="milvus-a", url="http://milvus:19530", api="v2",
+                              settings=_GOLDEN_SETTINGS),
+        shard=0, polled=True, up=False, last_success=GOLDEN_NOW - 3600, poll_duration=2.0,
+        last_error_reason="auth", last_error="HTTP 401 from milvus: credentials refused",
+        jobs=summary, poll_errors={"auth": 3}, api_requests={("list", "401"): 3}))
+    board.publish(ClusterSnapshot(
+        cluster=ClusterConfig(name="new-one", url="https://api.cloud.zilliz.com", api="v2",
+                              cluster_id="in01-new", settings=_GOLDEN_SETTINGS)))
+    return board

@@ -8,10 +8,11 @@ import responses
 from responses import matchers
 
 from exporter.client import (
-    ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure,
-    JobDetails, describe_import_job, failure_text, list_import_jobs, make_session,
-    normalise_state, parse_retry_after,
+    ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, JobDetails,
+    PollFailure, TimeoutFailure, describe_import_job, failure_text, list_import_jobs,
+    make_session, parse_retry_after,
 )
+from exporter.jobs import normalise_state
 from exporter.config import ClusterConfig, PollSettings
 
 KEY = "zc-client-test-key-93b1"
@@ -80,7 +81,11 @@ def test_v2_accepts_code_0_and_the_old_milvus_200(code: int) -> None:
 
 @pytest.mark.parametrize("cluster,url,body,error,reason", [
     (V1, V1_URL, {"code": 80001, "message": "Invalid token"}, AuthFailure, "auth"),
+    (V1, V1_URL, {"code": 80002, "message": "The token is invalid"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 21119, "message": "The apikey is illegal."}, AuthFailure, "auth"),
+    *[(V2, V2_URL, {"code": code, "message": "no permission for the cluster"}, AuthFailure,
+       "auth") for code in (96014, 96015, 96016, 96017)],
+    (V2, V2_URL, {"code": 96008, "message": "pageSize out of range"}, ApiFailure, "api"),
     (V2, V2_URL, {"code": 1800, "message": "user hasn't authenticated"}, AuthFailure, "auth"),
     (V2, V2_URL, {"code": 100, "message": "collection not found"}, ApiFailure, "api"),
     (V1, V1_URL, {"code": 0, "data": {}}, ApiFailure, "api"),  # v1 success is 200
@@ -98,6 +103,8 @@ def test_body_codes_are_classified(cluster, url, body, error, reason) -> None:
     with pytest.raises(error) as info:
         fetch(cluster)
     assert info.value.reason == reason and not info.value.retryable
+    assert isinstance(info.value, PollFailure)      # the root: every way a poll fails
+    assert isinstance(info.value, ApiFailure) == (reason == "api")
     assert KEY not in str(info.value)
 
 

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import replace
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from conftest import FakeClock
+from conftest import GOLDEN_NOW, FakeClock, golden_board
 from exporter import __version__
-from exporter.client import JobRecord
-from exporter.collector import ImportCollector
+from exporter.jobs import JobRecord
+from exporter.collector import FAMILIES, RENDER_ERRORS, ImportCollector
+from exporter.web import ExpositionCache
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import ClusterSnapshot, Listing, SnapshotBoard
@@ -147,3 +151,48 @@ def test_job_detail_series() -> None:
                                                    "reason": 'bad "file"\\x'}) == 1
     assert value("zilliz_import_rows_imported_total",
                  {"cluster_name": "prod", "collection": "a"}) == 1000
+
+
+# ---- the golden exposition ---------------------------------------------------------------
+
+GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
+# The build info's values vary by release and by Python: pinned as placeholders.
+_BUILD = re.compile(r'(zilliz_import_exporter_build_info)\{python_version="[^"]*",'
+                    r'version="[^"]*"\}')
+
+
+def golden_exposition() -> str:
+    """/metrics as the real collector and scrape cache render conftest's golden_board."""
+    registry = CollectorRegistry()
+    registry.register(ImportCollector(golden_board(), clock=lambda: GOLDEN_NOW))
+    cache = ExpositionCache(registry, SnapshotBoard(), lambda: GOLDEN_NOW)
+    body = cache.body(generate_latest, CONTENT_TYPE_LATEST, False).decode()
+    return _BUILD.sub(r'\1{python_version="PYTHON",version="VERSION"}', body)
+
+
+def test_golden_exposition() -> None:
+    """HELP text, types, order and series are public: any change fails here. After an
+    intended one, regenerate it and review the diff:
+        ZIE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_collector.py -k golden
+    """
+    rendered = golden_exposition()
+    if os.environ.get("ZIE_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(rendered)
+    assert rendered == GOLDEN.read_text()
+
+
+def test_every_family_is_declared_once_and_documented() -> None:
+    names = [family.name for family in (*FAMILIES, RENDER_ERRORS)]
+    assert len(set(names)) == len(names)
+    golden = GOLDEN.read_text()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for family in (*FAMILIES, RENDER_ERRORS):
+        assert family.name.startswith("zilliz_import_")
+        assert (family.kind == "counter") == family.name.endswith("_total")
+        assert f"# HELP {family.name} {family.help}\n# TYPE {family.name} {family.kind}\n" \
+            in golden, f"{family.name} is not in the golden exposition"
+        assert re.search(rf"^\| `{family.name}` \| {family.kind}\b", readme, re.M), \
+            f"{family.name} is not in the README's metrics table"
+        assert set(family.labels) <= {"cluster_name", "collection", "state", "job_id",
+                                      "reason", "kind", "endpoint", "code", "cluster_id",
+                                      "api", "host", "shard", "version", "python_version"}

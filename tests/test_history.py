@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FakeClock, InProcessExporter, fast_defaults, samples
-from exporter.client import JobRecord
+from exporter.jobs import (
+    CANONICAL_STATES, MAX_STATE_NAMES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord,
+)
 from exporter.history import HistoryStore, JobHistory, StateFileInUse
 from exporter.poller import Listing
 
@@ -412,3 +414,19 @@ def test_restart_describes_nothing_twice(simulator, tmp_path: Path) -> None:
         assert z.described == [running]     # the moved job is described
     finally:
         restarted.close()
+
+
+def test_state_names_a_server_invents_are_bounded_per_cluster() -> None:
+    """Unknown states keep their own name up to MAX_UNKNOWN_STATES; later new names are
+    counted under OTHER_STATE, so a hostile server cannot grow series or memory."""
+    h = JobHistory("x", clock=FakeClock())
+    invented = [f"weird_{i:03d}" for i in range(3 * MAX_STATE_NAMES)]
+    summary = apply(h, *[rec(f"j{i}", state) for i, state in enumerate(invented)])
+    counts = {state: n for (_, state), n in summary.counts.items() if n}
+    assert [s for s in invented if s in counts] == invented[:MAX_UNKNOWN_STATES]
+    assert counts[OTHER_STATE] == len(invented) - MAX_UNKNOWN_STATES
+    assert sum(counts.values()) == len(invented)                 # every job still counted
+    more = apply(h, *[rec(f"k{i}", f"new_{i}") for i in range(50)])
+    states = {state for _, state in more.counts}
+    assert len(states) <= MAX_STATE_NAMES and OTHER_STATE in states
+    assert states <= {*CANONICAL_STATES, OTHER_STATE, *invented[:MAX_UNKNOWN_STATES]}

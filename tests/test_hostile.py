@@ -17,7 +17,7 @@ import responses
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from exporter.client import (
-    ApiFailure, DecodeFailure, PaginationFailure, TimeoutFailure, label_text,
+    PollFailure, DecodeFailure, PaginationFailure, TimeoutFailure, label_text,
     list_import_jobs, make_session, parse_describe_answer, parse_list_answer,
 )
 from exporter.config import ClusterConfig, PollSettings
@@ -195,7 +195,7 @@ def listing_of(*records: dict[str, Any]) -> bytes:
     (b"\xff\xfe\x00garbage", "decode"),
 ])
 def test_malformed_answers_are_contract_reasons(body: bytes, reason: str) -> None:
-    with pytest.raises(ApiFailure) as failure:
+    with pytest.raises(PollFailure) as failure:
         parse_list_answer(body, V2)
     assert failure.value.reason == reason
 
@@ -260,7 +260,7 @@ def _only_contract_failures(body: bytes) -> None:
     for cluster in (V1, V2):
         try:
             page = parse_list_answer(body, cluster)
-        except ApiFailure as failure:
+        except PollFailure as failure:
             assert failure.reason in ("api", "auth", "decode")
         else:
             listing = Listing.of(page.records)    # the poller's store takes every record
@@ -271,7 +271,7 @@ def _only_contract_failures(body: bytes) -> None:
                     assert text == label_text(text)
         try:
             parse_describe_answer(body, cluster, "1")
-        except ApiFailure as failure:
+        except PollFailure as failure:
             assert failure.reason in ("api", "auth", "decode")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from exporter.logs import JsonFormatter, LogfmtFormatter
+from exporter.logs import JsonFormatter, LogfmtFormatter, bind
 
 
 def record(**fields: object) -> logging.LogRecord:
@@ -28,3 +28,19 @@ def test_json_lines_hold_the_value_as_it_was() -> None:
     text = "a\r\nb \"c\""
     event = json.loads(JsonFormatter().format(record(error=text)))
     assert event["error"] == text and event["level"] == "warn"
+
+
+def test_bound_fields_lead_every_line_and_merge_with_the_calls(caplog) -> None:
+    """bind() replaces extra={"fields": {"cluster_name": ...}} at every call site: the
+    lines are the same, the bound fields first."""
+    logger = logging.getLogger("exporter.test")
+    cluster_log = bind(logger, cluster_name="prod")
+    with caplog.at_level(logging.INFO, logger="exporter.test"):
+        cluster_log.info("cluster recovered", extra={"fields": {"jobs": 3}})
+        cluster_log.bind(job_id="j1").warning("plain")
+        logger.info("direct", extra={"fields": {"cluster_name": "prod", "jobs": 3}})
+    bound, job, direct = (LogfmtFormatter().format(r) for r in caplog.records)
+    assert bound.endswith(' msg="cluster recovered" cluster_name=prod jobs=3')
+    assert direct.endswith(' msg=direct cluster_name=prod jobs=3')
+    assert job.endswith(" msg=plain cluster_name=prod job_id=j1")
+    assert json.loads(JsonFormatter().format(caplog.records[0]))["cluster_name"] == "prod"

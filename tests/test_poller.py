@@ -12,6 +12,7 @@ from exporter.poller import (
     ClusterPoller, PollerGroup, SnapshotBoard, Stopped, backoff_delay, fetch_listing,
 )
 from exporter.client import make_session
+from exporter.jobs import MAX_UNKNOWN_STATES, OTHER_STATE
 from exporter.simulator import Simulator
 
 from conftest import FakeClock
@@ -380,3 +381,24 @@ def test_old_milvus_falls_back_to_get_progress_until_reload() -> None:
         clock.now += 10
         snap = poller.poll_once()
         assert snap.api_requests[("describe", "404")] == 2
+
+
+@responses.activate
+def test_unknown_states_are_logged_once_each_and_boundedly(caplog) -> None:
+    """Each unknown state is logged once; past MAX_UNKNOWN_STATES one line says the
+    rest go under OTHER_STATE, and nothing more is remembered or logged."""
+    cluster = v2(page_size=100)
+    states = [f"Weird{i}" for i in range(MAX_UNKNOWN_STATES + 20)]
+    for _ in range(2):
+        v2_pages([job(f"j{i}", state) for i, state in enumerate(states)])
+    poller = ClusterPoller(cluster, SnapshotBoard(), JobHistory("c", clock=FakeClock()),
+                           clock=FakeClock())
+    with caplog.at_level("WARNING", logger="exporter.poller"):
+        poller.poll_once()
+        poller.poll_once()
+    unknown = [r for r in caplog.records if r.getMessage().startswith("unknown job state")]
+    assert len(unknown) == MAX_UNKNOWN_STATES
+    assert len({getattr(r, "fields")["state"] for r in unknown}) == MAX_UNKNOWN_STATES
+    assert [r.getMessage() for r in caplog.records].count(
+        f"too many distinct job states; new ones are counted under {OTHER_STATE!r} and not "
+        "logged") == 1

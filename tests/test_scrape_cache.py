@@ -17,8 +17,9 @@ from prometheus_client.registry import Collector
 
 from conftest import FakeClock, parse_metrics
 from exporter import web
-from exporter.config import ClusterConfig
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.cli import ConfigRuntime, _run_once, build_registry
+from exporter.config import ClusterConfig, Config, ConfigError, parse_config
+from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
 from exporter.web import ExpositionCache, WebApp, create_server
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -175,3 +176,56 @@ def test_a_trickling_request_head_is_dropped(server: tuple[str, int],
         started = time.monotonic()
         assert sock.recv(1024) == b""                          # closed by the server
         assert time.monotonic() - started < 4                  # not the 60 s idle wait
+
+
+def test_a_reload_by_signal_or_watcher_shows_at_the_next_scrape() -> None:
+    """The reload gauge is not on the board: the reload generation is in the cache key,
+    so a SIGHUP or auto-reload (which do not go through /-/reload) shows within the
+    second, not a second later."""
+    config = parse_config({"clusters": [{"name": "a", "url": "http://127.0.0.1:1",
+                                         "api": "v2"}]}, "<test>", environ={})
+    board, clock = SnapshotBoard(), FakeClock()
+    group = PollerGroup(board, clock=clock)
+    refuse = [False]
+
+    def loader() -> Config:
+        if refuse[0]:
+            raise ConfigError(["<test>: key 'x': refused"])
+        return config
+    runtime = ConfigRuntime(config, group, (1, 0), loader)
+    registry = build_registry(board, lambda: runtime.reload_ok, clock)
+    cache = ExpositionCache(registry, board, clock, generation=lambda: runtime.generation)
+    reload_ok = ("zilliz_import_config_last_reload_successful", ())
+    try:
+        assert parse_metrics(text(cache))[reload_ok] == 1
+        refuse[0] = True
+        assert runtime.reload() is not None
+        assert parse_metrics(text(cache))[reload_ok] == 0       # same second
+        refuse[0] = False
+        assert runtime.reload() is None
+        assert parse_metrics(text(cache))[reload_ok] == 1
+    finally:
+        group.stop()
+
+
+def test_once_renders_like_metrics_leaving_out_what_cannot_be_encoded(
+        tmp_path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """--once goes through the same tolerant renderer as /metrics: a bad series is left
+    out and counted, to stdout and to --output alike."""
+    config = parse_config({"clusters": [{"name": "a", "url": "http://127.0.0.1:1",
+                                         "api": "v2"}]}, "<test>", environ={})
+    board = SnapshotBoard()
+    group = PollerGroup(board)
+    runtime = ConfigRuntime(config, group, (1, 0), lambda: config)
+    registry = CollectorRegistry()
+    registry.register(Unencodable())
+    output = tmp_path / "out.prom"
+    try:
+        for target in ("-", str(output)):
+            assert _run_once(runtime, registry, board, target) == 1   # the cluster is down
+    finally:
+        group.stop()
+    for body in (capsysbinary.readouterr().out.decode(), output.read_text()):
+        metrics = parse_metrics(body)
+        assert metrics[("zilliz_import_render_errors_total", ())] == 1
+        assert len([k for k in metrics if k[0] == "zilliz_import_jobs"]) == 2

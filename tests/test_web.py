@@ -1,8 +1,11 @@
-"""HTTP layer: TLS, basic auth and the status page, with real clients and a real browser."""
+"""HTTP layer: routes, auth, negotiation and the status page through respond() in process;
+TLS, HEAD and keep-alive over a real socket; the status page in a real browser."""
 
 from __future__ import annotations
 
 import base64
+import gzip
+import socket
 import html
 import os
 import re
@@ -19,12 +22,14 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from conftest import ROOT, fast_defaults, job_counts, require_tool, run_cli, wait_until
+from conftest import (
+    GOLDEN_NOW, ROOT, fast_defaults, golden_board, job_counts, require_tool, run_cli, wait_until,
+)
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, ClusterSnapshot, SnapshotBoard, Stopped
-from exporter.web import WebApp, create_server
+from exporter.web import WebApp, create_server, respond
 from exporter.webconfig import WebConfig
 
 ARTIFACTS = Path(os.environ.get("ZIE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -35,30 +40,85 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
-# ---- basic auth and TLS against the real process --------------------------------------
+# ---- routes, auth and negotiation through respond(), no socket -------------------------
 
-def test_basic_auth_protects_every_endpoint(simulator, exporter, tmp_path: Path) -> None:
-    simulator.add_cluster("c", "v2").add_jobs(2)
+def app_with(**fields: object) -> WebApp:
+    registry = CollectorRegistry()
+    registry.register(ImportCollector(golden_board(), clock=lambda: GOLDEN_NOW))
+    return WebApp(registry=registry, board=golden_board(), clock=lambda: GOLDEN_NOW,
+                  **fields)  # type: ignore[arg-type]
+
+
+def test_basic_auth_protects_every_endpoint() -> None:
     hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt(rounds=4)).decode()
-    web = tmp_path / "web.yml"
-    web.write_text(yaml.safe_dump({"basic_auth_users": {"alice": hashed},
-                                   "http_server_config": {"headers": {
-                                       "X-Content-Type-Options": "nosniff"}}}))
-    proc = exporter({"defaults": fast_defaults(), "clusters": [simulator.cluster_config("c")]},
-                    "--web.config.file", str(web), "--web.enable-lifecycle")
-    for path in ("/metrics", "/", "/-/healthy", "/-/ready"):
-        status, headers, _ = proc.get(path)
+    app = app_with(web_config=WebConfig(basic_auth_users={"alice": hashed},
+                                        headers={"X-Content-Type-Options": "nosniff"}),
+                   lifecycle=True)
+    for method, path in (("GET", "/metrics"), ("GET", "/"), ("GET", "/-/healthy"),
+                         ("HEAD", "/-/ready"), ("POST", "/-/reload"), ("GET", "/nope")):
+        status, headers, _ = respond(app, method, path, {})
         assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
-        assert proc.get(path, basic("alice", "wrong"))[0] == 401
-        assert proc.get(path, basic("bob", "s3cret-pass"))[0] == 401
-    assert proc.get("/-/reload", method="POST")[0] == 401
-    status, headers, _ = proc.get("/-/healthy", basic("alice", "s3cret-pass"))
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert respond(app, method, path, basic("alice", "wrong"))[0] == 401
+        assert respond(app, method, path, basic("bob", "s3cret-pass"))[0] == 401
+    status, headers, _ = respond(app, "GET", "/-/healthy", basic("alice", "s3cret-pass"))
     assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
-    wait_until(lambda: proc.get("/-/ready", basic("alice", "s3cret-pass"))[0] == 200)
-    status, _, body = proc.get("/metrics", basic("alice", "s3cret-pass"))
+    lower = {"authorization": basic("alice", "s3cret-pass")["Authorization"]}
+    status, _, body = respond(app, "GET", "/metrics", lower)      # any case of header name
     assert status == 200 and b"zilliz_import_up" in body
-    assert proc.get("/-/reload", basic("alice", "s3cret-pass"), method="POST")[0] == 200
+    assert respond(app, "POST", "/-/reload", basic("alice", "s3cret-pass"))[0] == 200
 
+
+def test_routes_and_lifecycle() -> None:
+    ready = [False]
+    reloads: list[str] = []
+
+    def reload() -> str | None:
+        reloads.append("reload")
+        return None if len(reloads) == 1 else "c.yml: key 'x': refused"
+    app = app_with(is_ready=lambda: ready[0], reload=reload)
+    assert respond(app, "GET", "/-/healthy", {}) == \
+        (200, {"Content-Type": "text/plain; charset=utf-8"}, b"Healthy\n")
+    assert respond(app, "GET", "/-/ready", {})[0] == 503
+    ready[0] = True
+    assert respond(app, "GET", "/-/ready?x=1", {})[:3:2] == (200, b"Ready\n")
+    assert respond(app, "GET", "/nope", {})[0] == 404
+    assert respond(app, "GET", "/-/reload", {})[:2] == (405, {
+        "Content-Type": "text/plain; charset=utf-8", "Allow": "POST"})
+    assert respond(app, "POST", "/metrics", {})[0] == 405
+    assert respond(app, "PUT", "/metrics", {})[0] == 405
+    assert respond(app, "POST", "/-/reload", {})[0] == 403 and not reloads   # lifecycle off
+    app = app_with(lifecycle=True, reload=reload)
+    assert respond(app, "POST", "/-/reload", {}, b"{}")[::2] == (200, b"Reloaded\n")
+    assert respond(app, "POST", "/-/reload", {})[::2] == (400, b"c.yml: key 'x': refused\n")
+    status, headers, page = respond(app, "GET", "/", {})
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b'<table id="clusters">' in page and b'href="/metrics"' in page
+    custom = app_with(telemetry_path="/custom")
+    assert respond(custom, "GET", "/custom", {})[0] == 200
+    assert respond(custom, "GET", "/metrics", {})[0] == 404
+
+
+@pytest.mark.parametrize("accept,encoding,content_type,gzipped", [
+    ("", "", "text/plain; version=0.0.4; charset=utf-8", False),
+    ("application/openmetrics-text; version=1.0.0", "", "application/openmetrics-text", False),
+    ("", "gzip", "text/plain", True),
+    ("text/plain", "deflate, GZIP;q=0.5", "text/plain", True),
+    ("", "x-gzip-not, br", "text/plain", False),     # a token, not a substring
+])
+def test_metrics_negotiates_format_and_gzip(accept: str, encoding: str, content_type: str,
+                                            gzipped: bool) -> None:
+    app = app_with()
+    status, headers, body = respond(app, "GET", "/metrics", {
+        "Accept": accept, "Accept-Encoding": encoding})
+    assert status == 200 and headers["Content-Type"].startswith(content_type)
+    assert (headers.get("Content-Encoding") == "gzip") == gzipped
+    text = (gzip.decompress(body) if gzipped else body).decode()
+    assert "zilliz_import_jobs_stuck" in text
+    assert text.endswith("# EOF\n") == content_type.startswith("application/openmetrics")
+
+
+# ---- TLS against the real process ------------------------------------------------------
 
 def tls_client(pki: dict[str, str], ca: str = "ca", cert: str | None = "client"
                ) -> ssl.SSLContext:
@@ -94,6 +154,29 @@ def test_tls_with_required_client_certificate(simulator, exporter, tmp_path: Pat
     # the server keeps serving after bad handshakes
     proc.scheme = "https"
     assert proc.get("/-/healthy", context=tls_client(pki))[0] == 200
+
+
+def test_head_and_keep_alive_over_a_socket() -> None:
+    """What only a socket shows: a HEAD answer has the GET's headers and no body, and
+    one connection carries several requests."""
+    server = create_server(app_with(), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+            stream = sock.makefile("rb")
+            for method in ("HEAD", "GET"):
+                sock.sendall(f"{method} /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert stream.readline() == b"HTTP/1.1 200 OK\r\n"
+                headers = {}
+                while (line := stream.readline()) != b"\r\n":
+                    name, _, value = line.decode().partition(":")
+                    headers[name.lower()] = value.strip()
+                assert headers["content-length"] == "8"
+            assert stream.read(8) == b"Healthy\n"       # only the GET's body came
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("doc,key", [
@@ -134,30 +217,21 @@ def test_scrape_does_not_wait_for_anything_but_the_board(simulator) -> None:
     ready = threading.Event()
     app = WebApp(registry=registry, board=board, is_ready=ready.is_set,
                  web_config=WebConfig(), lifecycle=True, reload=lambda: "bad: key 'x'")
-    server = create_server(app, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         polling.start()
         wait_until(lambda: simulator.clusters["x"].requests, what="the poll's request")
-        body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-        assert 'zilliz_import_cluster_info{api="v2",cluster_id="in01-x"' in body
-        assert "zilliz_import_up{" not in body and polling.is_alive()   # still polling
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(url + "/-/ready", timeout=5)
-        assert info.value.code == 503
+        status, _, body = respond(app, "GET", "/metrics", {})
+        assert status == 200
+        assert 'zilliz_import_cluster_info{api="v2",cluster_id="in01-x"' in body.decode()
+        assert b"zilliz_import_up{" not in body and polling.is_alive()   # still polling
+        assert respond(app, "GET", "/-/ready", {})[0] == 503
         ready.set()
-        assert urllib.request.urlopen(url + "/-/ready", timeout=5).status == 200
-        request = urllib.request.Request(url + "/-/reload", method="POST")
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(request, timeout=5)
-        assert info.value.code == 400 and info.value.read() == b"bad: key 'x'\n"
-        page = urllib.request.urlopen(url + "/", timeout=5).read().decode()
+        assert respond(app, "GET", "/-/ready", {})[0] == 200
+        assert respond(app, "POST", "/-/reload", {})[::2] == (400, b"bad: key 'x'\n")
+        page = respond(app, "GET", "/", {})[2].decode()
         assert "<td>x</td>" in page and "waiting" in page
     finally:
         poller.stop()
-        server.shutdown()
-        server.server_close()
     simulator.stop()                        # the hung request ends; the poll sees the stop
     polling.join(10)
     assert outcome == ["stopped"] and board.get("x") == ClusterSnapshot(cluster=cluster)
@@ -192,7 +266,7 @@ EVIL = "<script>document.title='pwned'</script> schema mismatch: field 'vec' dim
 
 
 def test_status_page_escapes_server_text_and_caps_sections() -> None:
-    from exporter.client import JobRecord
+    from exporter.jobs import JobRecord
     from exporter.history import FailedJob, JobHistory
     from exporter.poller import Listing
     from exporter.web import render_status_page
@@ -217,6 +291,25 @@ def test_status_page_escapes_server_text_and_caps_sections() -> None:
     assert stuck == ["c<1>", "<i>col</i>", "<b>id</b>", "importing", "10s", "age"]
     (running,) = table_rows(page, "running")
     assert running[4] == "10%" and running[5:] == ["-", "-"]
+
+
+def test_cluster_table_has_one_cell_per_declared_column() -> None:
+    """The per-cluster table is CLUSTER_COLUMNS: a new column is one declaration."""
+    from exporter.web import CLUSTER_COLUMNS, render_status_page
+    page = render_status_page(WebApp(registry=CollectorRegistry(), board=golden_board(),
+                                     clock=lambda: GOLDEN_NOW))
+    head = re.search(r'<table id="clusters"><thead><tr>(.*?)</tr>', page, re.S)
+    assert head and re.findall(r"<th>(.*?)</th>", head.group(1)) == \
+        [column.heading for column in CLUSTER_COLUMNS]
+    rows = {r[0]: r for r in table_rows(page, "clusters")}
+    assert list(rows) == ["milvus-a", "new-one", "prod-search"]
+    assert rows["prod-search"] == ["prod-search", "v1", "controller.api.gcp.zillizcloud.com",
+                                   "up", "20s ago", "", "1", "2", "7", "1", "3", "1", "60s"]
+    assert rows["milvus-a"] == ["milvus-a", "v2", "milvus:19530", "down", "60m ago",
+                                "auth: HTTP 401 from milvus: credentials refused",
+                                "-", "-", "-", "-", "0", "0", "60s"]     # stale: no jobs
+    assert rows["new-one"][3:5] == ["waiting", "never"]
+    assert '<td class="down">down</td>' in page and '<td class="wait">waiting</td>' in page
 
 
 def test_status_page_in_headless_chromium(simulator, exporter) -> None:

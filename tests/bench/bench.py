@@ -571,7 +571,7 @@ sys.stdin.read()
 
 HOSTILE_CLIENT = r"""
 import json, resource, sys, time
-from exporter.client import ApiFailure, list_import_jobs, make_session
+from exporter.client import PollFailure, list_import_jobs, make_session
 from exporter.config import ClusterConfig, PollSettings
 from exporter.memory import resident_bytes
 url, timeout, prefix = sys.argv[1], float(sys.argv[2]), sys.argv[3]
@@ -582,7 +582,7 @@ started = time.monotonic()
 try:
     list_import_jobs(make_session(cluster), cluster, 1)
     reason = "none"
-except ApiFailure as failure:
+except PollFailure as failure:
     reason = failure.reason
 print(json.dumps({"reason": reason, "seconds": time.monotonic() - started,
                   "before": before,

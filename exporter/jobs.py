@@ -1,0 +1,83 @@
+"""The job model: a listed job, its states, and the compact name index both the
+listing and the history store jobs with.
+
+States are normalised as the contract says: lowercase, an ``Import`` prefix dropped,
+``Running``/``ImportRunning`` read as ``importing``; any other value passes through in
+snake_case and is counted under its own name.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import NamedTuple
+
+CANONICAL_STATES = ("pending", "importing", "completed", "failed")
+ACTIVE_STATES = frozenset({"pending", "importing"})
+TERMINAL_STATES = frozenset({"completed", "failed"})
+
+# A hostile or broken server could send a new state name with every job, and each would
+# be a new series and memory held for good. A cluster keeps at most MAX_STATE_NAMES
+# distinct state names (the four canonical ones and OTHER_STATE included); a new name
+# beyond them is counted under OTHER_STATE, and no more unknown names are logged.
+MAX_STATE_NAMES = 64
+OTHER_STATE = "other"
+# The unknown names that keep their own: what the canonical names and OTHER_STATE leave.
+MAX_UNKNOWN_STATES = MAX_STATE_NAMES - len(CANONICAL_STATES) - 1
+
+_STATE_ALIASES = {"running": "importing", "importing": "importing"}
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+@functools.lru_cache(maxsize=256)
+def normalise_state(raw: str) -> str:
+    """``ImportCompleted``/``Completed`` -> ``completed``; unknown -> snake_case.
+
+    Cached: a listing holds a handful of distinct states over thousands of jobs.
+    """
+    name = raw[6:] if raw.startswith("Import") and raw[6:7].isupper() else raw
+    snake = _CAMEL.sub("_", name).lower().replace(" ", "_").replace("-", "_")
+    return _STATE_ALIASES.get(snake, snake)
+
+
+class JobRecord(NamedTuple):
+    """One job as listed; a tuple because a large listing holds 100,000 of them."""
+
+    job_id: str
+    collection: str
+    state: str          # normalised
+    progress: int       # -1 when the API reports none (v1)
+
+
+class NameIndex:
+    """Small integers for the few names (collections, states) that thousands of jobs
+    repeat, so per-job storage holds an index instead of another string.
+
+    Hot loops try ``index.get(name)`` first and call the object only for a new name.
+    With a ``limit``, a new name once ``limit - 1`` names are held gets the index of
+    ``overflow`` instead, so the index never grows past ``limit``.
+    """
+
+    def __init__(self, names: tuple[str, ...] = (), *, limit: int = 0,
+                 overflow: str = OTHER_STATE) -> None:
+        self.names: list[str] = list(names)
+        self.index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
+        self._limit = limit
+        self._overflow = overflow
+
+    def __call__(self, name: str) -> int:
+        found = self.index.get(name)
+        if found is None:
+            if self._limit and len(self.names) >= self._limit - 1:
+                name = self._overflow
+                found = self.index.get(name)
+                if found is not None:
+                    return found
+            found = self.index[name] = len(self.names)
+            self.names.append(name)
+        return found
+
+
+def state_index() -> NameIndex:
+    """A cluster's index of state names, bounded by MAX_STATE_NAMES."""
+    return NameIndex(CANONICAL_STATES, limit=MAX_STATE_NAMES)
