@@ -394,8 +394,10 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
     success = V1_SUCCESS_CODES if cluster.api == "v1" else V2_SUCCESS_CODES
     if type(code) is not int or code not in success:   # a list or object is no code
         message = payload.get("message")
-        message = failure_text(message, "") if isinstance(message, str) and message \
-            else "no message"
+        # scrubbed before it is cut to length: a key straddling the cut would leave
+        # its first characters behind for _scrubbed to miss
+        message = failure_text(message, cluster.api_key) \
+            if isinstance(message, str) and message else "no message"
         if type(code) is int and code in AUTH_BODY_CODES:
             raise AuthFailure(f"{host} refused the credentials: code {code}: {message}")
         shown = str(code) if type(code) is int else type(code).__name__

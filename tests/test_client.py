@@ -8,6 +8,7 @@ import responses
 from responses import matchers
 
 from exporter.client import (
+    MAX_REASON_CHARS,
     ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, JobDetails,
     PollFailure, TimeoutFailure, describe_import_job, failure_text, list_import_jobs,
     make_session, parse_retry_after,
@@ -256,3 +257,14 @@ def test_list_reasons_are_sanitised_and_kept_apart() -> None:
          "reason": ""}]}})
     page, _ = fetch(V2)
     assert dict(page.reasons) == {"f": "schema mismatch <secret>"}
+
+
+@responses.activate
+def test_a_key_echoed_across_the_200_character_cut_never_leaves_a_prefix() -> None:
+    """The message is scrubbed before it is cut: a cut key would escape the scrub."""
+    half = len(KEY) // 2
+    padding = "x" * (MAX_REASON_CHARS - 1 - half - 1)    # the cut falls mid-key
+    responses.post(V2_URL, json={"code": 1100, "message": f"{padding} {KEY} trailing"})
+    with pytest.raises(ApiFailure) as info:
+        fetch(V2)
+    assert KEY[:half] not in str(info.value)
