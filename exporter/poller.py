@@ -388,6 +388,8 @@ class ClusterPoller:
             return self._publish_failure(failure, started)
         self._log_unknown_states(listing.states())
         settings = cluster.settings
+        if self._stop.is_set():     # retired meanwhile: a newer poller owns the history
+            raise Stopped()
         summary = self._history.apply(
             listing, stuck_after=settings.stuck_after,
             stall_after=settings.stall_after,
@@ -414,11 +416,22 @@ class ClusterPoller:
         self._snapshot = snapshot
         self._board.publish(snapshot, self._current)
         # The listing is out; details follow in a second snapshot, so a slow or
-        # failing describe endpoint never holds the listing back.
-        if not self._describe_jobs():
+        # failing describe endpoint never holds the listing back, and nothing going
+        # wrong while describing turns this successful poll into a failed one.
+        try:
+            if not self._describe_jobs():
+                return snapshot
+            jobs = self._history.refresh(summary)
+        except Stopped:
+            raise
+        except Exception as exc:
+            if type(exc) not in self._crashes:
+                self._crashes.add(type(exc))
+                self._log.error("describing jobs crashed; the listing stands, its jobs "
+                                "keep their last known details", exc_info=True)
             return snapshot
         snapshot = replace(snapshot, poll_duration=time.monotonic() - started,
-                           jobs=self._history.refresh(summary),
+                           jobs=jobs,
                            api_requests=dict(self._api_requests),
                            rate_limit_wait=self._rate_limit_wait())
         self._snapshot = snapshot

@@ -185,6 +185,37 @@ def test_poller_backs_off_through_its_wait_seam() -> None:
                                  ("describe", "503"): 1, ("describe", "200"): 1}
 
 
+def test_a_crash_while_describing_leaves_the_published_listing_up(caplog) -> None:
+    """Describes never fail a poll: not even an exception nobody expected."""
+    history = JobHistory("c")
+    poller = ClusterPoller(v2(max_describes_per_poll=1), SnapshotBoard(), history,
+                           wait=lambda s: False)
+    describe = "https://api.example.com/v2/vectordb/jobs/import/describe"
+    with responses.RequestsMock() as mock:
+        mock.post(URL, json={"code": 0, "data": {"records": [job("a")]}})
+        mock.post(describe, body=RuntimeError("a bug in the describe path"))
+        snap = poller.poll_once()
+    assert snap.up and snap.poll_errors == {} and snap.jobs is not None
+    assert snap.jobs.total == 1
+    assert "describing jobs crashed" in caplog.text
+
+
+def test_a_poller_retired_during_its_listing_leaves_the_history_alone() -> None:
+    """A changed cluster's new poller shares the history: the old one must not fold a
+    listing it fetched after it was told to stop."""
+    history = JobHistory("c")
+    poller = ClusterPoller(v2(), SnapshotBoard(), history)
+
+    def stop_mid_request(request):  # type: ignore[no-untyped-def]
+        poller.stop()
+        return 200, {}, '{"code": 0, "data": {"records": [{"jobId": "a", "state": "Pending"}]}}'
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.POST, URL, callback=stop_mid_request)
+        with pytest.raises(Stopped):
+            poller.poll_once()
+    assert len(history) == 0
+
+
 def test_stale_series_are_withdrawn_after_stale_after() -> None:
     board = SnapshotBoard()
     cluster = v2(stale_after=60)
