@@ -453,7 +453,8 @@ class JobHistory:
         now = int(self._clock())
         jobs, details = self._jobs, self._details
         listed_reasons = records.reasons
-        rows_on_completion = self._rules.api == "v2"
+        describing = self._rules.max_describes > 0     # 0: job details are off
+        rows_on_completion = describing and self._rules.api == "v2"
         failed_window = self._rules.failed_window
         pack, unpack = _RECORD.pack, _RECORD.unpack
         baseline_done = self._baseline_done
@@ -501,7 +502,7 @@ class JobHistory:
                         known = details[job_id] = _Details()
                     known.failed_at, known.reason = now, reason or known.reason
                     self._dirty.add(job_id)
-                    if not reason:
+                    if not reason and describing:
                         flags |= _DESCRIBE
                 elif rows_on_completion:
                     flags |= _DESCRIBE

@@ -430,3 +430,16 @@ def test_state_names_a_server_invents_are_bounded_per_cluster() -> None:
     states = {state for _, state in more.counts}
     assert len(states) <= MAX_STATE_NAMES and OTHER_STATE in states
     assert states <= {*CANONICAL_STATES, OTHER_STATE, *invented[:MAX_UNKNOWN_STATES]}
+
+
+def test_with_describing_off_no_finished_job_waits_for_a_describe() -> None:
+    """max_describes_per_poll 0: jobs finishing meanwhile are not queued (and kept)
+    for a describe that describing-off will never send."""
+    h = JobHistory("x", clock=FakeClock())
+    apply_details(h, Listing.of([rec("a", "importing", 10), rec("b", "importing", 10)]),
+                  max_describes=0, api="v2")
+    apply_details(h, Listing.of([rec("a", "failed", 10), rec("b", "completed", 100)]),
+                  max_describes=0, api="v2")
+    apply_details(h, Listing.of([rec("a", "failed", 10), rec("b", "completed", 100)]),
+                  max_describes=5, api="v2")
+    assert h.describe_plan() == []
