@@ -114,6 +114,7 @@ class ExpositionCache:
         self._key: tuple[int, int, int] | None = None
         self._bodies: dict[tuple[str, bool], bytes] = {}
         self.render_errors = 0       # series left out, cumulative
+        self._counted: tuple[int, int, int] | None = None    # key whose errors are in
         self._logged: set[str] = set()    # metrics and failures already logged
 
     def body(self, encoder: Encoder, content_type: str, gzipped: bool) -> bytes:
@@ -190,7 +191,11 @@ class ExpositionCache:
                 parts.append((family, self._one(encoder, family)))
             except Exception:         # not the samples: the family itself
                 errors += 1
-        self.render_errors += errors
+        # Once per scrape's worth of rendering: the other encodings of the same key
+        # leave out the same series, and are not more scrapes.
+        if self._key is None or self._key != self._counted:
+            self.render_errors += errors
+            self._counted = self._key
         counter = RENDER_ERRORS.new()
         counter.add_metric((), self.render_errors)
         parts.append((counter, self._one(encoder, counter)))

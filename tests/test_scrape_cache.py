@@ -107,6 +107,8 @@ def test_a_series_that_cannot_be_encoded_is_left_out_and_counted(accept: str) ->
                     (("cluster_name", "other"), ("collection", "images")): 2}
     assert len([k for k in metrics if k[0] == "zilliz_import_up"]) == 3
     assert metrics[("zilliz_import_render_errors_total", ())] == 1
+    other = OPENMETRICS if not accept else ""     # the same second in the other encoding:
+    assert parse_metrics(text(cache, other))[("zilliz_import_render_errors_total", ())] == 1
     clock.advance(1)
     assert parse_metrics(text(cache, accept))[("zilliz_import_render_errors_total", ())] == 2
 
