@@ -212,7 +212,11 @@ class PacedAdapter(HTTPAdapter):
         ticket = self._ticket = bucket.enqueue()
         try:
             while True:
-                ticket.turn.wait()             # set at the head of the queue, or by close()
+                # turn is set at the head of the queue, or by close(), which sets _closed
+                # first: checked once the ticket is known, a close() racing the enqueue
+                # is never missed
+                if not self._closed.is_set():
+                    ticket.turn.wait()
                 if self._closed.is_set():
                     raise Interrupted("stopped while waiting for the rate limiter")
                 sent, delay = bucket.release(ticket)

@@ -235,3 +235,24 @@ def test_describes_take_from_their_own_bucket(simulator) -> None:
     endpoints = {endpoint for _, _, endpoint in group.limits.buckets()}
     assert endpoints == {"list", "describe"}
     assert {r.endpoint for r in simulator.log} == {"list", "describe"}
+
+
+def test_a_session_closed_before_its_request_queued_never_waits_its_turn() -> None:
+    """close() racing the enqueue: the request behind another must still stop at once."""
+    limits = RateLimits()
+    head = limits.bucket("h", "k", "list", 1.0).enqueue()    # someone else is first
+    adapter = PacedAdapter(limits, "h", "k", 1.0)
+    adapter.close()
+    request = requests.Request("POST", "http://h/v2/vectordb/jobs/import/list").prepare()
+    outcome: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            adapter.send(request)
+        except requests.RequestException as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive() and isinstance(outcome[0], Interrupted)
+    assert head.turn.is_set()       # and the queue it left behind is intact
