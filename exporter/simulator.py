@@ -232,6 +232,17 @@ def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
     return busiest
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (a poller stopped mid-request) is no error worth a
+    traceback on stderr, as the stdlib server would print."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @dataclass(frozen=True)
 class SimRequest:
     """One request as the server saw it."""
@@ -256,8 +267,7 @@ class Simulator:
         self._admitted: dict[tuple[str, str], collections.deque[float]] = {}
         self._log_lock = threading.Lock()
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer((host, port), _handler(self))
-        self._server.daemon_threads = True
+        self._server = _QuietServer((host, port), _handler(self))
         self._scheme = "http"
         if tls is not None:   # an API behind a private CA, as some Milvus installs are
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)

@@ -250,3 +250,30 @@ def test_every_key_reads_back_from_check_config_output() -> None:
         assert item["api_key"] == "<secret>"
         item["api_key"] = SECRET
     assert parse_config(shown, "x.yaml", environ={}) == config
+
+
+# ---- max_response_bytes: the "size" kind -------------------------------------------
+
+def load_size(value: object) -> int:
+    raw = {"defaults": {"max_response_bytes": value},
+           "clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2"}]}
+    config = parse_config(raw, "x.yaml", environ={})
+    return config.clusters[0].settings.max_response_bytes
+
+
+def test_default_is_32_mib_and_check_config_shows_units() -> None:
+    raw = {"clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2",
+                         "max_response_bytes": "512KiB"}]}
+    config = parse_config(raw, "x.yaml", environ={})
+    assert redacted(config)["clusters"][0]["max_response_bytes"] == "512KiB"
+    assert config.defaults.max_response_bytes == 32 * 1024 ** 2
+
+
+@pytest.mark.parametrize("value,message", [
+    ("32MB", "bad size '32MB'"), ("lots", "bad size"), (True, "not a size"),
+    (10, "out of range"), ("-1KiB", "bad size")])
+def test_bad_max_response_bytes_names_the_file_and_key(value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_size(value)
+    line = str(error.value)
+    assert line.startswith("x.yaml:") and "'max_response_bytes'" in line and message in line

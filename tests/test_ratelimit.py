@@ -220,7 +220,9 @@ def test_throttled_by_a_lower_server_limit_the_fleet_backs_off_and_completes(
     assert bucket.rate() < 100          # halved for everyone sharing the key
 
 
-def test_a_poll_longer_than_the_interval_is_followed_at_once_never_overlapped() -> None:
+def test_the_next_poll_starts_interval_after_the_last_began_or_at_once_when_late() -> None:
+    """Arithmetic of the schedule; one thread per cluster runs it, so a late poll is
+    followed by the next, never overlapped by it."""
     assert next_poll_delay(30, 12) == 18
     assert next_poll_delay(30, 45) == 0 and next_poll_delay(30, 30) == 0
 
