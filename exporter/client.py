@@ -425,6 +425,10 @@ def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> List
         raise DecodeFailure(f"{host} answered a job list that is not a list")
     records = []
     reasons: dict[str, str] = {}
+    # A page repeats a few collection and state names over many jobs: each is
+    # cleaned (and a state normalised) once per page.
+    collections: dict[str, str] = {}
+    states: dict[str, str] = {}
     for item in items:
         if not isinstance(item, dict) or "jobId" not in item or "state" not in item:
             raise DecodeFailure(f"{host} answered a job without jobId or state")
@@ -441,8 +445,13 @@ def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> List
             raise DecodeFailure(f"{host} answered a job {label_text(job_id)[:80]!r} with a "
                                 "malformed state, collectionName, progress or reason")
         job_id = label_text(job_id)
-        records.append(JobRecord(job_id, label_text(collection),
-                                 normalise_state(label_text(state)), progress))
+        clean_collection = collections.get(collection)
+        if clean_collection is None:
+            clean_collection = collections[collection] = label_text(collection)
+        clean_state = states.get(state)
+        if clean_state is None:
+            clean_state = states[state] = normalise_state(label_text(state))
+        records.append(JobRecord(job_id, clean_collection, clean_state, progress))
         if reason:
             reasons[job_id] = failure_text(reason, cluster.api_key)
     count = data.get("count")
@@ -472,6 +481,8 @@ def _finite(value: Any) -> float | None:
 def _percent(value: Any) -> int | None:
     """A progress percentage clamped to 0-100, -1 when absent; None when it is not a
     number (a finite one: 1e400 parses as infinity)."""
+    if type(value) is int and 0 <= value <= 100:      # what servers send: at once
+        return value
     if value is None:
         return -1
     number = _finite(value)
