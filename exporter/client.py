@@ -36,6 +36,7 @@ from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
 from exporter import __version__
 from exporter.config import REDACTED, ClusterConfig
+from exporter.deadline import DeadlineAdapter
 from exporter.jobs import JobRecord, normalise_state
 from exporter.logs import bind
 
@@ -160,6 +161,9 @@ def make_session(cluster: ClusterConfig) -> requests.Session:
     elif cluster.tls_ca_file:
         session.verify = cluster.tls_ca_file
     session.trust_env = False
+    adapter = DeadlineAdapter()        # the answer's headers too are bounded by timeout
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, adapter)
     return session
 
 

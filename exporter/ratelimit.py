@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from exporter.client import PACING_ATTRIBUTE
+from exporter.deadline import DeadlineAdapter
 
 RECOVERY_SECONDS = 60.0
 
@@ -184,7 +184,7 @@ class RateLimits:
             return dict(self._buckets)
 
 
-class PacedAdapter(HTTPAdapter):
+class PacedAdapter(DeadlineAdapter):
     """Waits for a token of the (host, key, endpoint) bucket before each request.
 
     ``waited`` is the cumulative time this session's requests spent waiting, for

@@ -23,6 +23,7 @@ from exporter.client import (
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, Listing, SnapshotBoard, fetch_listing
+from exporter.ratelimit import RateLimits, pace
 
 Writer = Callable[[BaseHTTPRequestHandler], None]
 
@@ -108,6 +109,32 @@ def test_a_slow_drip_is_bounded_by_the_whole_timeout() -> None:
         started = time.monotonic()
         with pytest.raises(TimeoutFailure):
             list_import_jobs(make_session(cluster), cluster, 1)
+        assert time.monotonic() - started < 0.5 + 2.5
+
+
+def trickled_headers(handler: BaseHTTPRequestHandler) -> None:
+    """A status line, then headers a byte every 0.1 s, never finishing them."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    handler.wfile.flush()
+    for byte in b"X-Slow: " + b"z" * 1000:
+        if handler.stop.is_set():   # type: ignore[attr-defined]
+            return
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("paced", [False, True])
+def test_trickled_headers_are_bounded_by_the_whole_timeout(paced: bool) -> None:
+    """requests bounds each read; the deadline bounds the headers as a whole."""
+    with HostileServer(trickled_headers) as server:
+        cluster = server.cluster(timeout=0.5)
+        session = make_session(cluster)
+        if paced:
+            pace(session, RateLimits(), cluster.host, cluster.api_key, 100)
+        started = time.monotonic()
+        with pytest.raises(TimeoutFailure):
+            list_import_jobs(session, cluster, 1)
         assert time.monotonic() - started < 0.5 + 2.5
 
 
@@ -343,3 +370,22 @@ def test_a_lone_surrogate_from_a_server_leaves_every_cluster_served() -> None:
                  if name == "zilliz_import_jobs" and dict(labels)["state"] == "importing"}
     assert importing == {"bad": ("x\ufffdy", 2), "good": ("docs", 2)}
     assert metrics[("zilliz_import_render_errors_total", ())] == 0
+
+
+def test_the_watchdog_fires_only_what_is_still_armed() -> None:
+    """On a fake clock: a disarmed watch is never fired, an armed one past due is."""
+    from exporter.deadline import Watchdog
+
+    class Sock:
+        def __init__(self) -> None:
+            self.shut = threading.Event()
+
+        def shutdown(self, how: int) -> None:
+            self.shut.set()
+    now = [100.0]
+    dog = Watchdog(clock=lambda: now[0])
+    done, late = Sock(), Sock()
+    dog.disarm(dog.arm(101.0, done))
+    dog.arm(102.0, late)
+    now[0] = 103.0                  # the thread looks again when its wait times out
+    assert late.shut.wait(5) and not done.shut.is_set()
