@@ -333,8 +333,13 @@ def test_status_page_in_headless_chromium(simulator, exporter) -> None:
         ("cluster_name", "healthy-one"), ("collection", "c")))) == 5
         and m.get(("zilliz_import_job_eta_seconds", (
             ("cluster_name", "healthy-one"), ("collection", "c"), ("job_id", importing[1]))))
+        # the listing (progress, so an ETA) is published before the describes that
+        # bring the new rows: wait for those too
+        and m.get(("zilliz_import_job_rows", (
+            ("cluster_name", "healthy-one"), ("collection", "c"), ("job_id", importing[1]),
+            ("kind", "imported")))) == 600_000
         and any(k[0] == "zilliz_import_failed_job_info" for k in m),
-        what="5 stuck jobs, an ETA and a failure")
+        what="5 stuck jobs, an ETA, the new rows and a failure")
     dom = chromium("--dump-dom", proc.url + "/")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "<script>" not in dom.stdout                  # the failure text stayed text
