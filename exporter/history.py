@@ -269,6 +269,27 @@ class HistoryStore:
                 raise
             conn.execute("COMMIT")
 
+    def replace(self, cluster: str, rows: list[tuple[str, float, float, int, str, int]],
+                details: list[DetailRow]) -> None:
+        """Write a cluster's whole history, in place of what the file holds for it."""
+        with self._lock:
+            if self._closed:
+                return
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                conn.execute("INSERT OR IGNORE INTO clusters VALUES (?)", (cluster,))
+                conn.execute("DELETE FROM jobs WHERE cluster=?", (cluster,))
+                conn.execute("DELETE FROM details WHERE cluster=?", (cluster,))
+                conn.executemany("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(cluster, *row) for row in rows])
+                conn.executemany("INSERT INTO details VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(cluster, *row) for row in details])
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
     def forget(self, cluster: str) -> None:
         """Drop a cluster that left the configuration."""
         with self._lock:
@@ -421,6 +442,9 @@ class JobHistory:
         self._rules = DetailRules()
         self._dirty: set[str] = set()       # details to persist
         self._changed: list[tuple[str, float, float, int, str, int]] = []   # job rows
+        # A write that failed (disk full...) left memory ahead of the file: the next
+        # write then writes the whole history instead of the changes since.
+        self._resync = False
         if store is not None:
             self._baseline_done, rows, details = store.load(cluster)
             for job_id, first_seen, since, progress, state, flags in rows:
@@ -539,9 +563,7 @@ class JobHistory:
         self._waiting, self._failed = waiting, failed
         self._follow_active(active, now)
         del active
-        if self._store is not None:
-            self._store.write(self.cluster, upserts, deletes, baseline=not baseline_done,
-                              details=self._take_dirty())
+        self._persist(upserts, deletes, baseline=not baseline_done)
         self._baseline_done = True
 
         collections = {collection for collection, _ in counts}
@@ -704,6 +726,29 @@ class JobHistory:
         self._changed.append((job_id, first_seen, since, old_progress,
                               self._state_index.names[index], flags))
 
+    def _persist(self, upserts: list[tuple[str, float, float, int, str, int]],
+                 deletes: list[str], baseline: bool) -> None:
+        """Write changes to the state file; after a failed write, everything."""
+        store = self._store
+        if store is None:
+            return
+        try:
+            if self._resync:
+                names = self._state_index.names
+                rows = [(job_id, first_seen, since, progress, names[index], flags)
+                        for job_id, (first_seen, since, progress, index, flags)
+                        in ((j, _RECORD.unpack(packed)) for j, packed in self._jobs.items())]
+                self._dirty.clear()
+                store.replace(self.cluster, rows,
+                              [known.row(j) for j, known in self._details.items()])
+                self._resync = False
+            else:
+                store.write(self.cluster, upserts, deletes, baseline=baseline,
+                            details=self._take_dirty())
+        except sqlite3.Error:
+            self._resync = True
+            raise
+
     def _take_dirty(self) -> list[DetailRow]:
         rows = [self._details[j].row(j) for j in sorted(self._dirty) if j in self._details]
         self._dirty.clear()
@@ -712,10 +757,8 @@ class JobHistory:
     def refresh(self, summary: JobSummary) -> JobSummary:
         """``summary`` with the details learnt since it was made; persists them."""
         with self._lock:
-            if self._store is not None:
-                changed, self._changed = self._changed, []
-                self._store.write(self.cluster, changed, [], baseline=False,
-                                  details=self._take_dirty())
+            changed, self._changed = self._changed, []
+            self._persist(changed, [], baseline=False)
             return self._with_details(summary)
 
     def _with_details(self, summary: JobSummary) -> JobSummary:

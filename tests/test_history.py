@@ -443,3 +443,28 @@ def test_with_describing_off_no_finished_job_waits_for_a_describe() -> None:
     apply_details(h, Listing.of([rec("a", "failed", 10), rec("b", "completed", 100)]),
                   max_describes=5, api="v2")
     assert h.describe_plan() == []
+
+
+def test_a_failed_state_file_write_is_made_good_by_the_next_one(tmp_path: Path) -> None:
+    """Memory moves on even when a write fails (disk full): the next write then writes
+    the whole history, so a restart loses nothing the failed write held."""
+    import sqlite3 as sql
+    clock = FakeClock()
+    store = HistoryStore(str(tmp_path / "state.db"))
+    history = JobHistory("x", store, clock)
+    apply(history, rec("a", "importing", 10))
+    clock.advance(60)
+    write = store.write
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise sql.OperationalError("database or disk is full")
+    store.write = full_disk  # type: ignore[method-assign]
+    with pytest.raises(sql.OperationalError):
+        apply(history, rec("a", "completed", 100), rec("b", "pending"))
+    store.write = write  # type: ignore[method-assign]
+    apply(history, rec("a", "completed", 100), rec("b", "pending"))   # nothing new to it
+    store.close()
+    again = HistoryStore(str(tmp_path / "state.db"))
+    baseline, rows, _ = again.load("x")
+    again.close()
+    assert baseline and {row[0]: row[4] for row in rows} == {"a": "completed", "b": "pending"}
