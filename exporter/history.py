@@ -439,6 +439,8 @@ class JobHistory:
         self._waiting: dict[str, tuple[str, str]] = {}
         self._failed: list[tuple[str, str]] = []
         self._collections: set[str] = set()
+        self._fresh: set[str] = set()     # collections first listed by the last listing
+        self._applied = False             # a listing was folded in by this process
         self._rules = DetailRules()
         self._dirty: set[str] = set()       # details to persist
         self._changed: list[tuple[str, float, float, int, str, int]] = []   # job rows
@@ -567,7 +569,15 @@ class JobHistory:
         self._baseline_done = True
 
         collections = {collection for collection, _ in counts}
+        # A collection new to the listing shows its counters at 0 for this one listing
+        # and counts from the next: Prometheus' increase() takes a series' first sample
+        # as its start, so a job failing in its collection's first listing (a first
+        # import with the wrong schema) would otherwise never show as an increase.
+        # (Not in this process's first listing: after a restart every series is new
+        # and Prometheus reads the lower values as a reset, counting them in full.)
+        self._fresh = collections - self._collections if self._applied else set()
         self._collections = collections
+        self._applied = True
         # A collection that left the listing leaves /metrics, counters included (a
         # counter that comes back starts again from 0, which Prometheus reads as a
         # reset), so series and memory stay flat under collection churn.
@@ -588,7 +598,8 @@ class JobHistory:
                               "counted in zilliz_import_jobs_stuck only",
                               extra={"fields": {"stuck": len(candidates),
                                                 "max_stuck_job_series": max_stuck_series}})
-        transitions = dict(self._transitions)
+        transitions = {key: 0 if key[0] in self._fresh else n
+                       for key, n in self._transitions.items()}
         for collection in collections:
             for state in ("completed", "failed"):
                 transitions.setdefault((collection, state), 0)
@@ -785,7 +796,8 @@ class JobHistory:
                 failed.append(FailedJob(collection, job_id, known.reason or "unknown",
                                         known.failed_at))
         failed.sort(key=lambda job: (-job.failed_at, job.job_id))
-        rows = dict(self._rows_imported)
+        rows = {collection: 0 if collection in self._fresh else n
+                for collection, n in self._rows_imported.items()}
         for collection in self._collections:
             rows.setdefault(collection, 0)
         return replace(summary, running=tuple(running),

@@ -468,3 +468,18 @@ def test_a_failed_state_file_write_is_made_good_by_the_next_one(tmp_path: Path) 
     baseline, rows, _ = again.load("x")
     again.close()
     assert baseline and {row[0]: row[4] for row in rows} == {"a": "completed", "b": "pending"}
+
+
+def test_a_new_collection_shows_its_counters_at_0_for_one_listing() -> None:
+    """increase() takes a series' first sample as its start: a job failing in its
+    collection's first listing must show as 0 then 1, not start at 1."""
+    h = JobHistory("x", clock=FakeClock())
+    apply(h, rec("a", "importing", 10, collection="old"))
+    first = apply(h, rec("a", "failed", 10, collection="old"),
+                  rec("b", "failed", collection="new"))
+    assert first.transitions[("old", "failed")] == 1        # a known collection: at once
+    assert first.transitions[("new", "failed")] == 0        # a new one: 0 first...
+    second = apply(h, rec("a", "failed", 10, collection="old"),
+                   rec("b", "failed", collection="new"))
+    assert second.transitions[("new", "failed")] == 1       # ...then its count
+    assert second.transitions[("old", "failed")] == 1
