@@ -370,13 +370,13 @@ class Simulator:
             status, headers, payload = 429, {"Retry-After": retry} if retry else {}, \
                 b'{"code": 429, "message": "rate limit exceeded"}'
         else:
-            status, headers, payload = self._answer(method, path, query, body, auth)
+            status, headers, payload = self._answer(method, path, query, body, auth, cluster)
         with self._log_lock:
             self.log.append(SimRequest(now, endpoint, cluster.name if cluster else "", status))
         return status, headers, payload
 
     def _answer(self, method: str, path: str, query: dict[str, str], body: dict[str, Any],
-                auth: str) -> tuple[int, dict[str, str], bytes]:
+                auth: str, cluster: SimCluster | None) -> tuple[int, dict[str, str], bytes]:
         v1 = path.endswith("/v1/vector/collections/import/list")
         v2 = path.endswith("/v2/vectordb/jobs/import/list")
         v1_get = path.endswith("/v1/vector/collections/import/get")
@@ -386,7 +386,6 @@ class Simulator:
                 not ((v2 or v2_describe) and method == "POST"):
             return 404, {}, b'{"code": 404, "message": "not found"}'
         params = query if v1 or v1_get else body
-        cluster = self.find(path, str(params.get("clusterId") or ""))
         if cluster is None or (cluster.flavour == "v1") != (v1 or v1_get):
             return 200, {}, b'{"code": 100, "message": "cluster not found"}'
         if v1_get or v2_describe:
