@@ -1,4 +1,5 @@
-"""Shared fixtures: the simulator on loopback and the real exporter process."""
+"""Shared fixtures: the simulator and a stub API on loopback, and the real exporter
+process."""
 
 from __future__ import annotations
 
@@ -6,17 +7,23 @@ import dataclasses
 import datetime
 import importlib
 import ipaddress
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, Mapping, NoReturn
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import yaml
@@ -257,6 +264,203 @@ class InProcessExporter:
         self.group.stop()
         if self.store is not None:
             self.store.close()
+
+
+# ---- a stub API server on loopback ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StubCall:
+    """One request as the stub received it. ``headers`` looks names up case-insensitively;
+    ``json`` is the parsed body, None when the body is not JSON."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: Message
+    body: bytes
+    json: Any
+
+
+StubCallback = Callable[[StubCall], tuple[int, Mapping[str, str], bytes | str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StubAnswer:
+    """One registered answer (see ``StubServer.add``)."""
+
+    status: int = 200
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    body: bytes = b""
+    hang: float = 0.0
+    drop: bool = False
+    callback: StubCallback | None = None
+
+
+class StubServer:
+    """A real HTTP API on 127.0.0.1 that answers what a test registered, as ``responses``
+    did for requests alone: the API client is not tied to one HTTP library, so its unit
+    tests cross a real loopback socket and hold for any transport.
+
+    Answers for one (method, path) are served in the order they were added, each once but
+    the last, which repeats until another is added after it; the query string plays no
+    part in matching. ``hang`` holds an answer back that many seconds, or until the
+    client goes away (to provoke a client timeout); ``drop`` closes the connection
+    without an answer (a connection error); ``callback`` computes (status, headers,
+    body) from the request. ``calls`` records every request, and one nobody registered
+    an answer for is answered 501 and fails the test.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[StubCall] = []
+        self.unmatched: list[StubCall] = []
+        self._answers: dict[tuple[str, str], list[StubAnswer]] = {}
+        self._repeating: set[tuple[str, str]] = set()   # its last answer was served
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def setup(self) -> None:
+                super().setup()
+                with stub._lock:
+                    stub._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with stub._lock:
+                    stub._connections.discard(self.connection)
+                super().finish()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                stub._serve(self)
+
+            do_POST = do_PUT = do_DELETE = do_GET
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
+                         daemon=True).start()
+
+    def add(self, method: str, path: str, *, json: Any = None, body: bytes | str = b"",
+            status: int = 200, headers: Mapping[str, str] | None = None, hang: float = 0.0,
+            drop: bool = False, callback: StubCallback | None = None) -> None:
+        """Queue an answer to ``method path``; ``json`` (a value) wins over ``body``."""
+        assert 0 <= hang <= 10, "a hang is bounded: a test must not wait on it"
+        headers = dict(headers or {})
+        if json is not None:
+            body = _json_bytes(json)
+            headers.setdefault("Content-Type", "application/json")
+        answer = StubAnswer(status, headers, body.encode() if isinstance(body, str) else body,
+                            hang, drop, callback)
+        key = (method.upper(), path)
+        with self._lock:
+            if key in self._repeating:      # a served answer gives way to a later one
+                self._repeating.discard(key)
+                del self._answers[key]
+            self._answers.setdefault(key, []).append(answer)
+
+    def replace(self, method: str, path: str, **answer: Any) -> None:
+        """Forget the answers queued for ``method path``, then add this one."""
+        key = (method.upper(), path)
+        with self._lock:
+            self._answers.pop(key, None)
+            self._repeating.discard(key)
+        self.add(method, path, **answer)
+
+    def reset(self) -> None:
+        """Forget every answer and every recorded call."""
+        with self._lock:
+            self._answers.clear()
+            self._repeating.clear()
+            self.calls.clear()
+            self.unmatched.clear()
+
+    def close(self) -> None:
+        """Stop serving and end every open connection (and so every handler thread)."""
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        target = urlsplit(handler.path)
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        call = StubCall(handler.command, target.path,
+                        dict(parse_qsl(target.query, keep_blank_values=True)),
+                        handler.headers, body, _json_or_none(body))
+        with self._lock:
+            self.calls.append(call)
+            key = (call.method, call.path)
+            queue = self._answers.get(key, [])
+            answer = queue[0] if queue else None
+            if len(queue) > 1:
+                queue.pop(0)
+            elif queue:
+                self._repeating.add(key)
+            else:
+                self.unmatched.append(call)
+        if answer is None:
+            answer = StubAnswer(501, body=f"stub: no answer for {call.method} {call.path}"
+                                .encode())
+        if answer.drop or (answer.hang and self._client_left(handler, answer.hang)):
+            handler.close_connection = True
+            return
+        status, headers, payload = (answer.callback(call) if answer.callback else
+                                    (answer.status, answer.headers, answer.body))
+        payload = payload.encode() if isinstance(payload, str) else payload
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def _client_left(self, handler: BaseHTTPRequestHandler, seconds: float) -> bool:
+        """Wait up to ``seconds``; True as soon as the client closes (or writes: no
+        client sends more while it awaits an answer) or the stub is closing."""
+        deadline = time.monotonic() + seconds
+        while not self._closing.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if select.select([handler.connection], [], [], min(left, 0.05))[0]:
+                return True
+        return True
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``add``'s ``json`` argument hides the module."""
+    return json.dumps(value).encode()
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    """A stub API on loopback (see StubServer); a request it had no answer for fails
+    the test."""
+    server = StubServer()
+    yield server
+    server.close()
+    assert not server.unmatched, "requests the test registered no answer for: " + ", ".join(
+        f"{c.method} {c.path}" for c in server.unmatched)
 
 
 # ---- certificates ---------------------------------------------------------------------

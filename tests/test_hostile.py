@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 import pytest
-import responses
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from exporter.client import (
@@ -25,7 +24,10 @@ from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, Listing, SnapshotBoard, fetch_listing
 from exporter.ratelimit import RateLimits, pace
 
+from conftest import StubServer
+
 Writer = Callable[[BaseHTTPRequestHandler], None]
+LIST = "/v2/vectordb/jobs/import/list"
 
 
 class HostileServer:
@@ -176,18 +178,16 @@ def test_a_gzip_bomb_is_capped_after_inflating() -> None:
             list_import_jobs(make_session(cluster), cluster, 1)
 
 
-@responses.activate
-def test_a_later_page_larger_than_asked_is_pagination() -> None:
-    cluster = ClusterConfig(name="c", url="https://api.example.com", api="v2",
+def test_a_later_page_larger_than_asked_is_pagination(stub: StubServer) -> None:
+    cluster = ClusterConfig(name="c", url=stub.url, api="v2",
                             settings=PollSettings(page_size=2, retries=0))
-    url = "https://api.example.com/v2/vectordb/jobs/import/list"
     page1 = {"code": 0, "data": {"records": [
         {"jobId": "1", "state": "Pending"}, {"jobId": "2", "state": "Pending"}]}}
     page2 = json.loads(records_body(3).decode())
     for i in page2["data"]["records"]:
         i["jobId"] = "x" + i["jobId"]
-    responses.post(url, json=page1)
-    responses.post(url, json=page2)
+    stub.add("POST", LIST, json=page1)
+    stub.add("POST", LIST, json=page2)
     with pytest.raises(PaginationFailure, match="page 2 held 3 jobs"):
         fetch_listing(make_session(cluster), cluster)
 
@@ -321,13 +321,11 @@ class BrokenHistory(JobHistory):
         raise ZeroDivisionError("a bug")
 
 
-@responses.activate
 def test_a_bug_in_a_poll_publishes_a_failed_snapshot_and_logs_once(
-        caplog: pytest.LogCaptureFixture) -> None:
-    cluster = ClusterConfig(name="c", url="https://api.example.com", api="v2",
+        stub: StubServer, caplog: pytest.LogCaptureFixture) -> None:
+    cluster = ClusterConfig(name="c", url=stub.url, api="v2",
                             settings=PollSettings(retries=0, max_describes_per_poll=0))
-    responses.post("https://api.example.com/v2/vectordb/jobs/import/list",
-                   body=listing_of({"jobId": "1", "state": "Pending"}))
+    stub.add("POST", LIST, body=listing_of({"jobId": "1", "state": "Pending"}))
     board = SnapshotBoard()
     poller = ClusterPoller(cluster, board, BrokenHistory("c"))
     with caplog.at_level(logging.WARNING, logger="exporter.poller"):

@@ -3,8 +3,8 @@ from __future__ import annotations
 import random
 
 import pytest
-import responses
 
+import exporter.poller
 from exporter.client import AuthFailure, HttpFailure, PaginationFailure
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
@@ -15,20 +15,21 @@ from exporter.client import make_session
 from exporter.jobs import MAX_UNKNOWN_STATES, OTHER_STATE
 from exporter.simulator import Simulator
 
-from conftest import FakeClock
+from conftest import FakeClock, StubServer
 
-URL = "https://api.example.com/v2/vectordb/jobs/import/list"
-V1URL = "https://controller.api.example.com/v1/vector/collections/import/list"
+LIST = "/v2/vectordb/jobs/import/list"
+DESCRIBE = "/v2/vectordb/jobs/import/describe"
+V1_LIST = "/v1/vector/collections/import/list"
 
 
-def v2(page_size: int = 2, **settings: object) -> ClusterConfig:
-    return ClusterConfig(name="c", url="https://api.example.com", api="v2", cluster_id="x",
+def v2(stub: StubServer, page_size: int = 2, **settings: object) -> ClusterConfig:
+    return ClusterConfig(name="c", url=stub.url, api="v2", cluster_id="x",
                          api_key="k", settings=PollSettings(page_size=page_size,
                                                             **settings))  # type: ignore[arg-type]
 
 
-def v1(page_size: int = 2, **settings: object) -> ClusterConfig:
-    return ClusterConfig(name="c", url="https://controller.api.example.com", api="v1",
+def v1(stub: StubServer, page_size: int = 2, **settings: object) -> ClusterConfig:
+    return ClusterConfig(name="c", url=stub.url, api="v1",
                          cluster_id="x", api_key="k",
                          settings=PollSettings(page_size=page_size,
                                                **settings))  # type: ignore[arg-type]
@@ -38,9 +39,9 @@ def job(job_id: str, state: str = "Importing", collection: str = "c") -> dict:
     return {"collectionName": collection, "jobId": job_id, "state": state, "progress": 0}
 
 
-def v2_pages(*pages: list[dict]) -> None:
+def v2_pages(stub: StubServer, *pages: list[dict]) -> None:
     for records in pages:
-        responses.post(URL, json={"code": 0, "data": {"records": records}})
+        stub.add("POST", LIST, json={"code": 0, "data": {"records": records}})
 
 
 def run(cluster: ClusterConfig):
@@ -50,95 +51,85 @@ def run(cluster: ClusterConfig):
     return listing, delays
 
 
-@responses.activate
-def test_stops_on_short_page() -> None:
-    v2_pages([job("a"), job("b")], [job("c")])
-    listing, _ = run(v2())
+def test_stops_on_short_page(stub: StubServer) -> None:
+    v2_pages(stub, [job("a"), job("b")], [job("c")])
+    listing, _ = run(v2(stub))
     assert sorted(r.job_id for r in listing) == ["a", "b", "c"] and listing.pages == 2
-    assert len(responses.calls) == 2
+    assert len(stub.calls) == 2
 
 
-@responses.activate
-def test_stops_on_empty_page_when_no_total() -> None:
-    v2_pages([job("a"), job("b")], [job("c"), job("d")], [])
-    listing, _ = run(v2())
-    assert len(listing) == 4 and len(responses.calls) == 3
+def test_stops_on_empty_page_when_no_total(stub: StubServer) -> None:
+    v2_pages(stub, [job("a"), job("b")], [job("c"), job("d")], [])
+    listing, _ = run(v2(stub))
+    assert len(listing) == 4 and len(stub.calls) == 3
 
 
-@responses.activate
-def test_stops_when_v1_total_is_reached() -> None:
+def test_stops_when_v1_total_is_reached(stub: StubServer) -> None:
     for tasks in ([job("a"), job("b")], [job("c"), job("d")]):
-        responses.get(V1URL, json={"code": 200, "data": {"tasks": tasks, "count": 4}})
-    listing, _ = run(v1())
-    assert len(listing) == 4 and len(responses.calls) == 2  # no empty third page
+        stub.add("GET", V1_LIST, json={"code": 200, "data": {"tasks": tasks, "count": 4}})
+    listing, _ = run(v1(stub))
+    assert len(listing) == 4 and len(stub.calls) == 2  # no empty third page
 
 
-@responses.activate
-def test_v1_count_as_page_length_is_not_taken_for_a_total() -> None:
+def test_v1_count_as_page_length_is_not_taken_for_a_total(stub: StubServer) -> None:
     for tasks in ([job("a"), job("b")], [job("c"), job("d")], [job("e")]):
-        responses.get(V1URL, json={"code": 200, "data": {"tasks": tasks,
+        stub.add("GET", V1_LIST, json={"code": 200, "data": {"tasks": tasks,
                                                          "count": len(tasks)}})
-    listing, _ = run(v1())
-    assert len(listing) == 5 and len(responses.calls) == 3
+    listing, _ = run(v1(stub))
+    assert len(listing) == 5 and len(stub.calls) == 3
 
 
-@responses.activate
-def test_first_page_larger_than_asked_is_the_whole_listing() -> None:
+def test_first_page_larger_than_asked_is_the_whole_listing(stub: StubServer) -> None:
     """Milvus ignores paging: one request per poll, no second page."""
     everything = [job("a"), job("b"), job("c")]
     for _ in range(5):
-        responses.post(URL, json={"code": 0, "data": {"records": everything}})
-    listing, _ = run(v2())
-    assert len(listing) == 3 and len(responses.calls) == 1
+        stub.add("POST", LIST, json={"code": 0, "data": {"records": everything}})
+    listing, _ = run(v2(stub))
+    assert len(listing) == 3 and len(stub.calls) == 1
 
 
-@responses.activate
-def test_server_repeating_a_full_page_is_listed_once() -> None:
+def test_server_repeating_a_full_page_is_listed_once(stub: StubServer) -> None:
     """Exactly page_size jobs on a server that ignores paging: a page of no new id ends it."""
     everything = [job("a"), job("b")]
     for _ in range(5):
-        responses.post(URL, json={"code": 0, "data": {"records": everything}})
-    listing, _ = run(v2())
-    assert len(listing) == 2 and len(responses.calls) == 2
+        stub.add("POST", LIST, json={"code": 0, "data": {"records": everything}})
+    listing, _ = run(v2(stub))
+    assert len(listing) == 2 and len(stub.calls) == 2
 
 
-@responses.activate
-def test_later_page_wins_for_a_repeated_id() -> None:
-    v2_pages([job("a", "Pending"), job("b")], [job("a", "Completed")])
-    listing, _ = run(v2())
+def test_later_page_wins_for_a_repeated_id(stub: StubServer) -> None:
+    v2_pages(stub, [job("a", "Pending"), job("b")], [job("a", "Completed")])
+    listing, _ = run(v2(stub))
     assert {r.job_id: r.state for r in listing}["a"] == "completed" and len(listing) == 2
     assert [r.job_id for r in listing] == ["a", "b"]
 
 
-@responses.activate
-def test_max_pages_is_an_error() -> None:
-    v2_pages([job("a"), job("b")], [job("c"), job("d")], [job("e"), job("f")])
+def test_max_pages_is_an_error(stub: StubServer) -> None:
+    v2_pages(stub, [job("a"), job("b")], [job("c"), job("d")], [job("e"), job("f")])
     with pytest.raises(PaginationFailure):
-        run(v2(max_pages=2))
+        run(v2(stub, max_pages=2))
 
 
-@responses.activate
-def test_retries_with_backoff_then_succeeds() -> None:
-    responses.post(URL, status=503)
-    responses.post(URL, status=429, headers={"Retry-After": "3"})
-    v2_pages([job("a")])
-    listing, delays = run(v2(retries=2))
+def test_retries_with_backoff_then_succeeds(stub: StubServer) -> None:
+    stub.add("POST", LIST, status=503)
+    stub.add("POST", LIST, status=429, headers={"Retry-After": "3"})
+    v2_pages(stub, [job("a")])
+    listing, delays = run(v2(stub, retries=2))
     assert len(listing) == 1 and len(delays) == 2
     assert 0 <= delays[0] <= 0.5 and delays[1] == 3  # Retry-After honoured
 
 
-@responses.activate
-def test_gives_up_after_retries_and_never_retries_auth() -> None:
+def test_gives_up_after_retries_and_never_retries_auth(stub: StubServer) -> None:
     for _ in range(3):
-        responses.post(URL, status=500)
+        stub.add("POST", LIST, status=500)
     with pytest.raises(HttpFailure):
-        run(v2(retries=2))
-    assert len(responses.calls) == 3
-    responses.reset()
-    responses.post(URL, status=401)
+        run(v2(stub, retries=2))
+    assert len(stub.calls) == 3
+    stub.reset()
+    stub.add("POST", LIST, status=401)
     with pytest.raises(AuthFailure):
-        run(v2(retries=2))
-    assert len(responses.calls) == 1
+        run(v2(stub, retries=2))
+    assert len(stub.calls) == 1
 
 
 def test_backoff_is_capped_and_jittered() -> None:
@@ -148,16 +139,15 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert backoff_delay(0, 3600, 60, rng) == 60
 
 
-@responses.activate
-def test_failed_page_publishes_nothing_new() -> None:
+def test_failed_page_publishes_nothing_new(stub: StubServer) -> None:
     board = SnapshotBoard()
-    cluster = v2(retries=0, max_describes_per_poll=0)
+    cluster = v2(stub, retries=0, max_describes_per_poll=0)
     poller = ClusterPoller(cluster, board, JobHistory("c"))
-    v2_pages([job("a"), job("b")], [job("c")])
+    v2_pages(stub, [job("a"), job("b")], [job("c")])
     first = poller.poll_once()
     assert first.up and first.jobs is not None and first.jobs.total == 3
-    v2_pages([job("a"), job("b")])
-    responses.post(URL, status=500)
+    v2_pages(stub, [job("a"), job("b")])
+    stub.add("POST", LIST, status=500)
     second = poller.poll_once()
     assert not second.up and second.last_error_reason == "http"
     assert second.jobs is first.jobs  # the last complete listing, not page 1 of the new one
@@ -165,79 +155,82 @@ def test_failed_page_publishes_nothing_new() -> None:
     assert second.api_requests == {("list", "200"): 3, ("list", "500"): 1}
 
 
-def test_poller_backs_off_through_its_wait_seam() -> None:
+def test_poller_backs_off_through_its_wait_seam(stub: StubServer) -> None:
     """Retries of a poll and of its describes wait through the injected ``wait``."""
     delays: list[float] = []
-    poller = ClusterPoller(v2(retries=2, max_describes_per_poll=1), SnapshotBoard(),
+    poller = ClusterPoller(v2(stub, retries=2, max_describes_per_poll=1), SnapshotBoard(),
                            JobHistory("c"), rng=random.Random(1),
                            wait=lambda s: delays.append(s) or False)
-    describe = "https://api.example.com/v2/vectordb/jobs/import/describe"
-    with responses.RequestsMock() as mock:
-        mock.post(URL, status=503)
-        mock.post(URL, status=429, headers={"Retry-After": "7"})
-        mock.post(URL, json={"code": 0, "data": {"records": [job("a")]}})
-        mock.post(describe, status=503)
-        mock.post(describe, json={"code": 0, "data": {"jobId": "a", "state": "Importing",
-                                                      "progress": 5}})
-        snap = poller.poll_once()
+    stub.add("POST", LIST, status=503)
+    stub.add("POST", LIST, status=429, headers={"Retry-After": "7"})
+    stub.add("POST", LIST, json={"code": 0, "data": {"records": [job("a")]}})
+    stub.add("POST", DESCRIBE, status=503)
+    stub.add("POST", DESCRIBE, json={"code": 0, "data": {"jobId": "a", "state": "Importing",
+                                                         "progress": 5}})
+    snap = poller.poll_once()
+    assert [c.path for c in stub.calls] == [LIST] * 3 + [DESCRIBE] * 2
     assert snap.up and len(delays) == 3 and delays[1] == 7
     assert snap.api_requests == {("list", "503"): 1, ("list", "429"): 1, ("list", "200"): 1,
                                  ("describe", "503"): 1, ("describe", "200"): 1}
 
 
-def test_a_crash_while_describing_leaves_the_published_listing_up(caplog) -> None:
+def test_a_crash_while_describing_leaves_the_published_listing_up(
+        stub: StubServer, caplog, monkeypatch) -> None:
     """Describes never fail a poll: not even an exception nobody expected."""
     history = JobHistory("c")
-    poller = ClusterPoller(v2(max_describes_per_poll=1), SnapshotBoard(), history,
+    poller = ClusterPoller(v2(stub, max_describes_per_poll=1), SnapshotBoard(), history,
                            wait=lambda s: False)
-    describe = "https://api.example.com/v2/vectordb/jobs/import/describe"
-    with responses.RequestsMock() as mock:
-        mock.post(URL, json={"code": 0, "data": {"records": [job("a")]}})
-        mock.post(describe, body=RuntimeError("a bug in the describe path"))
-        snap = poller.poll_once()
+    stub.add("POST", LIST, json={"code": 0, "data": {"records": [job("a")]}})
+    described: list[str] = []
+
+    def buggy_describe(session, cluster, job_id, **kwargs):  # type: ignore[no-untyped-def]
+        described.append(job_id)
+        raise RuntimeError("a bug in the describe path")
+    monkeypatch.setattr(exporter.poller, "describe_import_job", buggy_describe)
+    snap = poller.poll_once()
+    assert described == ["a"]
     assert snap.up and snap.poll_errors == {} and snap.jobs is not None
     assert snap.jobs.total == 1
     assert "describing jobs crashed" in caplog.text
 
 
-def test_a_poller_retired_during_its_listing_leaves_the_history_alone() -> None:
+def test_a_poller_retired_during_its_listing_leaves_the_history_alone(
+        stub: StubServer) -> None:
     """A changed cluster's new poller shares the history: the old one must not fold a
     listing it fetched after it was told to stop."""
     history = JobHistory("c")
-    poller = ClusterPoller(v2(), SnapshotBoard(), history)
+    poller = ClusterPoller(v2(stub), SnapshotBoard(), history)
 
-    def stop_mid_request(request):  # type: ignore[no-untyped-def]
+    def stop_mid_request(call):  # type: ignore[no-untyped-def]
         poller.stop()
         return 200, {}, '{"code": 0, "data": {"records": [{"jobId": "a", "state": "Pending"}]}}'
-    with responses.RequestsMock() as mock:
-        mock.add_callback(responses.POST, URL, callback=stop_mid_request)
-        with pytest.raises(Stopped):
-            poller.poll_once()
-    assert len(history) == 0
+    stub.add("POST", LIST, callback=stop_mid_request)
+    with pytest.raises(Stopped):
+        poller.poll_once()
+    assert len(history) == 0 and len(stub.calls) == 1
 
 
-def test_stale_series_are_withdrawn_after_stale_after() -> None:
+def test_stale_series_are_withdrawn_after_stale_after(stub: StubServer) -> None:
     board = SnapshotBoard()
-    cluster = v2(stale_after=60)
+    cluster = v2(stub, stale_after=60, max_describes_per_poll=0)
     poller = ClusterPoller(cluster, board, JobHistory("c"), clock=lambda: 1000.0,
                            wait=lambda seconds: False)     # retries go at once
-    with responses.RequestsMock() as mock:
-        mock.post(URL, json={"code": 0, "data": {"records": [job("a")]}})
-        mock.post(URL, status=500)
-        poller.poll_once()
-        failed = poller.poll_once()
+    stub.add("POST", LIST, json={"code": 0, "data": {"records": [job("a")]}})
+    stub.add("POST", LIST, status=500)
+    poller.poll_once()
+    failed = poller.poll_once()
+    assert not failed.up
     assert not failed.is_stale(1059) and failed.is_stale(1061)
 
 
-def test_retired_poller_never_publishes() -> None:
+def test_retired_poller_never_publishes(stub: StubServer) -> None:
     board = SnapshotBoard()
-    poller = ClusterPoller(v2(), board, JobHistory("c"))
+    poller = ClusterPoller(v2(stub), board, JobHistory("c"))
     poller.stop()
     board.remove("c")
-    with responses.RequestsMock() as mock:
-        mock.post(URL, json={"code": 0, "data": {"records": [job("a")]}})
-        with pytest.raises(Stopped):
-            poller.poll_once()
+    stub.add("POST", LIST, json={"code": 0, "data": {"records": [job("a")]}})
+    with pytest.raises(Stopped):
+        poller.poll_once()
     assert board.get("c") is None
 
 
@@ -414,14 +407,13 @@ def test_old_milvus_falls_back_to_get_progress_until_reload() -> None:
         assert snap.api_requests[("describe", "404")] == 2
 
 
-@responses.activate
-def test_unknown_states_are_logged_once_each_and_boundedly(caplog) -> None:
+def test_unknown_states_are_logged_once_each_and_boundedly(stub: StubServer, caplog) -> None:
     """Each unknown state is logged once; past MAX_UNKNOWN_STATES one line says the
     rest go under OTHER_STATE, and nothing more is remembered or logged."""
-    cluster = v2(page_size=100)
+    cluster = v2(stub, page_size=100)
     states = [f"Weird{i}" for i in range(MAX_UNKNOWN_STATES + 20)]
     for _ in range(2):
-        v2_pages([job(f"j{i}", state) for i, state in enumerate(states)])
+        v2_pages(stub, [job(f"j{i}", state) for i, state in enumerate(states)])
     poller = ClusterPoller(cluster, SnapshotBoard(), JobHistory("c", clock=FakeClock()),
                            clock=FakeClock())
     with caplog.at_level("WARNING", logger="exporter.poller"):
