@@ -21,24 +21,22 @@ transport, and scrubbed once more before they leave.
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import logging
 import math
 import re
-import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
-
-import requests
-from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+from urllib.parse import urlencode
 
 from exporter import __version__
 from exporter.config import REDACTED, ClusterConfig
-from exporter.deadline import DeadlineAdapter
 from exporter.jobs import JobRecord, normalise_state
 from exporter.logs import bind
+from exporter.transport import AnswerTooLarge, ApiSession, BadEncoding
 
 log = logging.getLogger("exporter.client")
 
@@ -52,11 +50,6 @@ V2_SUCCESS_CODES = frozenset({0, 200})
 # A failure text becomes a label value: one line, bounded.
 MAX_REASON_CHARS = 200
 
-# A transport adapter that holds requests back (ratelimit.PacedAdapter) notes on the
-# response how long it did, in seconds: that time does not count against timeout.
-PACING_ATTRIBUTE = "paced_seconds"
-# Answers are read in pieces of at most this many (decoded) bytes.
-READ_CHUNK_BYTES = 16 * 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -148,23 +141,17 @@ class JobDetails:
     reason: str = ""
 
 
-def make_session(cluster: ClusterConfig) -> requests.Session:
+def make_session(cluster: ClusterConfig) -> ApiSession:
     """A keep-alive session carrying the cluster's credentials and TLS settings."""
-    session = requests.Session()
-    session.headers["User-Agent"] = f"zilliz-import-exporter/{__version__}"
+    headers = {"User-Agent": f"zilliz-import-exporter/{__version__}",
+               "Accept": "application/json"}
     if cluster.api_key:
-        session.headers["Authorization"] = f"Bearer {cluster.api_key}"
+        headers["Authorization"] = f"Bearer {cluster.api_key}"
     if cluster.api == "v2" and cluster.db_name:
-        session.headers["DB-Name"] = cluster.db_name
-    if cluster.tls_insecure_skip_verify:
-        session.verify = False
-    elif cluster.tls_ca_file:
-        session.verify = cluster.tls_ca_file
-    session.trust_env = False
-    adapter = DeadlineAdapter()        # the answer's headers too are bounded by timeout
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, adapter)
-    return session
+        headers["DB-Name"] = cluster.db_name
+    return ApiSession(cluster.url, headers, ca_file=cluster.tls_ca_file,
+                      verify=not cluster.tls_insecure_skip_verify,
+                      max_body_bytes=cluster.settings.max_response_bytes)
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
@@ -220,7 +207,7 @@ def _scrubbed(call: Callable[[], Any], secret: str) -> Any:
         raise
 
 
-def list_import_jobs(session: requests.Session, cluster: ClusterConfig, current_page: int,
+def list_import_jobs(session: ApiSession, cluster: ClusterConfig, current_page: int,
                      observe: Observer = _ignore) -> ListingPage:
     """Fetch one page of the listing."""
     def call() -> ListingPage:
@@ -247,7 +234,7 @@ DESCRIBE_PATH = "/v2/vectordb/jobs/import/describe"
 GET_PROGRESS_PATH = "/v2/vectordb/jobs/import/get_progress"
 
 
-def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_id: str, *,
+def describe_import_job(session: ApiSession, cluster: ClusterConfig, job_id: str, *,
                         get_progress: bool = False, observe: Observer = _ignore) -> JobDetails:
     """The details of one job; ``get_progress`` selects the old Milvus path.
 
@@ -269,95 +256,64 @@ def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_i
     return result
 
 
-def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, path: str,
+def _request(session: ApiSession, cluster: ClusterConfig, endpoint: str, path: str,
              observe: Observer, *, params: dict[str, str | int] | None = None,
              body: dict[str, Any] | None = None, page: int = 0) -> bytearray:
     """Send one request (GET with ``params`` or POST with ``body``); the answer's body.
 
-    The answer is streamed, so ``max_response_bytes`` caps what is held, and
-    ``timeout`` bounds the whole answer, not each socket read as requests' own
-    timeout does: a server that never stops sending fails with reason timeout.
+    ``timeout`` bounds the whole answer, headers and body, not each socket read: a
+    server that never stops sending fails with reason timeout, and one that sends
+    more than ``max_response_bytes`` with reason decode.
     """
-    timeout = cluster.settings.timeout
+    host, timeout = cluster.host, cluster.settings.timeout
+    started = time.monotonic()
+    statuses: list[int] = []
+
+    def heard(status: int) -> None:
+        statuses.append(status)
+        observe(endpoint, str(status))
     try:
         if body is None:
-            response = session.get(cluster.url + path, params=params, timeout=timeout,
-                                   stream=True)
+            reply = session.exchange("GET", path, query=urlencode(params or {}),
+                                     timeout=timeout, heard=heard)
         else:
-            response = session.post(cluster.url + path, json=body, timeout=timeout,
-                                    stream=True)
-    except requests.Timeout:
-        observe(endpoint, "error")
-        raise TimeoutFailure(f"no answer from {cluster.host} within {timeout:g}s") from None
-    except requests.exceptions.SSLError as exc:
-        observe(endpoint, "error")
-        raise ConnectionFailure(f"TLS with {cluster.host} failed: {_ssl_reason(exc)}") from None
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-        observe(endpoint, "error")
-        raise ConnectionFailure(f"cannot reach {cluster.host}: {_connection_reason(exc)}") \
-            from None
-    except requests.RequestException as exc:
-        observe(endpoint, "error")
-        raise ConnectionFailure(f"request to {cluster.host} failed: {type(exc).__name__}") \
-            from None
-    # The answer's headers are in; the body gets what is left of the timeout. Time
-    # queued for the exporter's own rate limiter (see ratelimit.PacedAdapter) is no
-    # part of the request.
-    spent = response.elapsed.total_seconds() - getattr(response, PACING_ATTRIBUTE, 0.0)
-    deadline = time.monotonic() + max(0.0, timeout - spent)
-    with response:
-        status = response.status_code
-        observe(endpoint, str(status))
-        if log.isEnabledFor(logging.DEBUG):
-            fields: dict[str, Any] = {"path": urlsplit(response.url).path, "status": status,
-                                      "duration_seconds": round(
-                                          response.elapsed.total_seconds(), 3)}
-            if page:
-                fields["page"] = page
-            bind(log, cluster_name=cluster.name).debug("api request", extra={"fields": fields})
-        if status in (401, 403):
-            raise AuthFailure(f"HTTP {status} from {cluster.host}: credentials refused")
-        if status != 200:
-            raise HttpFailure(f"HTTP {status} from {cluster.host}", status,
-                              parse_retry_after(response.headers.get("Retry-After")))
-        return _read_body(response, cluster, deadline)
-
-
-def _read_body(response: requests.Response, cluster: ClusterConfig,
-               deadline: float) -> bytearray:
-    """The whole body, or DecodeFailure past max_response_bytes, TimeoutFailure past
-    the deadline. Each socket read waits at most for what is left of the deadline."""
-    host, limit = cluster.host, cluster.settings.max_response_bytes
-    too_large = f"{host} answered more than max_response_bytes={limit} bytes"
-    declared = (response.headers.get("Content-Length") or "").strip()
-    if declared.isdigit() and int(declared) > limit:
-        raise DecodeFailure(too_large)
-    raw = response.raw
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    body = bytearray()
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutFailure(f"{host} did not finish its answer within "
-                                     f"{cluster.settings.timeout:g}s")
-            if sock is not None:
-                sock.settimeout(left)
-            # read1: what has arrived, so the deadline is checked between arrivals
-            chunk = raw.read1(READ_CHUNK_BYTES, decode_content=True)
-            if not chunk:
-                return body       # not copied: json reads a bytearray as it is
-            body += chunk
-            if len(body) > limit:
-                raise DecodeFailure(too_large)
-    except (ReadTimeoutError, socket.timeout):
-        raise TimeoutFailure(f"{host} did not finish its answer within "
-                             f"{cluster.settings.timeout:g}s") from None
-    except DecodeError:
+            reply = session.exchange("POST", path, body=json.dumps(body).encode(),
+                                     timeout=timeout, heard=heard)
+    except AnswerTooLarge:
+        raise DecodeFailure(f"{host} answered more than max_response_bytes="
+                            f"{cluster.settings.max_response_bytes} bytes") from None
+    except BadEncoding:
         raise DecodeFailure(f"{host} answered a body that does not decompress") from None
-    except (ProtocolError, OSError) as exc:
-        raise ConnectionFailure(f"{host} broke off its answer: "
-                                f"{_connection_reason(exc)}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        if not statuses:
+            observe(endpoint, "error")
+        if isinstance(exc, TimeoutError):
+            raise TimeoutFailure(f"no complete answer from {host} within {timeout:g}s") \
+                from None
+        if isinstance(exc, ssl.SSLError):
+            raise ConnectionFailure(f"TLS with {host} failed: {_ssl_reason(exc)}") from None
+        if statuses:
+            raise ConnectionFailure(f"{host} broke off its answer: "
+                                    f"{_connection_reason(exc)}") from None
+        raise ConnectionFailure(f"cannot reach {host}: {_connection_reason(exc)}") from None
+    status = reply.status
+    if log.isEnabledFor(logging.DEBUG):
+        fields: dict[str, Any] = {"path": path, "status": status,
+                                  "duration_seconds": round(time.monotonic() - started, 3)}
+        if page:
+            fields["page"] = page
+        bind(log, cluster_name=cluster.name).debug("api request", extra={"fields": fields})
+    if status in (401, 403):
+        raise AuthFailure(f"HTTP {status} from {host}: credentials refused")
+    if 300 <= status < 400 and reply.headers.get("Location"):
+        # not followed: a redirected POST is not the same call; the operator fixes url
+        target = label_text(" ".join(str(reply.headers["Location"]).split()))[:200]
+        raise HttpFailure(f"HTTP {status} from {host}: redirects to {target}; set url "
+                          "to it", status)
+    if status != 200:
+        raise HttpFailure(f"HTTP {status} from {host}", status,
+                          parse_retry_after(reply.headers.get("Retry-After")))
+    return reply.body
 
 
 def _refuse_constant(name: str) -> Any:

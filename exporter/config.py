@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -24,6 +24,8 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?")
 _SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+_URL_PATH = re.compile(r"[\x21-\x7e]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -337,6 +339,8 @@ def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: Pol
             problems.add(where, "url", f"{values['url']!r} is not an http(s) URL")
         elif parts.username or parts.password:
             problems.add(where, "url", "must not hold credentials; use api_key")
+        elif problem := _url_problem(parts):
+            problems.add(where, "url", f"{values['url']!r} {problem}")
         values["url"] = url = url.rstrip("/")
 
     api = values["api"] = values.get("api") or (default_api(url) if url else "v2")
@@ -355,9 +359,30 @@ def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: Pol
         for v2_only in ("db_name", "project_id", "region_id"):
             if values.get(v2_only):
                 problems.add(where, v2_only, "is only used by api v2")
+    for header in ("api_key", "db_name"):       # both are sent as HTTP header values
+        if _HEADER_VALUE.fullmatch(values.get(header) or ""):
+            continue
+        problems.add(where, header, "must be one line of printable ASCII characters")
     if bool(values.get("project_id")) != bool(values.get("region_id")):
         problems.add(where, "project_id" if not values.get("project_id") else "region_id",
                      "project_id and region_id go together")
+
+
+def _url_problem(parts: SplitResult) -> str:
+    """Why the client could not send to this URL, or ""."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    try:
+        (parts.hostname or "").encode("idna")
+    except UnicodeError:
+        return "has a host name that is not a valid (internationalised) domain name"
+    if not _URL_PATH.fullmatch(parts.path) or parts.query or parts.fragment:
+        return "may have a path of printable ASCII without spaces, and no query"
+    return ""
 
 
 def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],

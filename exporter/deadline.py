@@ -1,12 +1,11 @@
-"""A deadline for the whole request, headers included.
+"""A deadline for an answer's headers as a whole.
 
-requests' ``timeout`` bounds each socket read, so a server that trickles its status
-line and headers a byte at a time can hold a poll for as long as it likes. Every
-connection of our sessions therefore registers, while it waits for the answer's
-headers, with one watchdog thread for the process; past ``timeout`` from the start of
-the request the watchdog shuts the socket down, and the wait ends as a read timeout
-(reason ``timeout``). The body is bounded the same way by the client's streamed read
-(``client._read_body``), which gets what is left of the same budget.
+A socket timeout bounds each read, so a server that trickles its status line and
+headers a byte at a time can hold a request for as long as it likes. While it waits for
+an answer's headers, every connection (``transport.ApiSession``) registers with one
+watchdog thread for the process; past the request's timeout the watchdog shuts the
+socket down and the wait ends as a timeout. The body is bounded the same way by the
+transport's read loop, which gets what is left of the same budget.
 
 One thread and a heap, not a timer per request: arming costs a few microseconds, so
 the hundreds of requests of a large poll pay nothing noticeable for it.
@@ -20,10 +19,6 @@ import socket
 import threading
 import time
 from typing import Any
-
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 
 class _Watch:
@@ -82,56 +77,3 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
-
-
-class _DeadlineMixin:
-    """For urllib3 connections: the answer's headers must arrive within the request's
-    read timeout, counted from when the request began to be sent."""
-
-    timeout: Any
-    sock: Any
-    _request_started: float = 0.0
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        self._request_started = time.monotonic()
-        super().request(*args, **kwargs)  # type: ignore[misc]
-
-    def getresponse(self) -> Any:
-        timeout = self.timeout
-        if not isinstance(timeout, (int, float)) or self.sock is None:
-            return super().getresponse()  # type: ignore[misc]
-        watch = WATCHDOG.arm(self._request_started + timeout, self.sock)
-        try:
-            return super().getresponse()  # type: ignore[misc]
-        except Exception:
-            if watch.fired:       # urllib3 turns this into a read timeout
-                raise TimeoutError("no complete answer headers within the timeout") \
-                    from None
-            raise
-        finally:
-            WATCHDOG.disarm(watch)
-
-
-class DeadlineHTTPConnection(_DeadlineMixin, HTTPConnection):
-    pass
-
-
-class DeadlineHTTPSConnection(_DeadlineMixin, HTTPSConnection):
-    pass
-
-
-class _DeadlineHTTPPool(HTTPConnectionPool):
-    ConnectionCls = DeadlineHTTPConnection
-
-
-class _DeadlineHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = DeadlineHTTPSConnection
-
-
-class DeadlineAdapter(HTTPAdapter):
-    """An HTTPAdapter whose connections bound the wait for an answer's headers."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _DeadlineHTTPPool,
-                                                   "https": _DeadlineHTTPSPool}

@@ -90,5 +90,3 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
-    # urllib3 logs each request with its full URL at debug; ours says it once, shorter.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)

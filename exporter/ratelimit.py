@@ -13,9 +13,9 @@ lower than ours), the bucket halves its rate for everyone sharing it and recover
 linearly to the configured rate over ``RECOVERY_SECONDS``: the adaptive client-side
 limiter cloud SDKs use, on top of the Retry-After wait the poller already honours.
 
-``PacedAdapter`` applies a bucket to every request of a ``requests.Session``, so
-every call (the listing and job details alike) is paced without the API client
-knowing; closing the session interrupts a request waiting for its token.
+``Pacer`` applies a bucket to every request of a ``transport.ApiSession``, so every
+call (the listing and job details alike) is paced without the API client knowing;
+closing the session interrupts a request waiting for its token.
 """
 
 from __future__ import annotations
@@ -27,16 +27,9 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
-import requests
-
-from exporter.client import PACING_ATTRIBUTE
-from exporter.deadline import DeadlineAdapter
+from exporter.transport import ApiSession, Interrupted, Reply
 
 RECOVERY_SECONDS = 60.0
-
-
-class Interrupted(requests.RequestException):
-    """The session was closed while a request waited for its token."""
 
 
 class Ticket:
@@ -184,8 +177,9 @@ class RateLimits:
             return dict(self._buckets)
 
 
-class PacedAdapter(DeadlineAdapter):
-    """Waits for a token of the (host, key, endpoint) bucket before each request.
+class Pacer:
+    """Waits for a token of the (host, key, endpoint) bucket before each request of a
+    session (``transport.ApiSession.pacer``).
 
     ``waited`` is the cumulative time this session's requests spent waiting, for
     ``zilliz_import_rate_limit_wait_seconds_total``.
@@ -194,7 +188,6 @@ class PacedAdapter(DeadlineAdapter):
     def __init__(self, limits: RateLimits, host: str, key: str, rate: float,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], bool] | None = None) -> None:
-        super().__init__()
         self._limits = limits
         self._user = (host, key)
         self._rate = rate
@@ -203,11 +196,17 @@ class PacedAdapter(DeadlineAdapter):
         self._sleep = sleep or self._closed.wait
         self._lock = threading.Lock()
         self._ticket: Ticket | None = None     # the request waiting now, if any
+        self._buckets: dict[str, TokenBucket] = {}
         self.waited = 0.0
 
-    def send(self, request: requests.PreparedRequest, *args: Any,
-             **kwargs: Any) -> requests.Response:
-        bucket = self._limits.bucket(*self._user, endpoint_of(request.url or ""), self._rate)
+    def paced(self, path: str, send: Callable[[], Reply]) -> Reply:
+        """Wait for the turn of the endpoint ``path`` calls, then ``send``; a 429 slows
+        the bucket down."""
+        endpoint = endpoint_of(path)
+        bucket = self._buckets.get(endpoint)
+        if bucket is None:      # kept: a reload reconfigures a bucket in place
+            bucket = self._buckets[endpoint] = self._limits.bucket(*self._user, endpoint,
+                                                                   self._rate)
         started = self._clock()
         ticket = self._ticket = bucket.enqueue()
         try:
@@ -229,24 +228,19 @@ class PacedAdapter(DeadlineAdapter):
             paced = max(0.0, self._clock() - started)
             with self._lock:
                 self.waited += paced
-        response = super().send(request, *args, **kwargs)
-        # requests' elapsed includes the wait; the client's timeout must not.
-        setattr(response, PACING_ATTRIBUTE, paced)
-        if response.status_code == 429:
+        reply = send()
+        if reply.status == 429:
             bucket.throttled(sent)
-        return response
+        return reply
 
     def close(self) -> None:
         self._closed.set()
         if self._ticket is not None:
             self._ticket.turn.set()           # wake a request queued behind others
-        super().close()
 
 
-def pace(session: requests.Session, limits: RateLimits, host: str, key: str,
-         rate: float) -> PacedAdapter:
-    """Mount a paced adapter on every scheme of ``session``; returns it."""
-    adapter = PacedAdapter(limits, host, key, rate)
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, adapter)
-    return adapter
+def pace(session: ApiSession, limits: RateLimits, host: str, key: str,
+         rate: float) -> Pacer:
+    """Pace every request of ``session``; returns the pacer."""
+    pacer = session.pacer = Pacer(limits, host, key, rate)
+    return pacer

@@ -296,6 +296,17 @@ class StubAnswer:
     callback: StubCallback | None = None
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A test server whose client hung up (the API client drops a connection it will
+    not read to the end) prints no traceback: only a real error does."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class StubServer:
     """A real HTTP API on 127.0.0.1 that answers what a test registered, as ``responses``
     did for requests alone: the API client is not tied to one HTTP library, so its unit
@@ -342,7 +353,7 @@ class StubServer:
 
             do_POST = do_PUT = do_DELETE = do_GET
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},

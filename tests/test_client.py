@@ -130,6 +130,16 @@ def test_http_statuses_are_classified(stub, status, error, reason, retryable) ->
         assert info.value.retry_after == 7
 
 
+def test_a_redirect_is_not_followed_and_names_where_to(stub: StubServer) -> None:
+    """A redirected POST would not be the same call: the operator fixes ``url``."""
+    stub.add("POST", V2_LIST, status=301, headers={"Location": "https://new.example/v2\t"})
+    with pytest.raises(HttpFailure, match="HTTP 301 from .*: redirects to "
+                       "https://new.example/v2; set url to it") as info:
+        fetch(stub, V2)
+    assert info.value.reason == "http" and not info.value.retryable
+    assert len(stub.calls) == 1
+
+
 def test_transport_failures_are_classified(stub: StubServer) -> None:
     stub.add("POST", V2_LIST, hang=5, json={"code": 0, "data": {}})   # longer than timeout
     with pytest.raises(TimeoutFailure) as info:
@@ -170,16 +180,18 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
 
 
-def test_session_settings(tmp_path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
-    insecure = ClusterConfig(name="i", url="https://x", api="v2",
-                             tls_insecure_skip_verify=True)
-    custom = ClusterConfig(name="c", url="https://x", api="v2", tls_ca_file=str(ca))
-    assert make_session(insecure).verify is False
-    assert make_session(custom).verify == str(ca)
-    assert "Authorization" not in make_session(custom).headers
-    assert json.dumps(dict(make_session(V2).headers)).count(KEY) == 1
+def test_a_request_sends_the_key_once_and_nothing_that_is_unset(stub) -> None:
+    stub.add("POST", "/v2/vectordb/jobs/import/list", json={"code": 0, "data": {}})
+    keyless = ClusterConfig(name="k", url=stub.url, api="v2")
+    list_import_jobs(make_session(keyless), keyless, 1)
+    keyed = at(stub, V2)
+    list_import_jobs(make_session(keyed), keyed, 1)
+    keyless_call, keyed_call = stub.calls
+    assert "Authorization" not in keyless_call.headers and "DB-Name" not in keyless_call.headers
+    sent = "".join(f"{name}: {value}\n" for name, value in keyed_call.headers.items())
+    assert sent.count(KEY) == 1
+    assert keyed_call.headers["User-Agent"].startswith("zilliz-import-exporter/")
+    assert keyed_call.headers["Host"] == stub.url.split("://")[1]
 
 
 # ---- describe one job ------------------------------------------------------------------

@@ -135,6 +135,14 @@ def test_env_and_key_file(tmp_path: Path) -> None:
     ({"defaults": {"failed_job_window": "soon"}, "clusters": [cluster()]},
      "defaults: key 'failed_job_window': bad duration"),
     ({"clusters": [cluster(max_job_series="many")]}, "key 'max_job_series': must be a whole"),
+    # header values: a line break would start a header of the key's choosing
+    ({"clusters": [cluster(api_key="k\r\nX-Evil: 1")]},
+     "cluster 'prod': key 'api_key': must be one line of printable ASCII characters"),
+    ({"clusters": [cluster(url="https://h:99999")]},
+     "key 'url': 'https://h:99999' has a port that is not a number from 1 to 65535"),
+    ({"clusters": [cluster(url="https://h/my path")]}, "may have a path of printable ASCII"),
+    ({"clusters": [cluster(api="v2", db_name="datenbank-ä")]},
+     "cluster 'prod': key 'db_name': must be one line of printable ASCII"),
 ])
 def test_each_rule_is_one_line_naming_file_cluster_and_key(
         tmp_path: Path, doc: dict, expected: str) -> None:

@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -24,7 +24,7 @@ from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, Listing, SnapshotBoard, fetch_listing
 from exporter.ratelimit import RateLimits, pace
 
-from conftest import StubServer
+from conftest import QuietHTTPServer, StubServer
 
 Writer = Callable[[BaseHTTPRequestHandler], None]
 LIST = "/v2/vectordb/jobs/import/list"
@@ -52,7 +52,7 @@ class HostileServer:
                 self.close_connection = True
 
         Handler.stop = stop   # type: ignore[attr-defined]
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
@@ -91,7 +91,7 @@ def test_an_endless_answer_fails_with_timeout_within_the_timeout() -> None:
     with HostileServer(endless_chunks) as server:
         cluster = server.cluster(timeout=0.5)
         started = time.monotonic()
-        with pytest.raises(TimeoutFailure, match="did not finish its answer within 0.5s"):
+        with pytest.raises(TimeoutFailure, match="no complete answer from .* within 0.5s"):
             list_import_jobs(make_session(cluster), cluster, 1)
         # generous: the bound is the timeout, not each read's timeout
         assert time.monotonic() - started < 0.5 + 2.5

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import requests
 
 from conftest import FakeClock
 from exporter.client import make_session
@@ -14,7 +13,7 @@ from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.poller import PollerGroup, SnapshotBoard, next_poll_delay
 from exporter.ratelimit import (
-    RECOVERY_SECONDS, Interrupted, PacedAdapter, RateLimits, TokenBucket, endpoint_of, pace,
+    RECOVERY_SECONDS, Interrupted, Pacer, RateLimits, TokenBucket, endpoint_of, pace,
 )
 from exporter.simulator import Simulator, busiest_window
 from prometheus_client import CollectorRegistry
@@ -137,12 +136,13 @@ def test_paced_session_waits_on_a_fake_clock_and_counts_the_wait(simulator) -> N
         clock.advance(seconds)
         return False
     session = make_session(cluster)
-    adapter = PacedAdapter(RateLimits(clock), cluster.host, cluster.api_key, 4, clock, sleep)
-    session.mount("http://", adapter)
+    pacer = session.pacer = Pacer(RateLimits(clock), cluster.host, cluster.api_key, 4, clock,
+                                  sleep)
     for _ in range(5):
-        session.post(cluster.url + "/v2/vectordb/jobs/import/list",
-                     json={"clusterId": cluster.cluster_id}).raise_for_status()
-    assert sleeps == [0.25] * 4 and adapter.waited == pytest.approx(1.0)
+        reply = session.exchange("POST", "/v2/vectordb/jobs/import/list", timeout=5,
+                                 body=b'{"clusterId": "%s"}' % cluster.cluster_id.encode())
+        assert reply.status == 200
+    assert sleeps == [0.25] * 4 and pacer.waited == pytest.approx(1.0)
     assert simulator.clusters["c"].requests == 5
 
 
@@ -151,14 +151,14 @@ def test_closing_the_session_interrupts_a_request_waiting_for_its_token(simulato
     cluster = cluster_on(simulator, "c")
     session = make_session(cluster)
     pace(session, RateLimits(), cluster.host, cluster.api_key, 0.01)   # 100 s apart
-    url = cluster.url + "/v2/vectordb/jobs/import/list"
-    session.post(url, json={})
+    path = "/v2/vectordb/jobs/import/list"
+    session.exchange("POST", path, body=b"{}", timeout=5)
     outcome: list[BaseException] = []
 
     def second() -> None:
         try:
-            session.post(url, json={})
-        except requests.RequestException as exc:
+            session.exchange("POST", path, body=b"{}", timeout=5)
+        except OSError as exc:
             outcome.append(exc)
     thread = threading.Thread(target=second)
     thread.start()
@@ -243,15 +243,14 @@ def test_a_session_closed_before_its_request_queued_never_waits_its_turn() -> No
     """close() racing the enqueue: the request behind another must still stop at once."""
     limits = RateLimits()
     head = limits.bucket("h", "k", "list", 1.0).enqueue()    # someone else is first
-    adapter = PacedAdapter(limits, "h", "k", 1.0)
-    adapter.close()
-    request = requests.Request("POST", "http://h/v2/vectordb/jobs/import/list").prepare()
+    pacer = Pacer(limits, "h", "k", 1.0)
+    pacer.close()
     outcome: list[BaseException] = []
 
     def send() -> None:
         try:
-            adapter.send(request)
-        except requests.RequestException as exc:
+            pacer.paced("/v2/vectordb/jobs/import/list", lambda: pytest.fail("sent"))
+        except OSError as exc:
             outcome.append(exc)
     thread = threading.Thread(target=send, daemon=True)
     thread.start()

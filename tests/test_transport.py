@@ -1,0 +1,287 @@
+"""The HTTP/1.1 connection under the API client, against a loopback server whose every
+byte on the wire is scripted: keep-alive, the one retry of a connection the server had
+closed, framing and encodings, and close() from another thread."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Iterator, Union
+
+import pytest
+
+from exporter.transport import AnswerTooLarge, ApiSession, BadEncoding, Interrupted
+
+# What the server does for one request: answer these bytes, then keep the connection,
+# or "close" right after answering (no header says so), or "reset" it, or "drop"
+# without answering, or "hang" until the client goes away.
+Step = Union[bytes, str, tuple[bytes, str]]
+
+
+def answer(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    head = [f"HTTP/1.1 {status}", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+class ScriptedServer:
+    """Serves ``steps`` in order, one per request, across however many connections."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = list(steps)
+        self.connections = 0
+        self.hangups = 0                     # connections the client closed
+        self.requests: list[bytes] = []
+        self.seen = threading.Event()
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        with conn, reader:
+            while not self._stop.is_set():
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        self.hangups += 1
+                        return
+                    head += line
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                self.requests.append(head + reader.read(length))
+                self.seen.set()
+                step = self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+                data, then = step if isinstance(step, tuple) else (
+                    (step, "keep") if isinstance(step, bytes) else (b"", step))
+                if then == "hang":
+                    while not self._stop.is_set() and conn.recv(1):
+                        pass
+                    return
+                conn.sendall(data)
+                if then == "reset":         # RST, not FIN: the client's read fails
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                if then in ("close", "drop", "reset"):
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(2)
+
+
+@pytest.fixture
+def scripted() -> Iterator[type[ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    class Started(ScriptedServer):
+        def __init__(self, steps: list[Step]) -> None:
+            super().__init__(steps)
+            servers.append(self)
+    yield Started
+    for server in servers:
+        server.close()
+
+
+def wait(check: Callable[[], bool], seconds: float = 5) -> bool:
+    end = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def session(server: ScriptedServer, **kwargs: int) -> ApiSession:
+    return ApiSession(server.url + "/base", {"Authorization": "Bearer k"}, **kwargs)
+
+
+def get(api: ApiSession, path: str = "/list") -> bytes:
+    return bytes(api.exchange("GET", path, query="page=1", timeout=5).body)
+
+
+def test_requests_share_one_kept_alive_connection_and_name_the_path(scripted) -> None:
+    server = scripted([answer(b"one"), answer(b"two")])
+    api = session(server)
+    assert [get(api), get(api), get(api)] == [b"one", b"two", b"two"]
+    assert server.connections == 1 and len(server.requests) == 3
+    first = server.requests[0].decode()
+    assert first.startswith("GET /base/list?page=1 HTTP/1.1\r\n")
+    assert f"Host: {server.url.split('://')[1]}\r\n" in first
+    assert "Authorization: Bearer k\r\n" in first and "Accept-Encoding: gzip\r\n" in first
+
+
+def test_a_post_sends_its_json_body_with_its_length(scripted) -> None:
+    server = scripted([answer(b"{}")])
+    session(server).exchange("POST", "/describe", body=b'{"jobId": "j"}', timeout=5)
+    request = server.requests[0]
+    assert b"Content-Type: application/json\r\nContent-Length: 14\r\n\r\n" in request
+    assert request.endswith(b'\r\n\r\n{"jobId": "j"}')
+
+
+def test_a_connection_the_server_closed_while_idle_is_reopened_once(scripted) -> None:
+    server = scripted([(answer(b"one"), "close"), answer(b"two")])
+    api = session(server)
+    assert get(api) == b"one"
+    assert get(api) == b"two"                   # the dead connection cost nothing visible
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+def test_only_a_kept_alive_connection_is_retried_and_only_once(scripted) -> None:
+    fresh = scripted(["drop"])
+    with pytest.raises(ConnectionError):
+        get(session(fresh))
+    assert len(fresh.requests) == 1             # a new connection failing: no retry
+    kept = scripted([answer(b"one"), "drop"])
+    api = session(kept)
+    get(api)
+    with pytest.raises(ConnectionError):
+        get(api)
+    assert len(kept.requests) == 3 and kept.connections == 2
+
+
+def test_connection_close_and_an_unframed_answer_end_the_connection(scripted) -> None:
+    # The first answer says close but leaves the connection open: only a client that
+    # heeds the header opens a new one.
+    server = scripted([answer(b"one", "Connection: close"),
+                       (b"HTTP/1.1 200 OK\r\n\r\nread to the end", "close"), answer(b"three")])
+    api = session(server)
+    assert [get(api), get(api), get(api)] == [b"one", b"read to the end", b"three"]
+    assert server.connections == 3 and len(server.requests) == 3
+
+
+def test_chunked_and_gzipped_answers_are_decoded(scripted) -> None:
+    packed = gzip.compress(b'{"code": 0}')
+    server = scripted([answer(chunked(b"ab", b"cd"), "Transfer-Encoding: chunked"),
+                       answer(chunked(packed[:5], packed[5:]), "Transfer-Encoding: chunked",
+                              "Content-Encoding: gzip")])
+    api = session(server)
+    assert [get(api), get(api)] == [b"abcd", b'{"code": 0}']
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("body,headers", [
+    (b"x", ("Content-Encoding: br",)),
+    (gzip.compress(b"x" * 100, mtime=0)[:-12], ("Content-Encoding: gzip",)),
+    (b"not gzip at all", ("Content-Encoding: gzip",)),
+], ids=["unrequested", "cut-short", "not-gzip"])
+def test_an_encoding_nobody_asked_for_or_a_broken_one_is_refused(scripted, body,
+                                                                 headers) -> None:
+    server = scripted([answer(body, *headers), answer(b"next")])
+    api = session(server)
+    with pytest.raises(BadEncoding):
+        get(api)
+    assert get(api) == b"next"                   # on a new connection
+    assert server.connections == 2
+
+
+def test_the_status_is_heard_before_a_body_over_the_cap(scripted) -> None:
+    server = scripted([answer(b"x" * 101)])
+    heard: list[int] = []
+    with pytest.raises(AnswerTooLarge) as failure:
+        session(server, max_body_bytes=100).exchange("GET", "/list", timeout=5,
+                                                     heard=heard.append)
+    assert heard == [200]
+    # the connection is closed at once, not when the failure is garbage (it is alive)
+    assert failure.value is not None and wait(lambda: server.hangups == 1)
+
+
+def test_an_error_answer_is_its_status_and_headers_whatever_its_body(scripted) -> None:
+    """A 503 saying when to come back is that, even with a body that is no gzip."""
+    server = scripted([answer(b"", "Retry-After: 7", "Content-Encoding: gzip",
+                              status="503 Service Unavailable"), answer(b"next")])
+    api = session(server)
+    reply = api.exchange("GET", "/list", timeout=5)
+    assert (reply.status, reply.headers["Retry-After"], bytes(reply.body)) == (503, "7", b"")
+    assert get(api) == b"next" and server.connections == 1    # read away: kept
+
+
+def test_a_body_cut_short_is_a_broken_answer_not_a_short_one(scripted) -> None:
+    server = scripted([(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcd", "close")])
+    with pytest.raises(http.client.IncompleteRead):
+        get(session(server))
+
+
+@pytest.mark.parametrize("then", ["close", "reset"])
+def test_a_connection_lost_mid_answer_is_not_sent_again(scripted, then: str) -> None:
+    server = scripted([answer(b"one"),
+                       (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", then)])
+    api = session(server)
+    get(api)
+    heard: list[int] = []
+    with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+        api.exchange("GET", "/list", timeout=5, heard=heard.append)
+    assert heard == [200] and len(server.requests) == 2
+
+
+def closed_mid_request(api: ApiSession, begun: Callable[[], bool],
+                       settle: float = 0.0) -> BaseException:
+    """Close ``api`` from here once its request in flight has ``begun`` (and ``settle``
+    seconds more); what that request raised, within a few seconds."""
+    outcome: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            api.exchange("GET", "/list", timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert wait(begun)
+    time.sleep(settle)
+    api.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    return outcome[0]
+
+
+def test_close_from_another_thread_ends_a_request_in_flight(scripted) -> None:
+    server = scripted(["hang"])
+    assert isinstance(closed_mid_request(session(server), server.seen.is_set), Interrupted)
+
+
+def test_a_stalled_tls_handshake_ends_by_the_timeout_or_by_close(scripted) -> None:
+    """The server takes the connection and never answers the ClientHello: connecting
+    counts against the request's timeout, and close() cuts the handshake short."""
+    server = scripted(["hang"])
+    tls_url = server.url.replace("http://", "https://")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ApiSession(tls_url, {}).exchange("GET", "/list", timeout=0.3)
+    assert time.monotonic() - started < 3
+    failure = closed_mid_request(ApiSession(tls_url, {}), lambda: server.connections == 2,
+                                 settle=0.05)       # into the handshake
+    assert isinstance(failure, Interrupted)
+
+
+def test_a_closed_session_sends_nothing(scripted) -> None:
+    server = scripted([answer(b"one")])
+    api = session(server)
+    get(api)
+    api.close()
+    with pytest.raises(Interrupted):
+        get(api)
+    assert len(server.requests) == 1
