@@ -35,6 +35,7 @@ from exporter.webconfig import WebConfig, load_web_config
 log = logging.getLogger("exporter")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SWITCH_INTERVAL_SECONDS = 0.001    # while serving: see _serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +323,12 @@ def _serve(runtime: ConfigRuntime, registry: CollectorRegistry, board: SnapshotB
     app = WebApp(registry=registry, board=board, telemetry_path=args.telemetry_path,
                  web_config=web_config, lifecycle=args.lifecycle, reload=runtime.reload,
                  is_ready=runtime.is_ready, generation=lambda: runtime.generation)
+    # A scrape takes the GIL a few times (read, respond, write); while a poll parses
+    # or folds a large listing, each take waited up to the default 5 ms switch
+    # interval: scrape p99 during a 100,000-job poll was 16-21 ms, and 6.3-7.0 ms
+    # with 1 ms (tests/bench, scrape). It costs at most a thread switch per
+    # millisecond, and only while threads contend for the GIL.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     try:
         server = create_server(app, host, port)
     except OSError as exc:
