@@ -440,7 +440,6 @@ class JobHistory:
         self._failed: list[tuple[str, str]] = []
         self._collections: set[str] = set()
         self._fresh: set[str] = set()     # collections first listed by the last listing
-        self._applied = False             # a listing was folded in by this process
         self._rules = DetailRules()
         self._dirty: set[str] = set()       # details to persist
         self._changed: list[tuple[str, float, float, int, str, int]] = []   # job rows
@@ -573,11 +572,11 @@ class JobHistory:
         # and counts from the next: Prometheus' increase() takes a series' first sample
         # as its start, so a job failing in its collection's first listing (a first
         # import with the wrong schema) would otherwise never show as an increase.
-        # (Not in this process's first listing: after a restart every series is new
-        # and Prometheus reads the lower values as a reset, counting them in full.)
-        self._fresh = collections - self._collections if self._applied else set()
+        # In this process's first listing every collection is new to it: one created
+        # while the exporter was down is new to Prometheus too, and for the others a
+        # 0 after the restart is a reset, from which the next listing counts in full.
+        self._fresh = collections - self._collections
         self._collections = collections
-        self._applied = True
         # A collection that left the listing leaves /metrics, counters included (a
         # counter that comes back starts again from 0, which Prometheus reads as a
         # reset), so series and memory stay flat under collection churn.

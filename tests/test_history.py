@@ -94,8 +94,10 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
     h = JobHistory("x", store, clock)
     assert h.first_seen("a") == 1_000_000.0
     # b finished while the exporter was down; "late" appeared and finished meanwhile
-    summary = apply(h, rec("a", "importing", 5), rec("b", "failed"),
-                    rec("gone", "completed"), rec("late", "completed"))
+    after = (rec("a", "importing", 5), rec("b", "failed"), rec("gone", "completed"),
+             rec("late", "completed"))
+    assert transitions(apply(h, *after)) == {}     # a restart's first listing: all at 0
+    summary = apply(h, *after)
     assert transitions(summary) == {("c", "failed"): 1, ("c", "completed"): 1}
     assert summary.oldest_active["c"] == 1_000_000.0
     store.close()
@@ -149,10 +151,12 @@ def stuck_ids(metrics: dict, reason: str) -> set[str]:
                                                   reason=reason)}
 
 
-def transition_counts(metrics: dict, cluster: str) -> dict[str, float]:
+def transition_counts(metrics: dict, cluster: str, collection: str = "") -> dict[str, float]:
+    """Transitions by state, summed over the cluster's collections (or of one)."""
     out: dict[str, float] = {}
+    only = {"collection": collection} if collection else {}
     for key, value in samples(metrics, "zilliz_import_job_transitions_total",
-                              cluster_name=cluster).items():
+                              cluster_name=cluster, **only).items():
         state = dict(key[1])["state"]
         out[state] = out.get(state, 0) + value
     return out
@@ -203,23 +207,31 @@ def test_stuck_stalled_transitions_and_restart(simulator, tmp_path: Path) -> Non
                               (("cluster_name", "v1"), ("collection", "medium_articles")))]
     finally:
         exporter.close()
-    # moves while it is down: a known job finishes, a new job appears already finished
+    # moves while it is down: a known job finishes, a new job appears already finished,
+    # and a collection nobody saw before gets a job that failed at once
     v2.set_state(movers[2], "completed")
     v2.add_jobs(1, "images", "failed")
+    v2.add_jobs(1, "videos", "failed")
     clock.advance(30)
     restarted = InProcessExporter(config, clock)
     try:
         metrics = restarted.poll()
-        assert transition_counts(metrics, "v2") == {"completed": 1, "failed": 1}
+        # A restart's first listing shows every counter at 0: a reset for "images", and
+        # for "videos" the start that increase() needs to see its failure at all.
+        assert transition_counts(metrics, "v2") == {"completed": 0, "failed": 0}
+        assert transition_counts(metrics, "v2", "videos") == {"completed": 0, "failed": 0}
         age_after = metrics[("zilliz_import_oldest_active_job_age_seconds",
                              (("cluster_name", "v1"), ("collection", "medium_articles")))]
         assert age_after == age_before + 30      # ages continue from the first sighting
         assert stuck in stuck_ids(metrics, "age")    # no waiting stuck_after again
-        # nothing more is counted on later polls
+        # then what happened while it was down, counted once
         for _ in range(2):
             clock.advance(1)
             metrics = restarted.poll()
-        assert transition_counts(metrics, "v2") == {"completed": 1, "failed": 1}
+            assert transition_counts(metrics, "v2", "images") == {"completed": 1,
+                                                                  "failed": 1}
+            assert transition_counts(metrics, "v2", "videos") == {"completed": 0,
+                                                                  "failed": 1}
     finally:
         restarted.close()
 
@@ -364,6 +376,7 @@ def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, capl
     assert not list(tmp_path.glob("state.db.corrupt-*")) and "migrated" in caplog.text
     h = JobHistory("x", store, FakeClock())
     assert h.first_seen("a") == 1000.0
+    apply_details(h, listing(rec("a", "failed"), rec("b", "failed")))
     summary = apply_details(h, listing(rec("a", "failed"), rec("b", "failed")))
     assert transitions(summary) == {("c", "failed"): 1}    # b was counted before
     assert h.describe_plan() == ["a"]
