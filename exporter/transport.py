@@ -91,13 +91,8 @@ def _left(deadline: float) -> float:
 
 class ApiSession:
     """Requests to one base URL over one kept-alive connection: one caller at a time
-    (the cluster's poller); ``close()`` from any thread.
-
-    The request's head is written here from parts made once per session (header
-    values are checked by config: printable ASCII), and the answer is parsed by
-    ``http.client.HTTPResponse``: half of what ``http.client.HTTPConnection`` costs
-    per request is composing and checking the same headers again.
-    """
+    (the cluster's poller); ``close()`` from any thread. Header values are written as
+    they are: config holds them to printable ASCII."""
 
     def __init__(self, base_url: str, headers: Mapping[str, str], *, ca_file: str = "",
                  verify: bool = True, max_body_bytes: int = 64 * 1024 * 1024) -> None:
