@@ -1,11 +1,10 @@
-"""A deadline for an answer's headers as a whole.
+"""A deadline for a request's answer as a whole.
 
-A socket timeout bounds each read, so a server that trickles its status line and
-headers a byte at a time can hold a request for as long as it likes. While it waits for
-an answer's headers, every connection (``transport.ApiSession``) registers with one
-watchdog thread for the process; past the request's timeout the watchdog shuts the
-socket down and the wait ends as a timeout. The body is bounded the same way by the
-transport's read loop, which gets what is left of the same budget.
+A socket timeout bounds each read, so a server that trickles its status line, its
+headers or a chunked body's size lines and trailers a byte at a time can hold a request
+for as long as it likes. While a request waits for its answer, its connection
+(``transport.ApiSession``) is registered with one watchdog thread for the process; past
+the request's timeout the watchdog shuts the socket down and the wait ends as a timeout.
 
 One thread and a heap, not a timer per request: arming costs a few microseconds, so
 the hundreds of requests of a large poll pay nothing noticeable for it.
@@ -51,7 +50,7 @@ class Watchdog:
         return watch
 
     def disarm(self, watch: _Watch) -> None:
-        """The answer's headers are in. Under the lock, so a watch the thread is about
+        """The answer is in (or failed). Under the lock, so a watch the thread is about
         to fire is never a connection already handed to the next request."""
         with self._cond:
             watch.active = False          # left in the heap; skipped when it comes up

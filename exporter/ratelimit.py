@@ -24,7 +24,7 @@ import collections
 import hashlib
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from exporter.transport import ApiSession, Interrupted, Reply
@@ -125,9 +125,9 @@ class TokenBucket:
             self._throttled_at = now
 
 
-def endpoint_of(url: str) -> str:
-    """The API endpoint a URL calls: its last path segment (``list``, ``describe``...)."""
-    return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+def endpoint_of(path: str) -> str:
+    """The API endpoint a path (or URL) calls: its last segment (``list``, ``describe``)."""
+    return urlsplit(path).path.rstrip("/").rsplit("/", 1)[-1]
 
 
 class RateLimits:

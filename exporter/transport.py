@@ -11,9 +11,11 @@ parts made once per session and its answer parsed by ``http.client.HTTPResponse`
 
 What the exporter needs around that is here too: keep-alive, with one transparent
 retry when the server had closed an idle connection; TLS from the cluster's settings;
-one deadline for the whole answer (the headers through ``deadline.WATCHDOG``, the body
-read by read against what is left of it); a cap on the body's size, after gunzip, so a
-small bomb is no way around it; pacing by ``ratelimit`` before each request; and
+one deadline for the whole request, from connecting to the answer's last byte (each
+socket operation gets what is left of it, and ``deadline.WATCHDOG`` ends an answer that
+trickles in past it; resolving the name and trying a host's further addresses are
+bounded only per address, as in ``socket.create_connection``); a cap on the body's
+size, after gunzip, so a small bomb is no way around it; pacing by ``ratelimit`` before each request; and
 ``close()`` from another thread, which ends a request in flight or waiting its turn.
 
 Failures are the standard library's: OSError (``TimeoutError`` past the deadline,
@@ -145,12 +147,18 @@ class ApiSession:
         for attempt in (1, 2):
             sock: socket.socket | None = None
             response: http.client.HTTPResponse | None = None
+            watch = None
             reused = answered = False
             try:
                 sock, reused = self._take(deadline)
                 sock.settimeout(_left(deadline))
+                # Socket timeouts bound each read; a server that trickles its headers,
+                # a chunk-size line or trailers a byte at a time would never trip one.
+                # The watchdog shuts the socket down at the deadline, whatever is read.
+                watch = WATCHDOG.arm(deadline, sock)
                 sock.sendall(request)
-                response = self._headers(sock, method, deadline)
+                response = http.client.HTTPResponse(sock, method=method)
+                response.begin()
                 answered = True
                 if heard is not None:
                     heard(response.status)
@@ -161,17 +169,22 @@ class ApiSession:
                 else:       # nobody reads an error's body: only its status and headers
                     reply = Reply(response.status, response.msg, bytearray())
                     keep = self._drain(sock, response, deadline)
-                if not keep:
+                WATCHDOG.disarm(watch)
+                if not keep or watch.fired:   # fired as the answer ended: shut down
                     response.close()
                     self._drop(sock)
                 return reply
             except Exception as exc:
+                if watch is not None:
+                    WATCHDOG.disarm(watch)
                 if response is not None:
                     response.close()         # it holds the socket open otherwise
                 if sock is not None:
                     self._drop(sock)         # left mid-answer: it cannot carry another
                 if self._closed:
                     raise Interrupted("the session was closed") from None
+                if watch is not None and watch.fired:
+                    raise TimeoutError("no complete answer within the timeout") from None
                 # Only a kept-alive connection that failed before any answer came is
                 # sent again, once, within what is left of the same deadline.
                 if answered or not reused or attempt == 2 or not isinstance(exc, _STALE):
@@ -179,27 +192,6 @@ class ApiSession:
             finally:
                 self._give_back()
         raise AssertionError("unreachable")   # pragma: no cover
-
-    @staticmethod
-    def _headers(sock: socket.socket, method: str, deadline: float) -> http.client.HTTPResponse:
-        """Wait for the status line and headers until ``deadline``: a read timeout
-        alone would let a server trickling a byte at a time hold on for ever."""
-        watch = WATCHDOG.arm(deadline, sock)
-        response = http.client.HTTPResponse(sock, method=method)
-        try:
-            response.begin()
-        except Exception:
-            response.close()
-            if watch.fired:
-                raise TimeoutError("no complete answer headers within the timeout") \
-                    from None
-            raise
-        finally:
-            WATCHDOG.disarm(watch)
-        if watch.fired:             # fired as the headers came in: the socket is shut
-            response.close()
-            raise TimeoutError("no complete answer headers within the timeout")
-        return response
 
     def _body(self, sock: socket.socket, response: http.client.HTTPResponse,
               deadline: float) -> bytearray:
@@ -219,13 +211,11 @@ class ApiSession:
             chunk = response.read1(READ_CHUNK_BYTES)
             if not chunk:
                 break
-            if inflate is not None:
+            if inflate is not None:     # at most one byte past the cap: enough to know
                 try:
                     chunk = inflate.decompress(chunk, limit + 1 - len(body))
                 except zlib.error:
                     raise BadEncoding("the body does not decompress") from None
-                if inflate.unconsumed_tail:
-                    raise AnswerTooLarge("more than the cap once decompressed")
             body += chunk
             if len(body) > limit:
                 raise AnswerTooLarge("more than the cap")

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from exporter.client import (
-    PollFailure, DecodeFailure, PaginationFailure, TimeoutFailure, label_text,
+    ConnectionFailure, PollFailure, DecodeFailure, PaginationFailure, TimeoutFailure,
+    label_text,
     list_import_jobs, make_session, parse_describe_answer, parse_list_answer,
 )
 from exporter.config import ClusterConfig, PollSettings
@@ -85,6 +86,24 @@ def endless_chunks(handler: BaseHTTPRequestHandler) -> None:
 def records_body(n: int) -> bytes:
     records = [{"jobId": str(i), "collectionName": "c", "state": "Pending"} for i in range(n)]
     return json.dumps({"code": 0, "data": {"records": records}}).encode()
+
+
+def test_an_answer_broken_off_is_counted_under_the_status_that_came() -> None:
+    """The headers said 200 and 100 bytes; 10 came: a broken answer (connection, worth a
+    retry), counted as the 200 it was, not as a request that got no answer."""
+    def broken_off(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100")
+        handler.end_headers()
+        handler.wfile.write(b'{"code": 0,')
+
+    codes: list[tuple[str, str]] = []
+    with HostileServer(broken_off) as server:
+        cluster = server.cluster()
+        with pytest.raises(ConnectionFailure, match="broke off its answer") as info:
+            list_import_jobs(make_session(cluster), cluster, 1,
+                             lambda *seen: codes.append(seen))
+    assert info.value.retryable and codes == [("list", "200")]
 
 
 def test_an_endless_answer_fails_with_timeout_within_the_timeout() -> None:

@@ -14,11 +14,14 @@ from typing import Callable, Iterator, Union
 
 import pytest
 
-from exporter.transport import AnswerTooLarge, ApiSession, BadEncoding, Interrupted
+from exporter.transport import (
+    DRAIN_BYTES, AnswerTooLarge, ApiSession, BadEncoding, Interrupted,
+)
 
 # What the server does for one request: answer these bytes, then keep the connection,
-# or "close" right after answering (no header says so), or "reset" it, or "drop"
-# without answering, or "hang" until the client goes away.
+# or "close" right after answering (no header says so), or "reset" it, or "trickle"
+# them a byte at a time ("trickle-body": the headers at once), or "drop" without
+# answering, or "hang" until the client goes.
 Step = Union[bytes, str, tuple[bytes, str]]
 
 
@@ -64,7 +67,10 @@ class ScriptedServer:
             while not self._stop.is_set():
                 head = b""
                 while not head.endswith(b"\r\n\r\n"):
-                    line = reader.readline()
+                    try:
+                        line = reader.readline()
+                    except OSError:             # reset by the client: a hang-up too
+                        line = b""
                     if not line:
                         self.hangups += 1
                         return
@@ -79,6 +85,18 @@ class ScriptedServer:
                 if then == "hang":
                     while not self._stop.is_set() and conn.recv(1):
                         pass
+                    return
+                if then.startswith("trickle"):   # a byte every 50 ms while it is read
+                    if then == "trickle-body":    # the headers at once
+                        at_once, data = data.split(b"\r\n\r\n", 1)
+                        conn.sendall(at_once + b"\r\n\r\n")
+                    for byte in data:
+                        if self._stop.wait(0.05):
+                            return
+                        try:
+                            conn.sendall(bytes([byte]))
+                        except OSError:
+                            return
                     return
                 conn.sendall(data)
                 if then == "reset":         # RST, not FIN: the client's read fails
@@ -210,13 +228,18 @@ def test_the_status_is_heard_before_a_body_over_the_cap(scripted) -> None:
 
 
 def test_an_error_answer_is_its_status_and_headers_whatever_its_body(scripted) -> None:
-    """A 503 saying when to come back is that, even with a body that is no gzip."""
-    server = scripted([answer(b"", "Retry-After: 7", "Content-Encoding: gzip",
-                              status="503 Service Unavailable"), answer(b"next")])
+    """A 503 saying when to come back is that, even with a body that is no gzip. A small
+    body is read away and the connection carries on; a large one is not worth it."""
+    server = scripted([answer(b"busy", "Retry-After: 7", "Content-Encoding: gzip",
+                              status="503 Service Unavailable"), answer(b"next"),
+                       answer(b"x" * (DRAIN_BYTES + 1), status="502 Bad Gateway"),
+                       answer(b"last")])
     api = session(server)
     reply = api.exchange("GET", "/list", timeout=5)
     assert (reply.status, reply.headers["Retry-After"], bytes(reply.body)) == (503, "7", b"")
     assert get(api) == b"next" and server.connections == 1    # read away: kept
+    assert api.exchange("GET", "/list", timeout=5).status == 502
+    assert get(api) == b"last" and server.connections == 2    # dropped
 
 
 def test_a_body_cut_short_is_a_broken_answer_not_a_short_one(scripted) -> None:
@@ -275,6 +298,43 @@ def test_a_stalled_tls_handshake_ends_by_the_timeout_or_by_close(scripted) -> No
     failure = closed_mid_request(ApiSession(tls_url, {}), lambda: server.connections == 2,
                                  settle=0.05)       # into the handshake
     assert isinstance(failure, Interrupted)
+
+
+def test_an_answer_trickling_in_ends_at_the_timeout_whatever_part_it_is_in(
+        scripted) -> None:
+    """Each read gets what is left of the timeout, but a chunk-size line is read with
+    many: only the watchdog bounds an answer dripping in a byte at a time."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for step in ((head, "trickle"), (head + b"1" * 400, "trickle-body")):   # a size line
+        server = scripted([step])
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            session(server).exchange("GET", "/list", timeout=0.5)
+        assert time.monotonic() - started < 5        # 20 s and more without it
+
+
+def test_connecting_and_tls_count_against_the_timeout(pki) -> None:
+    """A handshake that takes 0.2 s and an answer 0.2 s after the request: 0.4 s in all,
+    past a 0.3 s timeout, though neither part alone is."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki["server_cert"], pki["server_key"])
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        time.sleep(0.2)
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            time.sleep(0.2)
+            tls.sendall(answer(b"late"))
+    threading.Thread(target=serve, daemon=True).start()
+    api = ApiSession(f"https://127.0.0.1:{listener.getsockname()[1]}", {}, verify=False)
+    try:
+        with pytest.raises(TimeoutError):
+            api.exchange("GET", "/list", timeout=0.3)
+    finally:
+        listener.close()
 
 
 def test_a_closed_session_sends_nothing(scripted) -> None:
