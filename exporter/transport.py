@@ -15,8 +15,9 @@ one deadline for the whole request, from connecting to the answer's last byte (e
 socket operation gets what is left of it, and ``deadline.WATCHDOG`` ends an answer that
 trickles in past it; resolving the name and trying a host's further addresses are
 bounded only per address, as in ``socket.create_connection``); a cap on the body's
-size, after gunzip, so a small bomb is no way around it; pacing by ``ratelimit`` before each request; and
-``close()`` from another thread, which ends a request in flight or waiting its turn.
+size, after gunzip, so a small bomb is no way around it; pacing by ``ratelimit`` before
+each request; and ``close()`` from another thread, which ends a request in flight or
+waiting its turn.
 
 Failures are the standard library's: OSError (``TimeoutError`` past the deadline,
 ``ssl.SSLError``, ``Interrupted`` once closed), ``http.client.HTTPException`` for a
@@ -67,7 +68,7 @@ class Reply:
     body: bytearray
 
 
-class Pacer(Protocol):
+class Pacing(Protocol):
     """Holds requests back (ratelimit.Pacer): ``paced`` waits for the turn of the API
     path's endpoint, runs ``send`` and hears its status; ``close`` ends a wait at once."""
 
@@ -104,7 +105,7 @@ class ApiSession:
         self.port = parts.port or _DEFAULT_PORTS[parts.scheme]
         self.prefix = parts.path.rstrip("/")
         self.max_body_bytes = max_body_bytes
-        self.pacer: Pacer | None = None
+        self.pacer: Pacing | None = None
         shown = f"[{self.host}]" if ":" in self.host else self.host
         if parts.port and parts.port != _DEFAULT_PORTS[parts.scheme]:
             shown += f":{parts.port}"

@@ -112,14 +112,14 @@ class ScriptedServer:
 
 
 @pytest.fixture
-def scripted() -> Iterator[type[ScriptedServer]]:
+def scripted() -> Iterator[Callable[[list[Step]], ScriptedServer]]:
+    """Starts scripted servers; closes them after the test."""
     servers: list[ScriptedServer] = []
 
-    class Started(ScriptedServer):
-        def __init__(self, steps: list[Step]) -> None:
-            super().__init__(steps)
-            servers.append(self)
-    yield Started
+    def start(steps: list[Step]) -> ScriptedServer:
+        servers.append(ScriptedServer(steps))
+        return servers[-1]
+    yield start
     for server in servers:
         server.close()
 
