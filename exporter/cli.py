@@ -24,7 +24,7 @@ from exporter.config import (
     ClusterConfig, Config, ConfigError, load_config, parse_config, parse_duration, redacted,
     shared_rate_notes,
 )
-from exporter.history import HistoryStore, StateFileInUse
+from exporter.store import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import MemoryReturner, limit_malloc_arenas
 from exporter.poller import PollerGroup, SnapshotBoard
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     stoppers: list[Callable[[], None]] = []
     watcher: ConfigWatcher | None = None
     if args.demo:
-        from exporter.simulator import DemoDirector, Simulator
+        from exporter.demo import DemoDirector
+        from exporter.simulator import Simulator
         sim = Simulator().start()
         director = DemoDirector(sim).start()
         stoppers += [director.stop, sim.stop]

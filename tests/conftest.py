@@ -36,8 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import build_registry
 from exporter.config import ClusterConfig, Config, PollSettings, parse_config
-from exporter.history import FailedJob, HistoryStore, JobSummary, RunningJob, StuckJob
 from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
+from exporter.store import HistoryStore
+from exporter.summary import FailedJob, JobSummary, RunningJob, StuckJob
 from exporter.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent

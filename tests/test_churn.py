@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from conftest import FakeClock, parse_metrics
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
-from exporter.history import HistoryStore, JobHistory
+from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, SnapshotBoard
+from exporter.store import HistoryStore
 from exporter.simulator import Simulator
 
 POLLS = 300

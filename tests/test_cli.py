@@ -16,7 +16,8 @@ from conftest import (
     run_cli, samples, wait_until,
 )
 from exporter.cli import build_parser, demo_config, parse_listen_address, resolve_shard
-from exporter.simulator import DemoDirector, Simulator
+from exporter.demo import DemoDirector
+from exporter.simulator import Simulator
 from exporter.web import WebApp, render_status_page
 
 

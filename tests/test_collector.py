@@ -14,7 +14,8 @@ from exporter.collector import FAMILIES, RENDER_ERRORS, ImportCollector
 from exporter.web import ExpositionCache
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterSnapshot, Listing, SnapshotBoard
+from exporter.jobs import Listing
+from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 CLUSTER = ClusterConfig(name="prod", url="https://api.cloud.zilliz.com", api="v2",
                         cluster_id="in01-a", api_key="k",
@@ -128,7 +129,7 @@ def test_unpolled_cluster_shows_only_info() -> None:
 
 
 def test_job_detail_series() -> None:
-    from exporter.history import FailedJob, RunningJob
+    from exporter.summary import FailedJob, RunningJob
     clock = FakeClock(10_000.0)
     registry, board, history = published([rec("1", "a", "importing")], clock)
     summary = replace(board.get("prod").jobs,  # type: ignore[union-attr]

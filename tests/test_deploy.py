@@ -103,7 +103,7 @@ def test_compose_stack() -> None:
     config = parse_config(load(DEPLOY / "compose" / "exporter.yaml"), "exporter.yaml",
                           environ={"MILVUS_DEMO_KEY": "root:Milvus-demo-pass"})
     assert {c.host for c in config.clusters} == {"simulator:8080"}
-    from exporter.simulator import DEMO_CLUSTERS
+    from exporter.demo import DEMO_CLUSTERS
     assert {(c.name, c.api_key) for c in config.clusters} == \
         {(name, key) for name, _, key, _ in DEMO_CLUSTERS}
 

@@ -12,8 +12,9 @@ from conftest import FakeClock, InProcessExporter, fast_defaults, samples
 from exporter.jobs import (
     CANONICAL_STATES, MAX_STATE_NAMES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord,
 )
-from exporter.history import HistoryStore, JobHistory, StateFileInUse
-from exporter.poller import Listing
+from exporter.history import JobHistory
+from exporter.jobs import Listing
+from exporter.store import HistoryStore, StateFileInUse
 
 
 def rec(job_id: str, state: str, progress: int = -1, collection: str = "c") -> JobRecord:
@@ -134,7 +135,7 @@ def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog) -> None:
 def test_second_process_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     store = HistoryStore(path)
-    code = ("from exporter.history import HistoryStore, StateFileInUse\n"
+    code = ("from exporter.store import HistoryStore, StateFileInUse\n"
             f"try:\n    HistoryStore({path!r})\nexcept StateFileInUse as e:\n"
             "    print(e)\n    raise SystemExit(3)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -256,7 +257,7 @@ def test_corrupt_state_file_does_not_stop_the_exporter(simulator, exporter,
 # ---- job details -------------------------------------------------------------------------
 
 from exporter.client import JobDetails  # noqa: E402
-from exporter.history import DetailRules  # noqa: E402
+from exporter.details import DetailRules  # noqa: E402
 
 
 def listing(*records: JobRecord, reasons: dict[str, str] | None = None) -> Listing:

@@ -22,7 +22,8 @@ from exporter.client import (
 )
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterPoller, Listing, SnapshotBoard, fetch_listing
+from exporter.jobs import Listing
+from exporter.poller import ClusterPoller, SnapshotBoard, fetch_listing
 from exporter.ratelimit import RateLimits, pace
 
 from conftest import QuietHTTPServer, StubServer

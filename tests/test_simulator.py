@@ -11,7 +11,8 @@ import urllib.request
 from conftest import wait_until
 from exporter.client import list_import_jobs, make_session
 from exporter.config import ClusterConfig
-from exporter.simulator import DEMO_CLUSTERS, DemoDirector, Simulator
+from exporter.demo import DEMO_CLUSTERS, DemoDirector
+from exporter.simulator import Simulator
 
 
 def post(url: str, body: dict, key: str) -> dict:

@@ -267,8 +267,9 @@ EVIL = "<script>document.title='pwned'</script> schema mismatch: field 'vec' dim
 
 def test_status_page_escapes_server_text_and_caps_sections() -> None:
     from exporter.jobs import JobRecord
-    from exporter.history import FailedJob, JobHistory
-    from exporter.poller import Listing
+    from exporter.history import JobHistory
+    from exporter.jobs import Listing
+    from exporter.summary import FailedJob
     from exporter.web import render_status_page
     cluster = ClusterConfig(name="c<1>", url="http://127.0.0.1:9", api="v2")
     now = [1000.0]
