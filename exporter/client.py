@@ -20,6 +20,7 @@ transport, and scrubbed once more before they leave.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import http.client
 import json
@@ -130,7 +131,9 @@ class JobDetails:
 
     ``progress`` is a percentage (v1 ``readyPercentage``, v2 ``progress``); ``state``
     is normalised, or "" for v1, which reports none; ``reason`` is a sanitised
-    failure text (see ``failure_text``), "" when the job has not failed.
+    failure text (see ``failure_text``), "" when the job has not failed. The times
+    are Unix times, None when the answer gives none with a zone (see ``timestamp``):
+    ``complete_time`` once the job is done, ``create_time`` on the newest Milvus only.
     """
 
     job_id: str
@@ -139,6 +142,8 @@ class JobDetails:
     total_rows: int = -1
     state: str = ""
     reason: str = ""
+    create_time: float | None = None
+    complete_time: float | None = None
 
 
 def make_session(cluster: ClusterConfig) -> ApiSession:
@@ -459,6 +464,30 @@ def _number(value: Any) -> int:
     return int(number)
 
 
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?"
+                      r"([Zz]|[+-]\d\d:\d\d)")
+
+
+def timestamp(value: Any) -> float | None:
+    """An RFC 3339 time with its zone (Zilliz's ``Z``, Milvus's local ``+08:00``) as
+    Unix time; None for ``""``, null, anything else, and a time without a zone, which
+    could be any of 25 hours."""
+    if type(value) is not str:
+        return None
+    match = _RFC3339.fullmatch(value.strip())
+    if match is None:
+        return None
+    date, clock, fraction, zone = match.groups()
+    fraction = f".{fraction[:6].ljust(6, '0')}" if fraction else ""
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    try:
+        seconds = datetime.datetime.fromisoformat(
+            f"{date}T{clock}{fraction}{zone}").timestamp()
+    except (ValueError, OverflowError):     # a 13th month; a year past 9999 in UTC
+        return None
+    return seconds if seconds > 0 else None     # Go's zero time means "unset"
+
+
 def _parse_v1_details(data: dict[str, Any], job_id: str, secret: str) -> JobDetails:
     # readyPercentage is documented as a percentage; whether a server sends 0-1
     # instead is unconfirmed, so it is read as the contract says: 0-100.
@@ -466,7 +495,8 @@ def _parse_v1_details(data: dict[str, Any], job_id: str, secret: str) -> JobDeta
     progress = -1 if ready is None or ready < 0 else min(100, round(ready))
     error = data.get("errorMessage")
     return JobDetails(job_id=job_id, progress=progress,
-                      reason=failure_text(error, secret) if error else "")
+                      reason=failure_text(error, secret) if error else "",
+                      complete_time=timestamp(data.get("completeTime")))
 
 
 def _parse_v2_details(data: dict[str, Any], job_id: str, secret: str) -> JobDetails:
@@ -478,4 +508,6 @@ def _parse_v2_details(data: dict[str, Any], job_id: str, secret: str) -> JobDeta
                       total_rows=_number(data.get("totalRows")),
                       state=normalise_state(label_text(state))
                       if isinstance(state, str) and state else "",
-                      reason=failure_text(reason, secret) if reason else "")
+                      reason=failure_text(reason, secret) if reason else "",
+                      create_time=timestamp(data.get("createTime")),
+                      complete_time=timestamp(data.get("completeTime")))

@@ -27,6 +27,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
 _URL_PATH = re.compile(r"[\x21-\x7e]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# The duration and wait histograms' buckets: 30s to 24h, since a small import waits
+# seconds and runs minutes, a large one hours. Each bucket is a series per collection
+# and outcome, so a cluster may have at most MAX_BUCKETS.
+DEFAULT_DURATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+                            7200.0, 14400.0, 28800.0, 57600.0, 86400.0)
+MAX_BUCKETS = 40
 
 
 class ConfigError(Exception):
@@ -42,7 +48,8 @@ def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: flo
     """One config key, declared once as a dataclass field: its parsing, range check,
     secrecy and redaction all follow from ``kind`` and the rest of this metadata.
 
-    kinds: "duration" (seconds), "size" (bytes), "int", "number", "string", "bool".
+    kinds: "duration" (seconds), "durations" (a list of seconds, strictly increasing,
+    each within the range), "size" (bytes), "int", "number", "string", "bool".
     ``from_file``: the key may instead be read from the file named by ``<key>_file``.
     """
     return field(default=default, repr=not secret, metadata={
@@ -78,6 +85,8 @@ class PollSettings:
     requests_per_second: float = key("number", 10.0, 0.01, 10_000)
     # A larger answer fails the poll (reason decode) instead of filling the memory.
     max_response_bytes: int = key("size", 32 * 1024 * 1024, 1024, 2 ** 40)
+    duration_buckets: tuple[float, ...] = key("durations", DEFAULT_DURATION_BUCKETS, 0.001,
+                                              365 * 86400)
 
 
 SETTING_KEYS = _keys(PollSettings)
@@ -227,6 +236,8 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
         if not isinstance(raw, bool):
             raise ValueError("must be true or false")
         return raw
+    if kind == "durations":
+        return _durations(f, raw)
     if kind == "duration":
         value = parse_duration(raw)
     elif kind == "size":
@@ -243,6 +254,26 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
     if not low <= value <= high:
         raise ValueError(f"{raw!r} is out of range ({low:g} to {high:g})")
     return value
+
+
+def _durations(f: dataclasses.Field[Any], raw: Any) -> tuple[float, ...]:
+    """A list of durations, each within the key's range, strictly increasing."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("must be a non-empty list of durations, such as [30s, 1m, 5m]")
+    if len(raw) > MAX_BUCKETS:
+        raise ValueError(f"has {len(raw)} values, more than {MAX_BUCKETS} (each is a series "
+                         "per collection)")
+    values = tuple(parse_duration(item) for item in raw)
+    low, high = f.metadata["range"]
+    for item, value in zip(raw, values):
+        if not low <= value <= high:
+            raise ValueError(f"{item!r} is out of range ({format_duration(low)} to "
+                             f"{format_duration(high)})")
+    for (before, after), (value, previous) in zip(zip(raw, raw[1:]),
+                                                   zip(values[1:], values)):
+        if value <= previous:
+            raise ValueError(f"must be strictly increasing: {after!r} comes after {before!r}")
+    return values
 
 
 def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
@@ -474,6 +505,8 @@ def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
         return REDACTED if value else ""
     if kind == "duration":
         return format_duration(value)
+    if kind == "durations":
+        return [format_duration(v) for v in value]
     if kind == "size":
         return format_size(value)
     if kind == "number" and value == int(value):

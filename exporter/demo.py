@@ -8,7 +8,8 @@ from __future__ import annotations
 import random
 import threading
 
-from exporter.simulator import SimCluster, Simulator
+from exporter.simcluster import SimCluster
+from exporter.simulator import Simulator
 
 DEMO_CLUSTERS = (
     # name, flavour, key, collections

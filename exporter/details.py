@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from exporter.client import JobDetails
 from exporter.store import DetailRow
-from exporter.summary import FailedJob, RunningJob
+from exporter.summary import FailedJob, RunningJob, StuckJob
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Details:
     reason: str = ""
     failed_at: float = 0.0       # 0: not seen failing after the first listing
     described_at: float = 0.0
+    created_at: float = 0.0      # the server's creation time (createTime), 0: unknown
     failed_describe: bool = False    # the last describe failed (in memory only)
     percent: Track | None = None     # ETA observations, importing jobs only
     rows: Track | None = None
@@ -94,12 +95,14 @@ class Details:
             return by_rows
         return None if self.percent is None else self.percent.eta(100.0, now)
 
-    def facts(self) -> tuple[int, int, str, float]:
+    def facts(self) -> tuple[int, int, str, float, float]:
         """What it says, without when it was last asked."""
-        return self.imported_rows, self.total_rows, self.reason, self.failed_at
+        return self.imported_rows, self.total_rows, self.reason, self.failed_at, \
+            self.created_at
 
     def row(self, job_id: str) -> DetailRow:
-        return (job_id, *self.facts(), self.described_at)
+        return (job_id, self.imported_rows, self.total_rows, self.reason, self.failed_at,
+                self.described_at, self.created_at)
 
 
 # An active job behind the per-job series: job_id, collection, state, first_seen.
@@ -107,34 +110,47 @@ Shown = tuple[str, str, str, int]
 
 
 class ActiveJobs:
-    """A listing's active jobs, column by column, while one listing is folded in:
-    references and packed numbers, no object per job, so a listing of 100,000 active
-    jobs costs a few flat buffers that go back in one piece."""
+    """A listing's active jobs, column by column, while one listing is folded in, and
+    the oldest and the stuck of them: references and packed numbers, no object per job,
+    so a listing of 100,000 active jobs costs a few flat buffers that go back in one
+    piece."""
 
-    __slots__ = ("ids", "collections", "states", "first_seen", "since")
+    __slots__ = ("ids", "collections", "states", "first_seen", "since", "oldest", "stuck",
+                 "_now", "_stuck_after", "_stall_after")
 
-    def __init__(self) -> None:
+    def __init__(self, now: int, stuck_after: float, stall_after: float) -> None:
         self.ids: list[str] = []
         self.collections: list[str] = []
         self.states: list[str] = []
         self.first_seen = array("I")
         self.since = array("I")     # when its progress or state last changed
+        self.oldest: dict[str, float] = {}      # collection -> its oldest's first_seen
+        self.stuck: list[StuckJob] = []         # older than stuck_after, or stalled
+        self._now, self._stuck_after, self._stall_after = now, stuck_after, stall_after
 
     def add(self, job_id: str, collection: str, state: str, first_seen: int,
-            since: int) -> None:
+            since: int, progress: int) -> None:
         self.ids.append(job_id)
         self.collections.append(collection)
         self.states.append(state)
         self.first_seen.append(first_seen)
         self.since.append(since)
+        now = self._now
+        if first_seen < self.oldest.get(collection, now + 1):
+            self.oldest[collection] = first_seen
+        if now - first_seen > self._stuck_after:
+            self.stuck.append(StuckJob(collection, job_id, state, "age", first_seen))
+        elif (self._stall_after > 0 and progress >= 0 and state == "importing"
+              and now - since > self._stall_after):
+            self.stuck.append(StuckJob(collection, job_id, state, "stalled", first_seen))
 
 
 class DetailsBook:
     """One cluster's job details and describe plan.
 
-    The history sets ``waiting`` (jobs waiting for one describe, by id ->
+    Each listing sets ``waiting`` (jobs waiting for one describe, by id ->
     (collection, state)) and ``failed`` (failures within the window, as (job_id,
-    collection)) from each listing; only these few jobs are kept, never every job.
+    collection)); only these few jobs are kept, never every job.
     """
 
     def __init__(self, rows: Iterable[DetailRow] = ()) -> None:
@@ -146,19 +162,37 @@ class DetailsBook:
         self.shown: list[Shown] = []             # the oldest active jobs: per-job series
         self._next_active: list[str] = []
         self._dirty: set[str] = set()            # details to persist
-        for job_id, imported, total, reason, failed_at, described_at in rows:
-            self.details[job_id] = Details(imported, total, reason, failed_at, described_at)
+        for job_id, imported, total, reason, failed_at, described_at, created_at in rows:
+            self.details[job_id] = Details(imported, total, reason, failed_at, described_at,
+                                           created_at)
             if described_at:
                 self.described[job_id] = described_at
 
-    def newly_failed(self, job_id: str, now: float, reason: str) -> None:
-        """A job seen failing after the first listing; ``reason`` is the listing's
-        failure text, "" when it carried none."""
+    def newly_terminal(self, job_id: str, state: str, now: float, reason: str) -> bool:
+        """A job seen reaching ``state`` (completed or failed) after the first listing,
+        whose listing carried failure text ``reason`` ("" when none). True when it is
+        to wait for one describe: failed without a reason, or completed (v2, for its
+        rows); never with describing off."""
+        describing = self.rules.max_describes > 0
+        if state != "failed":
+            return describing and self.rules.api == "v2"
         known = self.details.get(job_id)
         if known is None:
             known = self.details[job_id] = Details()
         known.failed_at, known.reason = now, reason or known.reason
         self._dirty.add(job_id)
+        return describing and not reason
+
+    def terminal(self, job_id: str, collection: str, state: str, now: float,
+                 waiting: bool) -> None:
+        """A listed job in a terminal (or unknown) state that has details: a failure
+        within the window is shown; other details go unless it waits for a describe."""
+        known = self.details[job_id]
+        if state == "failed" and known.failed_at \
+                and now - known.failed_at <= self.rules.failed_window:
+            self.failed.append((job_id, collection))
+        elif not waiting:              # nothing left to show or to learn
+            del self.details[job_id]
 
     def forget(self, job_id: str) -> None:
         """A job that left the listing."""
@@ -170,7 +204,8 @@ class DetailsBook:
         """From the listing's active jobs, keep only the few that matter next: the
         oldest (behind the per-job series, whose listed progress feeds the ETA) and
         the next to describe (importing before pending, least recently described
-        first). Drop details no series or wait needs any more.
+        first). Drop details no series, wait or duration needs any more (a creation
+        time is kept while its job is active).
 
         v1 jobs are described every time (the listing has no progress); a v2 job is
         described for its rows, so only while they are shown (it is among the oldest
@@ -187,7 +222,8 @@ class DetailsBook:
         shown = [(ids[i], active.collections[i], states[i], first_seen[i]) for i in oldest]
         shown_ids = {job[0] for job in shown}
         for job_id in [j for j, known in details.items() if j not in shown_ids
-                       and not known.failed_at and j not in self.waiting]:
+                       and not known.failed_at and j not in self.waiting
+                       and not (known.created_at and is_active(j))]:
             del details[job_id]
         candidates: Iterable[int] = range(len(ids))
         if rules.api == "v2":     # only shown rows, and only those that may have moved
@@ -253,6 +289,8 @@ class DetailsBook:
             known.imported_rows, known.total_rows = answer.imported_rows, answer.total_rows
         if answer.reason:
             known.reason = answer.reason
+        if answer.create_time is not None:
+            known.created_at = answer.create_time
         if not waiting and importing:
             known.observe_rows(now)
             if self.rules.api == "v1" and answer.progress >= 0:

@@ -6,16 +6,18 @@ one packed 12-byte record (memory stays under 300 bytes a job at 100,000 jobs),
 forgets jobs that leave the listing, and turns each published listing into an
 immutable ``JobSummary`` for the collector.
 
-Two small collaborators keep the rest: a ``DetailsBook`` (exporter.details) what
-describes told about the few jobs that need details, and a ``Tally``
-(exporter.tally) the counters. With a state file, a ``HistoryStore``
-(exporter.store) keeps the records and details in SQLite; each listing writes only
-what changed.
+Small collaborators keep the rest: a ``DetailsBook`` (exporter.details) what
+describes told about the few jobs that need details, a ``Tally`` (exporter.tally)
+the counters, and a ``DurationBook`` (exporter.durations) how long jobs took and
+waited. The records' flags say which jobs have a known start and which were timed,
+so none is timed twice. With a state file, a ``HistoryStore`` (exporter.store) keeps
+the records and details in SQLite; each listing writes only what changed.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
 import threading
 import time
@@ -25,20 +27,30 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 from exporter.client import JobDetails
 from exporter.details import ActiveJobs, DetailRules, Details, DetailsBook
-from exporter.jobs import ACTIVE_STATES, TERMINAL_STATES, JobRecord, state_index
+from exporter.durations import DurationBook, TimingRules
+from exporter.jobs import (
+    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, state_index,
+)
 from exporter.logs import bind
-from exporter.store import ClusterWriter, HistoryStore, JobRow
-from exporter.summary import JobSummary, StuckJob, listing_summary
+from exporter.store import ClusterWriter, HistoryStore, JobRow, Saved
+from exporter.summary import JobSummary, listing_summary
 from exporter.tally import Tally
 
 log = logging.getLogger("exporter.history")
 
-# first_seen, progress_since (whole unix seconds), progress (-1: none), state index,
-# flags: 12 bytes, so each job's record is a 48-byte object, not 64.
+# first_seen, progress_since (whole unix seconds: when its progress or state last
+# changed; a terminal job's, when it was first seen terminal), progress (-1: none),
+# state index, flags: 12 bytes, so each job's record is a 48-byte object, not 64.
 _RECORD = struct.Struct("<IIbHB")
-_COUNTED = 1     # its transition to completed/failed has been counted
+_COUNTED = 1     # its transition to completed/failed has been counted (and timed)
 _DESCRIBE = 2    # waits for one describe: newly failed without a reason, or newly
-                 # completed (v2, for its rows)
+                 # completed (v2, for its rows); timed when it comes or will not
+_START_KNOWN = 4    # first seen soon after a listing without it: first_seen is its start
+_WAITED = 8      # seen past pending: its time pending was observed, or cannot be
+# state_index() numbers the canonical states in CANONICAL_STATES' order.
+_PENDING = CANONICAL_STATES.index("pending")
+_PAST_PENDING = frozenset(CANONICAL_STATES.index(s) for s in ("importing", "completed",
+                                                               "failed"))
 
 
 class JobListing(Protocol):
@@ -125,17 +137,15 @@ class JobHistory:
         self.cluster = cluster
         self._log = bind(log, cluster_name=cluster)
         self._clock = clock
-        self._records = JobRecords()
-        self._book = DetailsBook()
+        saved = Saved(False, [], [], None) if store is None else store.load(cluster)
+        self._baseline_done = saved.baseline
+        self._records = JobRecords(saved.jobs)
+        self._book = DetailsBook(saved.details)
         self._tally = Tally()
-        self._baseline_done = False
+        self._timer = DurationBook(saved.listed)
+        self._writer = None if store is None else ClusterWriter(store, cluster)
         self._cap_logged = False
         self._lock = threading.Lock()
-        self._writer: ClusterWriter | None = None
-        if store is not None:
-            self._baseline_done, rows, details = store.load(cluster)
-            self._records, self._book = JobRecords(rows), DetailsBook(details)
-            self._writer = ClusterWriter(store, cluster)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -144,31 +154,35 @@ class JobHistory:
         return self._records.first_seen(job_id)
 
     def apply(self, records: JobListing, *, stuck_after: float, stall_after: float,
-              max_stuck_series: int, rules: DetailRules = DetailRules()) -> JobSummary:
-        """Fold one complete listing into the history and summarise it."""
+              max_stuck_series: int, rules: DetailRules = DetailRules(),
+              timing: TimingRules = TimingRules(), started: float | None = None
+              ) -> JobSummary:
+        """Fold one complete listing, which started at ``started`` (by default now),
+        into the history and summarise it."""
         with self._lock:
             self._book.rules = rules
-            summary = self._apply(records, stuck_after, stall_after, max_stuck_series)
+            self._timer.configure(timing)
+            summary = self._apply(records, stuck_after, stall_after, max_stuck_series,
+                                  started)
             return self._with_details(summary)
 
     def _apply(self, records: JobListing, stuck_after: float, stall_after: float,
-               max_stuck_series: int) -> JobSummary:
-        now = int(self._clock())
+               max_stuck_series: int, started: float | None) -> JobSummary:
+        clock = self._clock()
+        now = int(clock)
+        start_known = _START_KNOWN if self._timer.begin(
+            clock if started is None else started) else 0
         jobs, book, tally = self._records.jobs, self._book, self._tally
         details, transitions = book.details, tally.transitions
         listed_reasons = records.reasons
         describing = book.rules.max_describes > 0     # 0: job details are off
-        rows_on_completion = describing and book.rules.api == "v2"
-        failed_window = book.rules.failed_window
         pack, unpack = _RECORD.pack, _RECORD.unpack
         baseline_done = self._baseline_done
         counts: Counter[tuple[str, str]] = Counter()
-        oldest: dict[str, float] = {}
-        candidates: list[StuckJob] = []
         upserts: list[JobRow] = []
-        active = ActiveJobs()
+        active = ActiveJobs(now, stuck_after, stall_after)
         waiting: dict[str, tuple[str, str]] = {}
-        failed: list[tuple[str, str]] = []
+        book.failed = []
         names = self._records.states
         state_index, terminal_states, active_states = names.index, TERMINAL_STATES, \
             ACTIVE_STATES
@@ -184,7 +198,9 @@ class JobHistory:
             newly_terminal = False
             if previous is None:
                 first_seen = since = now
-                flags = _COUNTED if terminal else 0
+                flags = (_COUNTED if terminal else 0) | start_known
+                if start_known:         # its series show 0 before its first observation
+                    self._timer.track(collection)
                 if terminal and baseline_done:
                     transitions[(collection, state)] += 1
                     newly_terminal = True
@@ -194,55 +210,54 @@ class JobHistory:
                 if progress < 0:      # v1 lists none: the last described progress stands
                     progress = old_progress
                 changed = progress != old_progress or index != old_index
-                if changed:
+                if changed and (index != old_index or not terminal):
                     since = now
                 if terminal and not flags & _COUNTED:
                     flags, changed, newly_terminal = flags | _COUNTED, True, True
                     transitions[(collection, state)] += 1
+                if old_index == _PENDING and index in _PAST_PENDING and not flags & _WAITED:
+                    flags |= _WAITED
+                    start = self._start(job_id, flags, first_seen)
+                    if start is not None:
+                        self._timer.wait(collection, now - start)
             if newly_terminal:
-                if state == "failed":
-                    reason = listed_reasons.get(job_id, "")
-                    book.newly_failed(job_id, now, reason)
-                    if not reason and describing:
-                        flags |= _DESCRIBE
-                elif rows_on_completion:
-                    flags |= _DESCRIBE
+                if book.newly_terminal(job_id, state, now, listed_reasons.get(job_id, "")):
+                    flags |= _DESCRIBE           # timed once described
+                else:
+                    self._timer.finish(job_id, collection, state,
+                                       self._start(job_id, flags, first_seen), now)
+            if flags & _DESCRIBE:
+                if describing:
+                    waiting[job_id] = (collection, state)
+                else:       # describing turned off meanwhile: timed without it
+                    flags, changed = flags & ~_DESCRIBE, True
+                    self._time_waiting(job_id, collection, state)
             if changed:
                 jobs[job_id] = pack(first_seen, since, progress, index, flags)
                 upserts.append((job_id, first_seen, since, progress, state, flags))
             counts[(collection, state)] += 1
-            if flags & _DESCRIBE:
-                waiting[job_id] = (collection, state)
             if state in active_states:
-                active.add(job_id, collection, state, first_seen, since)
-                if first_seen < oldest.get(collection, now + 1):
-                    oldest[collection] = first_seen
-                if now - first_seen > stuck_after:
-                    candidates.append(StuckJob(collection, job_id, state, "age", first_seen))
-                elif (stall_after > 0 and progress >= 0 and state == "importing"
-                      and now - since > stall_after):
-                    candidates.append(StuckJob(collection, job_id, state, "stalled",
-                                               first_seen))
+                active.add(job_id, collection, state, first_seen, since, progress)
             elif job_id in details:
-                known = details[job_id]
-                if state == "failed" and known.failed_at \
-                        and now - known.failed_at <= failed_window:
-                    failed.append((job_id, collection))
-                elif not flags & _DESCRIBE:    # nothing left to show or to learn
-                    del details[job_id]
+                book.terminal(job_id, collection, state, now, bool(flags & _DESCRIBE))
         # Every listed id is in jobs now, so equal sizes mean nobody left.
         deletes = [] if len(jobs) == len(records) else \
             [job_id for job_id in jobs if job_id not in records]
         for job_id in deletes:
+            if job_id in book.waiting:      # left before its describe: timed without it
+                self._time_waiting(job_id, *book.waiting[job_id])
             del jobs[job_id]
             book.forget(job_id)
-        book.waiting, book.failed = waiting, failed
+        book.waiting = waiting
         book.follow(active, now, self._records.is_active, self._records.percent_of)
+        oldest, candidates = active.oldest, active.stuck
         del active
+        self._timer.end(clock)
         self._persist(upserts, deletes, baseline=not baseline_done)
         self._baseline_done = True
         collections = {collection for collection, _ in counts}
         tally.listed(collections)
+        self._timer.listed(collections)
         if len(candidates) > max_stuck_series and not self._cap_logged:
             self._cap_logged = True
             self._log.warning("more stuck jobs than max_stuck_job_series; the rest are "
@@ -251,6 +266,22 @@ class JobHistory:
                                                 "max_stuck_job_series": max_stuck_series}})
         return listing_summary(counts, oldest, candidates, collections, max_stuck_series,
                                tally.shown_transitions())
+
+    def _start(self, job_id: str, flags: int, first_seen: float) -> float | None:
+        """A job's start: the server's creation time, else its first sighting when that
+        was soon after a listing without it, else unknown."""
+        known = self._book.details.get(job_id)
+        if known is not None and known.created_at:
+            return known.created_at
+        return first_seen if flags & _START_KNOWN else None
+
+    def _time_waiting(self, job_id: str, collection: str, outcome: str,
+                      complete_time: float | None = None) -> None:
+        """Time a job that waited for a describe, first seen terminal at its record's
+        ``since``."""
+        first_seen, since, _, _, flags = _RECORD.unpack(self._records.jobs[job_id])
+        self._timer.finish(job_id, collection, outcome,
+                           self._start(job_id, flags, first_seen), since, complete_time)
 
     # ---- job details -----------------------------------------------------------------
 
@@ -274,33 +305,51 @@ class JobHistory:
                     self._end_wait(job_id, None)
                 return
             since, _, index = _RECORD.unpack(packed)[1:4]
-            if book.rules.api == "v1" and answer.progress >= 0:
+            state = self._records.states.names[index]
+            if book.rules.api == "v1" and answer.progress >= 0 and state in ACTIVE_STATES:
                 self._records.repack(job_id, progress=answer.progress, now=int(now))
-            known = book.record(job_id, answer, now, since,
-                                importing=self._records.states.names[index] == "importing")
+            known = book.record(job_id, answer, now, since, importing=state == "importing")
             if job_id in book.waiting:
-                self._end_wait(job_id, known)
+                self._end_wait(job_id, known, answer.complete_time)
 
-    def _end_wait(self, job_id: str, known: Details | None) -> None:
+    def _end_wait(self, job_id: str, known: Details | None,
+                  complete_time: float | None = None) -> None:
         """A waiting job's describe came (``known``: what it said) or will not come."""
         collection, state = self._book.waiting.pop(job_id)
         if state == "completed" and known is not None and known.total_rows >= 0:
             self._tally.add_rows(collection, known.total_rows)
+        self._time_waiting(job_id, collection, state, complete_time)
         self._records.repack(job_id, end_wait=True)
 
     def _persist(self, upserts: list[JobRow], deletes: list[str], baseline: bool) -> None:
+        """Write changes, with the last listing (it waits for a later write if none)."""
         if self._writer is not None:
             self._writer.write(upserts, deletes, baseline=baseline,
                                details=self._book.take_dirty,
-                               everything=lambda: (self._records.rows(), self._book.rows()))
+                               everything=lambda: (self._records.rows(), self._book.rows()),
+                               listed=self._timer.last_listing)
 
     def refresh(self, summary: JobSummary) -> JobSummary:
-        """``summary`` with the details learnt since it was made; persists them."""
+        """``summary`` with the details learnt since it was made; persists them. The
+        describes count in the poll's duration, so in the listing's."""
         with self._lock:
+            self._timer.end(self._clock())
             self._persist(self._records.take_changed(), [], baseline=False)
             return self._with_details(summary)
 
+    def flush(self) -> None:
+        """Persist what describes changed since the last write: a poller stopped before
+        its refresh leaves no timed job untimed on file, to be timed after a restart."""
+        with self._lock:
+            try:
+                self._persist(self._records.take_changed(), [], baseline=False)
+            except sqlite3.Error as exc:
+                self._log.error("cannot write the state file", extra={"fields": {
+                    "error": str(exc)}})
+
     def _with_details(self, summary: JobSummary) -> JobSummary:
         running, failed = self._book.summarise(self._clock(), self._records.percent_of)
+        durations, waits, finished = self._timer.summary()
         return replace(summary, running=running, failed=failed,
-                       rows_imported=self._tally.shown_rows())
+                       rows_imported=self._tally.shown_rows(), durations=durations,
+                       waits=waits, finished=finished)

@@ -22,6 +22,7 @@ from exporter.client import (
 )
 from exporter.config import ClusterConfig, PollSettings
 from exporter.details import DetailRules
+from exporter.durations import TimingRules
 from exporter.history import JobHistory
 from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, Listing
 from exporter.logs import FieldsAdapter, bind
@@ -197,6 +198,37 @@ def detail_rules(cluster: ClusterConfig) -> DetailRules:
                        api=cluster.api)
 
 
+def timing_rules(cluster: ClusterConfig) -> TimingRules:
+    settings = cluster.settings
+    return TimingRules(interval=settings.interval, buckets=settings.duration_buckets,
+                       max_finished=settings.max_job_series)
+
+
+class UnknownStates:
+    """Logs each unknown state name once, up to MAX_UNKNOWN_STATES of them (beyond, the
+    history counts new names under OTHER_STATE): a server inventing names grows neither
+    this set nor the log without bound."""
+
+    def __init__(self, logger: FieldsAdapter) -> None:
+        self._log = logger
+        self._seen: set[str] = set()
+        self._capped = False
+
+    def log(self, states: set[str]) -> None:
+        for state in sorted(states - self._seen):
+            if state in CANONICAL_STATES or self._capped:
+                continue
+            if len(self._seen) >= MAX_UNKNOWN_STATES:
+                self._capped = True
+                self._log.warning("too many distinct job states; new ones are counted "
+                                  f"under {OTHER_STATE!r} and not logged",
+                                  extra={"fields": {"state": state}})
+                continue
+            self._seen.add(state)
+            self._log.warning("unknown job state; counted under its own name",
+                              extra={"fields": {"state": state}})
+
+
 class ClusterPoller:
     """Polls one cluster on its own schedule and publishes its snapshots."""
 
@@ -225,8 +257,7 @@ class ClusterPoller:
         self._thread: threading.Thread | None = None
         self._poll_errors: dict[str, int] = {}
         self._api_requests: dict[tuple[str, str], int] = {}
-        self._unknown_states: set[str] = set()    # at most MAX_UNKNOWN_STATES
-        self._states_capped = False
+        self._unknown_states = UnknownStates(self._log)
         self._get_progress = False    # describe answered 404: an old Milvus
         self._failing = False
         self._crashes: set[type[BaseException]] = set()   # logged with a traceback once
@@ -302,7 +333,7 @@ class ClusterPoller:
                 started, log_it=not first)
 
     def _poll(self, started: float) -> ClusterSnapshot:
-        cluster = self.cluster
+        cluster, listed_at = self.cluster, self._clock()    # the listing's start
         try:
             listing = fetch_listing(self._session, cluster, observe=self._observe,
                                     wait=self._wait, rng=self._rng)
@@ -310,7 +341,7 @@ class ClusterPoller:
             if self._stop.is_set():
                 raise Stopped() from None
             return self._publish_failure(failure, started)
-        self._log_unknown_states(listing.states())
+        self._unknown_states.log(listing.states())
         settings = cluster.settings
         if self._stop.is_set():     # retired meanwhile: a newer poller owns the history
             raise Stopped()
@@ -318,7 +349,7 @@ class ClusterPoller:
             listing, stuck_after=settings.stuck_after,
             stall_after=settings.stall_after,
             max_stuck_series=settings.max_stuck_job_series,
-            rules=detail_rules(cluster))
+            rules=detail_rules(cluster), timing=timing_rules(cluster), started=listed_at)
         duration = time.monotonic() - started
         if self._stop.is_set():
             raise Stopped()
@@ -361,23 +392,6 @@ class ClusterPoller:
         self._snapshot = snapshot
         self._board.publish(snapshot, self._current)
         return snapshot
-
-    def _log_unknown_states(self, states: set[str]) -> None:
-        """Log each unknown state name once, up to MAX_UNKNOWN_STATES of them (beyond,
-        the history counts new names under OTHER_STATE): a server inventing names
-        grows neither this set nor the log without bound."""
-        for state in sorted(states - self._unknown_states):
-            if state in CANONICAL_STATES or self._states_capped:
-                continue
-            if len(self._unknown_states) >= MAX_UNKNOWN_STATES:
-                self._states_capped = True
-                self._log.warning("too many distinct job states; new ones are counted "
-                                  f"under {OTHER_STATE!r} and not logged",
-                                  extra={"fields": {"state": state}})
-                continue
-            self._unknown_states.add(state)
-            self._log.warning("unknown job state; counted under its own name",
-                              extra={"fields": {"state": state}})
 
     def _publish_failure(self, failure: PollFailure, started: float,
                          log_it: bool = True) -> ClusterSnapshot:
@@ -535,13 +549,17 @@ class PollerGroup:
 
         A poller blocked in a request that hangs is abandoned (its thread is a daemon
         and its listing is never published); the wait only lets one that is folding a
-        listing into the history finish writing it before the state file closes.
+        listing into the history finish writing it before the state file closes. Then
+        each history writes what the describes of an unfinished poll changed.
         """
         with self._lock:
             pollers = list(self._pollers.values())
+            histories = list(self._histories.values())
         for poller in pollers:
             poller.stop()
         deadline = time.monotonic() + timeout
         for poller in pollers:
             poller.join(max(0.0, deadline - time.monotonic()))
+        for history in histories:
+            history.flush()
 

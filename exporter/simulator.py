@@ -21,6 +21,9 @@ for a failed job). ``legacy_describe`` plays Milvus 2.4.0-2.4.12 (``describe`` i
 ``unknown_describes`` counts describes of ids the cluster does not hold (which
 crash old Milvus).
 
+Each cluster (exporter.simcluster) keeps its jobs' times as a server reports them, and
+can hold jobs that move by the simulator's clock alone, for tests of durations.
+
 ``python -m exporter.simulator`` runs it alone with the demo clusters moving
 (``exporter.demo``).
 """
@@ -29,198 +32,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
-import random
 import signal
 import ssl
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs, urlsplit
 
-# Wire names of the canonical states; the simulator derives what it sends from the
-# canonical state it holds, so its ground truth never goes through the exporter's own
-# normalisation (a bug there would show on both sides and pass).
-_V1_STATES = {"pending": "ImportPending", "importing": "ImportRunning",
-              "completed": "ImportCompleted", "failed": "ImportFailed"}
-_V2_STATES = {"pending": "Pending", "importing": "Importing", "completed": "Completed",
-              "failed": "Failed"}
-FAULTS = ("auth_body", "auth_http", "429", "500", "503", "malformed", "bad_shape",
-          "api_error", "hang")
-
-
-@dataclass
-class SimJob:
-    job_id: str
-    collection: str
-    state: str            # canonical: what /metrics must show ("waiting_for_retry", ...)
-    progress: int = 0
-    reason: str = ""
-    imported_rows: int = 0
-    total_rows: int = 0
-    wire: str = ""        # the name sent instead of the flavour's usual one
-
-    def wire_state(self, flavour: str) -> str:
-        """The state as this flavour's server spells it."""
-        names = _V1_STATES if flavour == "v1" else _V2_STATES
-        return self.wire or names[self.state]
-
-
-@dataclass
-class SimCluster:
-    """One simulated cluster; tests mutate it through its methods at run time."""
-
-    name: str
-    flavour: str                  # "v1", "v2" (Zilliz Cloud) or "milvus"
-    api_key: str
-    cluster_id: str = ""
-    count_mode: str = "total"     # v1/v2: "total", "page" (length of page) or "none"
-    ignore_paging: bool = False   # Milvus: every request answers every job
-    shuffle: bool = False         # Milvus: a new random order on every request
-    v2_success_code: int = 0      # Milvus 2.4.0-2.4.4 answered 200 in v2 bodies
-    latency: float = 0.0
-    retry_after: str = "1"
-    jobs: dict[str, SimJob] = field(default_factory=dict)
-    requests: int = 0
-    pages_served: list[int] = field(default_factory=list)
-    legacy_describe: bool = False  # Milvus 2.4.0-2.4.12: only get_progress
-    reasons_in_list: bool = True  # list records carry reason (Milvus does)
-    describe_fault: str = ""      # "500", "api_error" or "hang": every describe misbehaves
-    described: list[str] = field(default_factory=list)   # job ids, in order
-    unknown_describes: int = 0
-    _fault: str = ""
-    _fault_left: int | None = None
-    _fault_from_page: int = 1
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _ids: Any = field(default_factory=lambda: itertools.count(1), repr=False)
-
-    # ---- control -----------------------------------------------------------------
-    def add_jobs(self, n: int, collection: str = "docs", state: str = "pending",
-                 progress: int = 0, prefix: str | None = None, wire: str = "") -> list[str]:
-        """Jobs in a canonical ``state``; ``wire`` sends another name for it (a v1
-        "ImportRunning", an unknown "WaitingForRetry"), which it needs when the state
-        is not one of the four canonical ones."""
-        if not wire and state not in _V2_STATES:
-            raise ValueError(f"state {state!r} is not canonical: give its wire name")
-        with self._lock:
-            ids = []
-            for _ in range(n):
-                job_id = f"{prefix or self.name}-job-{next(self._ids):07d}"
-                self.jobs[job_id] = SimJob(job_id, collection, state, progress, wire=wire)
-                ids.append(job_id)
-            return ids
-
-    def set_state(self, job_id: str, state: str, progress: int | None = None) -> None:
-        """Move a job to a canonical state, sent under the flavour's usual name."""
-        if state not in _V2_STATES:
-            raise ValueError(f"state {state!r} is not canonical")
-        with self._lock:
-            job = self.jobs[job_id]
-            job.state, job.wire = state, ""
-            if progress is not None:
-                job.progress = progress
-
-    def set_progress(self, job_id: str, progress: int) -> None:
-        with self._lock:
-            self.jobs[job_id].progress = progress
-
-    def set_rows(self, job_id: str, imported: int, total: int) -> None:
-        with self._lock:
-            job = self.jobs[job_id]
-            job.imported_rows, job.total_rows = imported, total
-
-    def set_reason(self, job_id: str, reason: str) -> None:
-        """The job's failure text, as the server reports it."""
-        with self._lock:
-            self.jobs[job_id].reason = reason
-
-    def remove_jobs(self, job_ids: list[str]) -> None:
-        with self._lock:
-            for job_id in job_ids:
-                self.jobs.pop(job_id, None)
-
-    def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
-        """Misbehave on the next ``times`` requests (forever when None) from a page on."""
-        if mode not in FAULTS:
-            raise ValueError(f"unknown fault {mode!r}")
-        with self._lock:
-            self._fault, self._fault_left, self._fault_from_page = mode, times, from_page
-
-    def heal(self) -> None:
-        with self._lock:
-            self._fault, self._fault_left = "", None
-
-    def truth(self) -> Counter[tuple[str, str]]:
-        """Jobs by (collection, canonical state): what /metrics must show."""
-        with self._lock:
-            return Counter((j.collection, j.state) for j in self.jobs.values())
-
-    # ---- serving -----------------------------------------------------------------
-    def _take_fault(self, page: int) -> str:
-        with self._lock:
-            if not self._fault or page < self._fault_from_page:
-                return ""
-            fault = self._fault
-            if self._fault_left is not None:
-                self._fault_left -= 1
-                if self._fault_left <= 0:
-                    self._fault, self._fault_left = "", None
-            return fault
-
-    def _page(self, page: int, size: int) -> tuple[list[dict[str, Any]], int]:
-        with self._lock:
-            jobs = list(self.jobs.values())
-            if self.shuffle:
-                random.shuffle(jobs)
-            chosen = jobs if self.ignore_paging else jobs[(page - 1) * size: page * size]
-            out = []
-            for job in chosen:
-                item: dict[str, Any] = {"collectionName": job.collection, "jobId": job.job_id,
-                                        "state": job.wire_state(self.flavour)}
-                if self.flavour != "v1":
-                    item["progress"] = job.progress
-                    if self.reasons_in_list and (job.reason or self.flavour == "v2"):
-                        item["reason"] = job.reason   # Milvus: absent when empty
-                out.append(item)
-            return out, len(jobs)
-
-    def _details(self, job_id: str) -> dict[str, Any] | None:
-        """The ``data`` of a describe answer, or None for an unknown id."""
-        with self._lock:
-            self.described.append(job_id)
-            job = self.jobs.get(job_id)
-            if job is None:
-                self.unknown_describes += 1
-                return None
-            state = job.state
-            done = state in ("completed", "failed")
-            if self.flavour == "v1":
-                return {"collectionName": job.collection, "jobId": job.job_id,
-                        "fileName": f"{job.job_id}/1.parquet", "fileSize": 19599887,
-                        "readyPercentage": 100 if state == "completed" else job.progress,
-                        "completeTime": "2024-06-01 10:00:00" if done else None,
-                        "errorMessage": (job.reason or "import failed")
-                        if state == "failed" else None,
-                        "details": []}
-            failed = state == "failed"
-            data: dict[str, Any] = {
-                "jobId": job.job_id, "collectionName": job.collection,
-                "state": job.wire_state(self.flavour),
-                "progress": 0 if failed else job.progress,
-                "importedRows": 0 if failed else job.imported_rows,
-                "totalRows": 0 if failed else job.total_rows,
-                "fileSize": 19599887, "completeTime": "2024-06-01T10:00:00Z" if done else "",
-                "details": []}
-            if failed and job.reason:
-                data["reason"] = job.reason
-            elif self.flavour == "v2":
-                data["reason"] = ""          # Zilliz: always present; Milvus: absent
-            return data
+from exporter.simcluster import SimCluster
 
 
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
@@ -258,7 +81,10 @@ class Simulator:
     """The HTTP server holding any number of simulated clusters."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock`` times the jobs (creation, completion, timed jobs' moves)."""
+        self.clock = clock
         self.clusters: dict[str, SimCluster] = {}
         # Zilliz Cloud's limit: at most rate_limit requests in any one second per API key
         # and endpoint (0: none); a refused request is a 429, with Retry-After if set.
@@ -290,6 +116,7 @@ class Simulator:
             for key, value in (("count_mode", "none"), ("ignore_paging", True),
                                ("shuffle", True)):
                 settings.setdefault(key, value)
+        settings.setdefault("clock", self.clock)
         cluster = SimCluster(name=name, flavour=flavour, cluster_id=cluster_id,
                              api_key=api_key or f"key-{name}", **settings)
         self.clusters[name] = cluster

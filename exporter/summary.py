@@ -42,6 +42,34 @@ class FailedJob:
 
 
 @dataclass(frozen=True)
+class FinishedJob:
+    collection: str
+    job_id: str
+    outcome: str                # "completed" or "failed"
+    duration: float | None      # seconds; None when its start is not known
+    finished_at: float          # its end (exporter.durations)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """One histogram series: observations per bucket (``counts[i]`` at most
+    ``bounds[i]`` and above the bound before it, the last one above every bound) and
+    their sum."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at most that), ending with +Inf: every one."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@dataclass(frozen=True)
 class JobSummary:
     """What one published listing says, ready to render; never mutated."""
 
@@ -54,6 +82,10 @@ class JobSummary:
     running: tuple[RunningJob, ...] = ()           # oldest first, capped
     failed: tuple[FailedJob, ...] = ()             # newest first, within the window, capped
     rows_imported: Mapping[str, int] = field(default_factory=dict)   # collection -> rows
+    # (collection label, outcome) -> how long finished jobs took; label -> time pending
+    durations: Mapping[tuple[str, str], Histogram] = field(default_factory=dict)
+    waits: Mapping[str, Histogram] = field(default_factory=dict)
+    finished: tuple[FinishedJob, ...] = ()         # newest first, capped
 
     @property
     def total(self) -> int:

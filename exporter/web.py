@@ -197,7 +197,7 @@ class ExpositionCache:
             self.render_errors += errors
             self._counted = self._key
         counter = RENDER_ERRORS.new()
-        counter.add_metric((), self.render_errors)
+        RENDER_ERRORS.fill(counter, (), self.render_errors)
         parts.append((counter, self._one(encoder, counter)))
         return parts
 
