@@ -32,13 +32,21 @@ DEMO_FAILURES = (
     "max_length 512",
 )
 
+# Progress per tick while importing: most collections import in about 8 ticks, these
+# in about 25, so the duration histograms show two kinds of import.
+DEFAULT_PACE = (5, 25)
+SLOW_PACE = {"products": (2, 6), "logs": (2, 6)}
+
 
 class DemoDirector:
     """Moves demo jobs through every state; one job is stuck importing forever.
 
     Importing jobs advance their rows as Milvus reports them (both 0 until the import
     stage at 40%), and every 10 ticks one job per cluster fails with a realistic reason,
-    so every detail series and status page section fills within a minute.
+    so every detail series and status page section fills within a minute. New jobs
+    arrive all the time and finish within about 20 to 60 seconds (``products`` and
+    ``logs`` are the slow ones), so the duration histograms and the jobs finished most
+    recently fill within two minutes.
     """
 
     def __init__(self, sim: Simulator, tick: float = 2.0, seed: int = 7) -> None:
@@ -97,7 +105,8 @@ class DemoDirector:
                     cluster.set_state(job.job_id, "importing", 0)
                     self._advance(cluster, job.job_id, 0)
                 elif job.state == "importing":
-                    progress = min(100, job.progress + self._rng.randint(5, 25))
+                    pace = SLOW_PACE.get(job.collection, DEFAULT_PACE)
+                    progress = min(100, job.progress + self._rng.randint(*pace))
                     if doomed or progress >= 100 and self._rng.random() < 0.2:
                         doomed = False
                         cluster.set_state(job.job_id, "failed")

@@ -15,13 +15,14 @@ listing on file is never older than the last one that held a job the file lacks.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 log = logging.getLogger("exporter.store")
 
@@ -173,9 +174,7 @@ class HistoryStore:
                 return
             if self._closed:   # shutting down: the poller's listing is abandoned
                 return
-            conn = self._conn
-            conn.execute("BEGIN")
-            try:
+            with self._transaction() as conn:
                 if baseline:
                     conn.execute("INSERT OR IGNORE INTO clusters (cluster) VALUES (?)",
                                  (cluster,))
@@ -190,10 +189,19 @@ class HistoryStore:
                 conn.executemany("DELETE FROM jobs WHERE cluster=? AND job_id=?", gone)
                 conn.executemany("DELETE FROM details WHERE cluster=? AND job_id=?", gone)
                 self._write_listed(cluster)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, under the lock the caller holds: committed, or rolled back
+        on any error."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _write_listed(self, cluster: str) -> None:
         listed = self._unwritten.pop(cluster, None)
@@ -209,9 +217,7 @@ class HistoryStore:
                 self._unwritten[cluster] = listed
             if self._closed:
                 return
-            conn = self._conn
-            conn.execute("BEGIN")
-            try:
+            with self._transaction() as conn:
                 conn.execute("INSERT OR IGNORE INTO clusters (cluster) VALUES (?)", (cluster,))
                 conn.execute("DELETE FROM jobs WHERE cluster=?", (cluster,))
                 conn.execute("DELETE FROM details WHERE cluster=?", (cluster,))
@@ -220,10 +226,6 @@ class HistoryStore:
                 conn.executemany("INSERT INTO details VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  [(cluster, *row) for row in details])
                 self._write_listed(cluster)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     def forget(self, cluster: str) -> None:
         """Drop a cluster that left the configuration."""
@@ -231,11 +233,9 @@ class HistoryStore:
             self._unwritten.pop(cluster, None)
             if self._closed:
                 return
-            self._conn.execute("BEGIN")
-            self._conn.execute("DELETE FROM jobs WHERE cluster=?", (cluster,))
-            self._conn.execute("DELETE FROM details WHERE cluster=?", (cluster,))
-            self._conn.execute("DELETE FROM clusters WHERE cluster=?", (cluster,))
-            self._conn.execute("COMMIT")
+            with self._transaction() as conn:
+                for table in ("jobs", "details", "clusters"):
+                    conn.execute(f"DELETE FROM {table} WHERE cluster=?", (cluster,))
 
     def close(self) -> None:
         """Write the listings not written yet, then close (a restart soon after then
@@ -245,10 +245,9 @@ class HistoryStore:
                 return
             self._closed = True
             try:
-                self._conn.execute("BEGIN")
-                for cluster in list(self._unwritten):
-                    self._write_listed(cluster)
-                self._conn.execute("COMMIT")
+                with self._transaction():
+                    for cluster in list(self._unwritten):
+                        self._write_listed(cluster)
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self._conn.close()

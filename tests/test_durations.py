@@ -233,6 +233,16 @@ def config(sim: Simulator, tmp_path: Path, *names: str) -> dict:
             "clusters": [sim.cluster_config(name) for name in names]}
 
 
+def poll_every(exporter: InProcessExporter, clock: FakeClock, polls: int,
+               seconds: float = 10) -> dict:
+    """Poll ``polls`` times, ``seconds`` apart (the clock moves after each); the last
+    metrics."""
+    for _ in range(polls):
+        metrics = exporter.poll()
+        clock.advance(seconds)
+    return metrics
+
+
 def test_jobs_of_known_durations_land_in_their_buckets(tmp_path: Path) -> None:
     """Zilliz Cloud v2 (starts seen, ends from completeTime or the listing) and the newest
     Milvus (createTime): every job created while the exporter runs lands in its bucket,
@@ -259,9 +269,7 @@ def test_jobs_of_known_durations_land_in_their_buckets(tmp_path: Path) -> None:
             milvus.add_timed_jobs(2, "docs", 10, 20)                 # waits 10, takes 30
             milvus.add_timed_jobs(1, "docs", 40, 150)                # waits 40, takes 190
             clock.advance(7)
-            for _ in range(30):                                      # every 10 s, 300 s
-                metrics = exporter.poll()
-                clock.advance(10)
+            metrics = poll_every(exporter, clock, 30)                # every 10 s, 300 s
         finally:
             exporter.close()
         finished = {name: sum(n for (_, state), n in sim.clusters[name].truth().items()
@@ -294,12 +302,9 @@ def test_unknown_starts_stay_out_and_a_short_restart_misses_nothing(tmp_path: Pa
         def run(polls: int) -> dict:
             exporter = InProcessExporter(settings, clock)
             try:
-                for _ in range(polls):
-                    metrics = exporter.poll()
-                    clock.advance(10)
+                return poll_every(exporter, clock, polls)
             finally:
                 exporter.close()
-            return metrics
         first = run(3)
         # stopped for 25 s, more than twice the interval: a job created meanwhile
         cluster.add_timed_jobs(1, "docs", 30, 10, prefix="unseen")
@@ -342,9 +347,7 @@ def test_a_restart_mid_burst_times_each_job_once_and_misses_none(tmp_path: Path)
             burst = [cluster.add_timed_jobs(1, "docs", 5, 15 + 5 * i,
                                             "failed" if i % 4 == 3 else "completed")[0]
                      for i in range(12)]         # they end 30 to 85 s from now
-            for _ in range(5):
-                before = first.poll()
-                clock.advance(10)
+            before = poll_every(first, clock, 5)
             before_finished = finished_jobs(first, "z")
         finally:
             first.close()
@@ -353,9 +356,7 @@ def test_a_restart_mid_burst_times_each_job_once_and_misses_none(tmp_path: Path)
         clock.advance(5)
         second = InProcessExporter(settings, clock)
         try:
-            for _ in range(15):
-                after = second.poll()
-                clock.advance(10)
+            after = poll_every(second, clock, 15)
             after_finished = finished_jobs(second, "z")
         finally:
             second.close()

@@ -360,19 +360,24 @@ def test_details_survive_a_restart_and_nothing_is_described_twice(tmp_path: Path
     store.close()
 
 
+# The first release's state file, written out here rather than taken from the code: a
+# migration must keep reading what old releases wrote, whatever the code says now.
+RELEASE_1_SCHEMA = """
+    CREATE TABLE schema_version (version INTEGER NOT NULL);
+    INSERT INTO schema_version VALUES (1);
+    CREATE TABLE clusters (cluster TEXT PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        cluster TEXT NOT NULL, job_id TEXT NOT NULL,
+        first_seen REAL NOT NULL, progress_since REAL NOT NULL,
+        progress INTEGER NOT NULL, state TEXT NOT NULL,
+        counted INTEGER NOT NULL,
+        PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;"""
+
+
 def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, caplog) -> None:
     path = tmp_path / "state.db"
     conn = sqlite3.connect(str(path))
-    conn.executescript("""
-        CREATE TABLE schema_version (version INTEGER NOT NULL);
-        INSERT INTO schema_version VALUES (1);
-        CREATE TABLE clusters (cluster TEXT PRIMARY KEY) WITHOUT ROWID;
-        CREATE TABLE jobs (
-            cluster TEXT NOT NULL, job_id TEXT NOT NULL,
-            first_seen REAL NOT NULL, progress_since REAL NOT NULL,
-            progress INTEGER NOT NULL, state TEXT NOT NULL,
-            counted INTEGER NOT NULL,
-            PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;
+    conn.executescript(RELEASE_1_SCHEMA + """
         INSERT INTO clusters VALUES ('x');
         INSERT INTO jobs VALUES ('x', 'a', 1000.0, 1000.0, 5, 'importing', 0);
         INSERT INTO jobs VALUES ('x', 'b', 900.0, 900.0, -1, 'failed', 1);""")
@@ -398,16 +403,8 @@ def test_the_current_release_state_file_is_migrated_in_place(tmp_path: Path,
     this release has been seen."""
     path = tmp_path / "state.db"
     conn = sqlite3.connect(str(path))
-    conn.executescript("""
-        CREATE TABLE schema_version (version INTEGER NOT NULL);
-        INSERT INTO schema_version VALUES (2);
-        CREATE TABLE clusters (cluster TEXT PRIMARY KEY) WITHOUT ROWID;
-        CREATE TABLE jobs (
-            cluster TEXT NOT NULL, job_id TEXT NOT NULL,
-            first_seen REAL NOT NULL, progress_since REAL NOT NULL,
-            progress INTEGER NOT NULL, state TEXT NOT NULL,
-            counted INTEGER NOT NULL,
-            PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;
+    conn.executescript(RELEASE_1_SCHEMA + """
+        UPDATE schema_version SET version = 2;
         CREATE TABLE details (
             cluster TEXT NOT NULL, job_id TEXT NOT NULL,
             imported_rows INTEGER NOT NULL, total_rows INTEGER NOT NULL, reason TEXT NOT NULL,
