@@ -42,10 +42,11 @@ def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: flo
     """One config key, declared once as a dataclass field: its parsing, range check,
     secrecy and redaction all follow from ``kind`` and the rest of this metadata.
 
-    kinds: "duration" (seconds), "size" (bytes), "int", "number", "string", "bool".
+    kinds: "duration" (seconds), "size" (bytes), "int", "number", "string", "bool",
+    "proxy" (an http(s) URL whose password is a secret).
     ``from_file``: the key may instead be read from the file named by ``<key>_file``.
     """
-    return field(default=default, repr=not secret, metadata={
+    return field(default=default, repr=not secret and kind != "proxy", metadata={
         "kind": kind, "range": (low, high), "secret": secret, "from_file": from_file,
         "choices": choices})
 
@@ -78,6 +79,9 @@ class PollSettings:
     requests_per_second: float = key("number", 10.0, 0.01, 10_000)
     # A larger answer fails the poll (reason decode) instead of filling the memory.
     max_response_bytes: int = key("size", 32 * 1024 * 1024, 1024, 2 ** 40)
+    # "" = the environment's HTTPS_PROXY / HTTP_PROXY / NO_PROXY; its password is a secret.
+    proxy_url: str = key("proxy", "")
+    proxy_from_environment: bool = key("bool", True)
 
 
 SETTING_KEYS = _keys(PollSettings)
@@ -223,6 +227,8 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
         if value and choices and value not in choices:
             raise ValueError(f"{value!r} must be {' or '.join(choices)}")
         return value
+    if kind == "proxy":
+        return _proxy_url(raw)
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ValueError("must be true or false")
@@ -243,6 +249,31 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
     if not low <= value <= high:
         raise ValueError(f"{raw!r} is out of range ({low:g} to {high:g})")
     return value
+
+
+def proxy_password(url: str) -> str:
+    """The password in a proxy URL, or ""."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _proxy_url(raw: Any) -> str:
+    """``http://`` or ``https://``, a host, an optional port and ``user:password@``; the
+    errors never echo the URL, which may hold a password."""
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    if not raw:
+        return raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if _url_problem(parts._replace(path=parts.path.rstrip("/"))):
+        raise ValueError("must be an http(s) URL with a valid host and port")
+    if not _HEADER_VALUE.fullmatch(raw):
+        raise ValueError("must be printable ASCII")
+    return raw
 
 
 def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
@@ -472,6 +503,10 @@ def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = f.metadata["kind"]
     if f.metadata["secret"]:
         return REDACTED if value else ""
+    if kind == "proxy" and proxy_password(value):
+        parts = urlsplit(value)
+        return parts._replace(netloc=parts.netloc.replace(
+            f":{parts.password}@", f":{REDACTED}@", 1)).geturl()
     if kind == "duration":
         return format_duration(value)
     if kind == "size":

@@ -23,7 +23,7 @@ from exporter.client import (
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import ClusterPoller, Listing, SnapshotBoard, fetch_listing
-from exporter.ratelimit import RateLimits, pace
+from exporter.ratelimit import Pacer, RateLimits, pace
 
 from conftest import QuietHTTPServer, StubServer
 
@@ -152,7 +152,7 @@ def test_trickled_headers_are_bounded_by_the_whole_timeout(paced: bool) -> None:
         cluster = server.cluster(timeout=0.5)
         session = make_session(cluster)
         if paced:
-            pace(session, RateLimits(), cluster.host, cluster.api_key, 100)
+            pace(session, Pacer(RateLimits(), cluster.host, cluster.api_key, 100))
         started = time.monotonic()
         with pytest.raises(TimeoutFailure):
             list_import_jobs(session, cluster, 1)

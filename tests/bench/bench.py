@@ -34,7 +34,7 @@ from exporter.client import make_session  # noqa: E402
 from exporter.config import ClusterConfig, PollSettings  # noqa: E402
 from exporter.history import JobHistory  # noqa: E402
 from exporter.poller import ClusterPoller, PollerGroup, SnapshotBoard, fetch_listing  # noqa: E402
-from exporter.ratelimit import RateLimits, pace  # noqa: E402
+from exporter.ratelimit import Pacer, RateLimits, pace  # noqa: E402
 from exporter.simulator import Simulator  # noqa: E402
 
 # Sections that measure our own cost set a rate no poll ever waits for: pacing has its
@@ -109,7 +109,7 @@ def our_poll(cluster: ClusterConfig, paced: bool = False) -> Callable[[], None]:
     """One poll as the exporter does it: every page, then folded into the history."""
     session = make_session(cluster)
     if paced:
-        pace(session, RateLimits(), cluster.host, cluster.api_key, UNPACED)
+        pace(session, Pacer(RateLimits(), cluster.host, cluster.api_key, UNPACED))
     history = JobHistory(cluster.name)
     s = cluster.settings
 
