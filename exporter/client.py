@@ -14,8 +14,8 @@ Errors form a small tree whose ``reason`` is the contract's poll-error reason:
 
 ``retryable`` tells the poller whether another attempt may help (timeouts,
 connection errors, 429 and 5xx), and ``retry_after`` carries a server's hint.
-No message ever holds the API key or a proxy's password: they are built here, not
-copied from requests' exceptions, and scrubbed once more before they leave.
+No message ever holds the API key or a proxy's password: they are built here, never
+copied from requests' exceptions, and scrubbed of the key once more before they leave.
 
 HTTP is ``requests``: one ``requests.Session`` per cluster (kept alive, pooled), with
 ``deadline.DeadlineAdapter`` mounted for what requests cannot do alone (one deadline for
@@ -35,7 +35,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 from requests.utils import get_environ_proxies
@@ -43,7 +43,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from exporter import __version__
-from exporter.config import REDACTED, ClusterConfig, proxy_password
+from exporter.config import REDACTED, ClusterConfig
 from exporter.deadline import DeadlineAdapter, Interrupted, finish
 from exporter.jobs import JobRecord, normalise_state
 from exporter.logs import bind
@@ -222,20 +222,12 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     return max(0.0, when.timestamp() - now())
 
 
-def _scrub(text: str, *secrets: str) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-            if ":" in secret:  # user:password: never show the password alone either
-                text = text.replace(secret.split(":", 1)[1], REDACTED)
+def _scrub(text: str, secret: str) -> str:
+    if secret:
+        text = text.replace(secret, REDACTED)
+        if ":" in secret:  # user:password: never show the password alone either
+            text = text.replace(secret.split(":", 1)[1], REDACTED)
     return text
-
-
-def secrets_of(cluster: ClusterConfig) -> tuple[str, ...]:
-    """What no message about the cluster may hold: its API key and its proxy's password
-    (from ``proxy_url`` or the environment)."""
-    passwords = [proxy_password(url) for url in proxies(cluster).values()]
-    return (cluster.api_key, *passwords, *(unquote(p) for p in passwords))
 
 
 def failure_text(raw: Any, secret: str) -> str:
@@ -257,11 +249,12 @@ def _ignore(endpoint: str, code: str) -> None:
 
 
 def _scrubbed(call: Callable[[], Any], cluster: ClusterConfig) -> Any:
-    """Run one API call; no failure leaves it carrying a secret."""
+    """Run one API call; no failure leaves it carrying the API key. (A proxy's password
+    cannot be in one: no message copies the text of requests' exceptions.)"""
     try:
         return call()
     except PollFailure as failure:
-        scrubbed = _scrub(str(failure), *secrets_of(cluster))
+        scrubbed = _scrub(str(failure), cluster.api_key)
         if scrubbed != str(failure):
             failure.args = (scrubbed,)
         raise

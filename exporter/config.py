@@ -228,7 +228,13 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
             raise ValueError(f"{value!r} must be {' or '.join(choices)}")
         return value
     if kind == "proxy":
-        return _proxy_url(raw)
+        if not isinstance(raw, str):
+            raise ValueError("must be a string")
+        try:
+            return _proxy_url(_expand_env(raw, environ))
+        except KeyError as missing:
+            raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
+                from None
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ValueError("must be true or false")
@@ -251,7 +257,7 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
     return value
 
 
-def proxy_password(url: str) -> str:
+def _proxy_password(url: str) -> str:
     """The password in a proxy URL, or ""."""
     try:
         return urlsplit(url).password or ""
@@ -259,11 +265,9 @@ def proxy_password(url: str) -> str:
         return ""
 
 
-def _proxy_url(raw: Any) -> str:
+def _proxy_url(raw: str) -> str:
     """``http://`` or ``https://``, a host, an optional port and ``user:password@``; the
     errors never echo the URL, which may hold a password."""
-    if not isinstance(raw, str):
-        raise ValueError("must be a string")
     if not raw:
         return raw
     parts = urlsplit(raw)
@@ -300,9 +304,10 @@ def _unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str,
             problems.add(where, str(name), "unknown key")
 
 
-def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
-              problems: Problems) -> PollSettings:
-    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, {}, where, problems))
+def _settings(raw: Mapping[str, Any], base: PollSettings, environ: Mapping[str, str],
+              where: str, problems: Problems) -> PollSettings:
+    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, environ, where,
+                                                   problems))
 
 
 def default_api(url: str) -> str:
@@ -429,7 +434,7 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
     keys = {**CLUSTER_KEYS, **{k: CLUSTER_KEYS[v] for k, v in _CLUSTER_FILE_KEYS.items()}}
     _unknown_keys(raw, [*keys, *SETTING_KEYS], where, problems)
     values = _parse_keys(raw, keys, environ, where, problems)
-    settings = _settings(raw, defaults, where, problems)
+    settings = _settings(raw, defaults, environ, where, problems)
     _read_files(values, raw, base_dir, where, problems)
     _cluster_rules(values, raw, settings, where, problems)
     if len(problems.lines) != start:
@@ -451,7 +456,7 @@ def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) 
         problems.add("defaults", "defaults", "must be a mapping")
         raw_defaults = {}
     _unknown_keys(raw_defaults, SETTING_KEYS, "defaults", problems)
-    defaults = _settings(raw_defaults, PollSettings(), "defaults", problems)
+    defaults = _settings(raw_defaults, PollSettings(), env, "defaults", problems)
     state_file = raw.get("state_file") or ""
     if not isinstance(state_file, str):
         problems.add("", "state_file", "must be a string")
@@ -503,7 +508,7 @@ def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = f.metadata["kind"]
     if f.metadata["secret"]:
         return REDACTED if value else ""
-    if kind == "proxy" and proxy_password(value):
+    if kind == "proxy" and _proxy_password(value):
         parts = urlsplit(value)
         return parts._replace(netloc=parts.netloc.replace(
             f":{parts.password}@", f":{REDACTED}@", 1)).geturl()

@@ -42,6 +42,13 @@ from exporter.simulator import Simulator
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
 
+# The exporter honours the environment's proxies: every test starts without any, so a
+# machine behind a proxy runs them as any other (tests/test_proxy.py sets its own).
+for _variable in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE",
+                  "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+    os.environ.pop(_variable, None)
+    os.environ.pop(_variable.lower(), None)
+
 
 def require_tool(name: str, install: str = "apt-get install -y prometheus brings promtool "
                  "and prometheus; prometheus-alertmanager brings it and amtool; chromium "
@@ -481,6 +488,60 @@ def exporter(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+class Tinyproxy:
+    """A real forward proxy (Debian's tinyproxy) on loopback, logging every CONNECT;
+    with ``auth`` (user, password) it asks for basic auth, as corporate proxies do."""
+
+    def __init__(self, directory: Path, auth: tuple[str, str] | None = None) -> None:
+        binary = require_tool("tinyproxy", "apt-get install -y tinyproxy; bash tests/run.sh "
+                              "installs it")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = directory / f"tinyproxy-{self.port}.log"
+        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 30", "MaxClients 50",
+                 f'LogFile "{self.log_path}"', "LogLevel Connect", "Allow 127.0.0.1",
+                 "DisableViaHeader Yes"]
+        if auth is not None:
+            lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+        config = directory / f"tinyproxy-{self.port}.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([binary, "-d", "-c", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_until(listening, 10, "tinyproxy to listen")
+
+    def connects(self) -> list[str]:
+        """The targets of the CONNECTs the proxy was asked for ("127.0.0.1:8443")."""
+        if not self.log_path.exists():
+            return []
+        return re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+)",
+                          self.log_path.read_text(errors="replace"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[Callable[..., Tinyproxy]]:
+    """Factory: tinyproxy(auth=None) starts a real forward proxy; stopped after the test."""
+    started: list[Tinyproxy] = []
+
+    def start(auth: tuple[str, str] | None = None) -> Tinyproxy:
+        started.append(Tinyproxy(tmp_path, auth))
+        return started[-1]
+    yield start
+    for proxy in started:
+        proxy.stop()
 
 
 def fast_defaults(**extra: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import requests
 
 from exporter.client import (
     MAX_REASON_CHARS,
@@ -282,3 +283,16 @@ def test_a_key_echoed_across_the_200_character_cut_never_leaves_a_prefix(
     with pytest.raises(ApiFailure) as info:
         fetch(stub, V2)
     assert KEY[:half] not in str(info.value)
+
+
+def test_a_proxy_password_never_leaves_in_a_failure(stub: StubApi) -> None:
+    """requests' own messages may name the proxy with its password: the client's
+    messages are its own, never a copy of them."""
+    password = "pr0xy-pw%2F9"                 # percent-encoded in the URL, as users write it
+    behind = dataclasses.replace(V2, settings=dataclasses.replace(
+        V2.settings, proxy_url=f"http://ops:{password}@proxy.corp:3128"))
+    stub.add("POST", V2_LIST, body=requests.exceptions.ProxyError(
+        f"Unable to connect to proxy http://ops:{password}@proxy.corp:3128 (ops:pr0xy-pw/9)"))
+    with pytest.raises(ConnectionFailure, match="through the proxy") as info:
+        list_import_jobs(make_session(behind), behind, 1)
+    assert "pr0xy-pw" not in str(info.value)

@@ -294,10 +294,11 @@ PROXY_PASSWORD = "pr0xy-s3cret-77"
 
 
 def test_a_proxy_password_is_redacted_and_the_rest_of_the_url_shown() -> None:
-    raw = {"defaults": {"proxy_url": f"http://ops:{PROXY_PASSWORD}@proxy.corp:3128"},
+    raw = {"defaults": {"proxy_url": "http://ops:${PROXY_PASSWORD}@proxy.corp:3128"},
            "clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2",
                          "proxy_from_environment": False}]}
-    config = parse_config(raw, "x.yaml", environ={})
+    config = parse_config(raw, "x.yaml", environ={"PROXY_PASSWORD": PROXY_PASSWORD})
+    assert config.defaults.proxy_url == f"http://ops:{PROXY_PASSWORD}@proxy.corp:3128"
     assert config.clusters[0].settings.proxy_url.endswith("@proxy.corp:3128")
     shown = redacted(config)
     assert shown["clusters"][0]["proxy_url"] == "http://ops:<secret>@proxy.corp:3128"

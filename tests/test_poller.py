@@ -425,3 +425,19 @@ def test_unknown_states_are_logged_once_each_and_boundedly(stub: StubApi, caplog
     assert [r.getMessage() for r in caplog.records].count(
         f"too many distinct job states; new ones are counted under {OTHER_STATE!r} and not "
         "logged") == 1
+
+
+def test_a_cluster_keeps_one_connection_alive_across_pages_describes_and_polls(
+        simulator) -> None:
+    sim_cluster = simulator.add_cluster("c", "v2")
+    sim_cluster.add_jobs(450, "docs", "completed")
+    sim_cluster.add_jobs(5, "docs", "importing", progress=40)
+    cluster = ClusterConfig(name="c", url=simulator.url_for("c"), api="v2",
+                            cluster_id=sim_cluster.cluster_id, api_key=sim_cluster.api_key,
+                            settings=PollSettings(page_size=100, max_describes_per_poll=5))
+    poller = ClusterPoller(cluster, SnapshotBoard(), JobHistory("c"))
+    for _ in range(3):
+        snapshot = poller.poll_once()
+    assert snapshot.up and snapshot.api_requests[("list", "200")] == 15
+    assert snapshot.api_requests[("describe", "200")] >= 5
+    assert simulator.connections == 1
