@@ -762,6 +762,81 @@ def tls_burst(tmp: Path, connections: int) -> None:
         sim.close()
 
 
+def client_hello() -> bytes:
+    """The first flight of a TLS handshake, to send and never follow up."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def half_open_bursts(tmp: Path, connections: int, bursts: int = 3) -> None:
+    """Issue 19's trial: bursts of TLS handshakes that never finish, held, then closed;
+    how soon resident memory comes back, and whether bursts ratchet it up."""
+    print(f"{bursts} bursts of {connections} half-open TLS handshakes, held 5 s, then closed")
+    import socket
+
+    from conftest import _cert, _name, _write
+    from cryptography.hazmat.primitives.asymmetric import ec
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("bench ca", ca_key, _name("bench ca"), ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert("server", key, ca.subject, ca_key, server=True)
+    web = tmp / "web-burst.yml"
+    web.write_text(json.dumps({"tls_server_config": {
+        "cert_file": _write(tmp / "burst.pem", cert),
+        "key_file": _write(tmp / "burst.key", key=key)}}))
+    hello = client_hello()
+    sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 100, "collections": 5}])
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
+        exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
+                                   ["--web.config.file", str(web)],
+                                   env={"PYTHONPATH": str(ROOT)})
+        exporter.start()
+        assert exporter.proc is not None
+        status = Path(f"/proc/{exporter.proc.pid}/status")
+        rss = lambda: int(re.search(r"VmRSS:\s+(\d+) kB",  # noqa: E731
+                                    status.read_text()).group(1)) * 1024  # type: ignore
+        time.sleep(5)
+        before = rss()
+        settled: list[float] = []
+        for burst in range(bursts):
+            socks = []
+            for _ in range(connections):
+                sock = socket.create_connection(("127.0.0.1", exporter.port), timeout=30)
+                sock.sendall(hello)
+                socks.append(sock)
+            time.sleep(5)
+            peak = rss()
+            for sock in socks:
+                sock.close()
+            closed, back = time.monotonic(), None
+            allowed = max(16 * 2**20, before // 4)
+            while time.monotonic() - closed < 20:
+                if back is None and rss() - before <= allowed:
+                    back = time.monotonic() - closed
+                time.sleep(0.25)
+            settled.append(rss())
+            report(f"burst {burst + 1}: RSS held open / 20 s after, vs before",
+                   f"{peak / 2**20:.1f} / {settled[-1] / 2**20:.1f} MiB",
+                   f"{before / 2**20:.1f} MiB", settled[-1] / before, "")
+            report(f"burst {burst + 1}: seconds until RSS within max(16 MiB, 25%) of before",
+                   "never" if back is None else f"{back:.1f} s", "15 s",
+                   None if back is None else back / 15, "<= 1.00")
+        report("third burst's settled RSS over the first's",
+               f"{(settled[-1] - settled[0]) / 2**20:+.1f} MiB", "5 MiB",
+               (settled[-1] - settled[0]) / 2**20 / 5, "<= 1.00")
+        exporter.stop()
+    finally:
+        sim.close()
+
+
 SCRAPE_CHILD = r"""
 import sys, time
 from exporter.cli import build_registry
@@ -845,7 +920,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
     sections = ["requests", "poll", "round", "limiter", "paced", "details", "scrape", "memory",
-                "hostile", "churn", "tls", "scrapers"]
+                "hostile", "churn", "tls", "burst", "scrapers"]
     parser.add_argument("--only", choices=sections + ["fleet"], action="append",
                         help="run only these sections (fleet, the 6-minute rate-limit trial, "
                         "runs only when named)")
@@ -881,6 +956,8 @@ def main() -> None:
             collection_churn(500)
         if "tls" in wanted:
             tls_burst(Path(tmp), 500)
+        if "burst" in wanted:
+            half_open_bursts(Path(tmp), 500)
         if "scrapers" in wanted:
             many_scrapers(10 if args.quick else 30)
     print("\n| figure | ours | floor | ratio | target |\n|---|---|---|---|---|")
