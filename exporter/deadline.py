@@ -6,7 +6,8 @@ headers, a chunked body's size lines or its trailers a byte at a time can hold a
 for as long as it likes, and a closed ``requests.Session`` does not end a request that
 is in flight. ``DeadlineAdapter`` therefore:
 
-- waits for the request's turn (``pacer``, the rate limiter) before its deadline starts;
+- waits for the request's turn (``pacer``, the rate limiter) before its deadline starts,
+  then passes the session's ``guard`` until the request is written;
 - opens a ``RequestScope`` for the request: every socket the request uses, from the
   connection being opened (TLS and proxy CONNECT included) to the answer's last byte,
   is registered with one watchdog thread for the process, which shuts it down at the
@@ -110,8 +111,10 @@ class RequestScope:
     """One request, from its connection to its answer's last byte: its deadline, the
     sockets it used, and what the retry of a stale connection needs to know."""
 
-    def __init__(self, adapter: DeadlineAdapter, deadline: float) -> None:
+    def __init__(self, adapter: DeadlineAdapter, deadline: float,
+                 written: Callable[[], None]) -> None:
         self.deadline = deadline
+        self.written = written        # called once the request is on the wire
         self.fresh = False            # it opened a new connection
         self.answered = False         # an answer's status line and headers arrived
         self._adapter = adapter
@@ -169,6 +172,8 @@ class _WatchedConnection:
         if scope is not None and self.sock is not None:
             scope.watch(self.sock)
         super().request(*args, **kwargs)  # type: ignore[misc]
+        if scope is not None:
+            scope.written()
 
     def getresponse(self) -> Any:
         response = super().getresponse()  # type: ignore[misc]
@@ -197,6 +202,14 @@ class _HTTPSPool(HTTPSConnectionPool):
 _POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
+def _admit_all() -> Callable[[], None]:
+    return _nothing
+
+
+def _nothing() -> None:
+    pass
+
+
 class Pacing(Protocol):
     """Holds requests back (ratelimit.Pacer): ``paced`` waits for the turn of the
     path's endpoint, runs ``send`` and hears its status; ``close`` ends a wait."""
@@ -213,6 +226,10 @@ class DeadlineAdapter(HTTPAdapter):
     def __init__(self) -> None:
         super().__init__()
         self.pacer: Pacing | None = None
+        # Called after the request's turn; the release it returns is called once the
+        # request is written (or failed): the poller's describe lane sends only while
+        # the latest listing holds the job, and no listing is folded in meanwhile.
+        self.guard: Callable[[], Callable[[], None]] = _admit_all
         self.closed = False
         self._lock = threading.Lock()
         self._scopes: set[RequestScope] = set()
@@ -231,18 +248,23 @@ class DeadlineAdapter(HTTPAdapter):
              timeout: Any = None, verify: bool | str = True, cert: Any = None,
              proxies: dict[str, str] | None = None) -> requests.Response:
         def send() -> requests.Response:
-            return self._send(request, stream, timeout, verify, cert, proxies)
+            release = self.guard()
+            try:
+                return self._send(request, stream, timeout, verify, cert, proxies,
+                                  release)
+            finally:
+                release()
         if self.pacer is None:
             return send()
         return self.pacer.paced(request.path_url, send)
 
     def _send(self, request: requests.PreparedRequest, stream: bool, timeout: Any,
-              verify: bool | str, cert: Any,
-              proxies: dict[str, str] | None) -> requests.Response:
+              verify: bool | str, cert: Any, proxies: dict[str, str] | None,
+              written: Callable[[], None]) -> requests.Response:
         seconds = timeout[1] if isinstance(timeout, tuple) else timeout
         deadline = time.monotonic() + (seconds if seconds is not None else 1e9)
         for attempt in (1, 2):
-            scope = self._open(deadline)
+            scope = self._open(deadline, written)
             try:
                 response = super().send(request, stream=stream, timeout=timeout,
                                         verify=verify, cert=cert, proxies=proxies)
@@ -267,8 +289,8 @@ class DeadlineAdapter(HTTPAdapter):
             return response
         raise AssertionError("unreachable")   # pragma: no cover
 
-    def _open(self, deadline: float) -> RequestScope:
-        scope = RequestScope(self, deadline)
+    def _open(self, deadline: float, written: Callable[[], None]) -> RequestScope:
+        scope = RequestScope(self, deadline, written)
         with self._lock:
             if self.closed:
                 raise Interrupted("the session was closed")

@@ -5,6 +5,12 @@ well; ``ClusterPoller`` runs it on the cluster's own schedule in its own thread
 and publishes a fresh ``ClusterSnapshot`` to the ``SnapshotBoard`` after every
 poll, success or not. A scrape only reads the board, so it never waits on a
 poll, and a slow cluster delays nobody but itself.
+
+Each cluster has two lanes: listings, on ``interval`` and the list bucket alone, and
+job details ("describe"), beside them on a session and pacer of their own, always
+from the plan of the latest published listing: a new listing replaces an unfinished
+plan (after the describe in hand), and a describe is sent only while the latest
+published listing holds its job.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, Job
 from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
 from exporter.logs import FieldsAdapter, bind
 from exporter.memory import release_free_memory
+from exporter.deadline import DeadlineAdapter
 from exporter.ratelimit import Pacer, RateLimits, pace
 
 log = logging.getLogger("exporter.poller")
@@ -43,6 +50,11 @@ TRIM_AFTER_JOBS = 10_000
 
 class Stopped(Exception):
     """The poller was told to stop while it waited."""
+
+
+class PlanReplaced(Exception):
+    """The job left the listing while its describe waited for its turn: the plan it
+    came from is over (never a describe for an id the latest listing does not hold)."""
 
 
 class Listing:
@@ -291,14 +303,31 @@ class ClusterPoller:
         self._history = history
         self._clock = clock
         self._rng = rng or random.Random()
+        # One session per lane: each keeps its own connection alive and waits for its
+        # own endpoint's bucket; a reload or stop closes both.
         self._session = session_factory(cluster)
-        self._pacer: Pacer | None = None
+        self._details_session = session_factory(cluster)
+        self._pacers: list[Pacer] = []
         if limits is not None:
-            self._pacer = pace(self._session, Pacer(limits, cluster.host, cluster.api_key,
-                                                    cluster.settings.requests_per_second))
+            self._pacers = [pace(session, Pacer(limits, cluster.host, cluster.api_key,
+                                                cluster.settings.requests_per_second))
+                            for session in (self._session, self._details_session)]
+        for adapter in self._details_session.adapters.values():
+            if isinstance(adapter, DeadlineAdapter):
+                adapter.guard = self._listing_stands
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        # The listing lane sets it when a listing is published (and stop() does).
+        self._planned = threading.Event()
+        # Held while a listing is folded in, and while a describe is sent: a describe
+        # goes only for an id of the latest published listing. ``_listings`` counts them.
+        self._listing_lock = threading.Lock()
+        self._listings = 0
+        self._plan_of = -1        # the listing the describe lane's plan came from
+        self._describing = ""     # the job id of the describe being sent
+        self._publish_lock = threading.Lock()     # _snapshot, from both lanes
+        self._counts_lock = threading.Lock()      # _api_requests, from both lanes
         self._poll_errors: dict[str, int] = {}
         self._api_requests: dict[tuple[str, str], int] = {}
         self._unknown_states: set[str] = set()    # at most MAX_UNKNOWN_STATES
@@ -317,29 +346,69 @@ class ClusterPoller:
         return not self._stop.is_set()
 
     def _rate_limit_wait(self) -> float:
-        return 0.0 if self._pacer is None else self._pacer.waited
+        return sum(pacer.waited for pacer in self._pacers)
 
     def _observe(self, endpoint: str, code: str) -> None:
         key = (endpoint, code)
-        self._api_requests[key] = self._api_requests.get(key, 0) + 1
+        with self._counts_lock:
+            self._api_requests[key] = self._api_requests.get(key, 0) + 1
+
+    def _counts(self) -> dict[tuple[str, str], int]:
+        with self._counts_lock:
+            return dict(self._api_requests)
+
+    def _listing_stands(self) -> Callable[[], None]:
+        """Before each describe is written, after its turn: the latest published
+        listing holds the job (else PlanReplaced), and no other is folded in until the
+        request is written (the release this returns)."""
+        self._listing_lock.acquire()
+        if self._history.first_seen(self._describing) is None:
+            self._listing_lock.release()
+            raise PlanReplaced()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._listing_lock.release()
+        return release
 
     def reset_fallbacks(self) -> None:
         """Forget what was learnt about the server (on reload: it may be upgraded)."""
         self._get_progress = False
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"poll-{self.cluster.name}",
-                                        daemon=True)
-        self._thread.start()
+        name = self.cluster.name
+        self._threads = [threading.Thread(target=self._run, name=f"poll-{name}", daemon=True),
+                         threading.Thread(target=self._describe_lane, name=f"details-{name}",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop at once; a request in flight is abandoned and never published."""
         self._stop.set()
+        self._planned.set()
         self._session.close()
+        self._details_session.close()
 
     def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _describe_lane(self) -> None:
+        """Describe from each published listing's plan, beside the listings."""
+        while True:
+            self._planned.wait()
+            if self._stop.is_set():
+                return
+            self._planned.clear()
+            try:
+                self._describe_and_publish()
+            except Stopped:
+                return
 
     def _run(self) -> None:
         interval = self.cluster.settings.interval
@@ -348,14 +417,24 @@ class ClusterPoller:
         while True:
             started = time.monotonic()
             try:
-                self.poll_once()
+                self._poll_listing()
             except Stopped:
                 return
             if self._stop.wait(next_poll_delay(interval, time.monotonic() - started)):
                 return
 
     def poll_once(self) -> ClusterSnapshot:
-        """One poll: fetch, fold into history, publish. Returns the new snapshot."""
+        """One poll: fetch, fold into history, publish, then describe from its plan and
+        publish again (for --once and tests; a running poller's describe lane does the
+        second half beside the next listing). Returns the last snapshot."""
+        snapshot = self._poll_listing()
+        if snapshot.up and self._planned.is_set():
+            self._planned.clear()
+            return self._describe_and_publish()
+        return snapshot
+
+    def _poll_listing(self) -> ClusterSnapshot:
+        """Fetch, fold into history, publish; the describe lane is told of the plan."""
         started = time.monotonic()
         try:
             return self._poll(started)
@@ -390,11 +469,13 @@ class ClusterPoller:
         settings = cluster.settings
         if self._stop.is_set():     # retired meanwhile: a newer poller owns the history
             raise Stopped()
-        summary = self._history.apply(
-            listing, stuck_after=settings.stuck_after,
-            stall_after=settings.stall_after,
-            max_stuck_series=settings.max_stuck_job_series,
-            rules=detail_rules(cluster))
+        with self._listing_lock:     # no describe is sent while the listing changes
+            summary = self._history.apply(
+                listing, stuck_after=settings.stuck_after,
+                stall_after=settings.stall_after,
+                max_stuck_series=settings.max_stuck_job_series,
+                rules=detail_rules(cluster))
+            self._listings += 1
         duration = time.monotonic() - started
         if self._stop.is_set():
             raise Stopped()
@@ -408,20 +489,26 @@ class ClusterPoller:
         if len(listing) >= TRIM_AFTER_JOBS:
             del listing
             release_free_memory()
-        snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
-                           last_success=self._clock(), jobs=summary,
-                           poll_errors=dict(self._poll_errors),
-                           api_requests=dict(self._api_requests),
-                           rate_limit_wait=self._rate_limit_wait())
-        self._snapshot = snapshot
-        self._board.publish(snapshot, self._current)
-        # The listing is out; details follow in a second snapshot, so a slow or
-        # failing describe endpoint never holds the listing back, and nothing going
-        # wrong while describing turns this successful poll into a failed one.
+        with self._publish_lock:
+            snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
+                               last_success=self._clock(), jobs=summary,
+                               poll_errors=dict(self._poll_errors),
+                               api_requests=self._counts(),
+                               rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
+        # The listing is out; details follow in a second snapshot, from the describe
+        # lane, so a slow or failing describe endpoint never holds the listing back,
+        # and nothing going wrong while describing turns this poll into a failed one.
+        self._planned.set()
+        return snapshot
+
+    def _describe_and_publish(self) -> ClusterSnapshot:
+        """Describe the latest listing's plan; publish what it taught, over whatever
+        snapshot is the latest by then."""
         try:
             if not self._describe_jobs():
-                return snapshot
-            jobs = self._history.refresh(summary)
+                return self._snapshot
         except Stopped:
             raise
         except Exception as exc:
@@ -429,13 +516,15 @@ class ClusterPoller:
                 self._crashes.add(type(exc))
                 self._log.error("describing jobs crashed; the listing stands, its jobs "
                                 "keep their last known details", exc_info=True)
-            return snapshot
-        snapshot = replace(snapshot, poll_duration=time.monotonic() - started,
-                           jobs=jobs,
-                           api_requests=dict(self._api_requests),
-                           rate_limit_wait=self._rate_limit_wait())
-        self._snapshot = snapshot
-        self._board.publish(snapshot, self._current)
+            return self._snapshot
+        with self._publish_lock:
+            if self._snapshot.jobs is None or self._stop.is_set():
+                return self._snapshot
+            snapshot = replace(self._snapshot, jobs=self._history.refresh(self._snapshot.jobs),
+                               api_requests=self._counts(),
+                               rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
         return snapshot
 
     def _log_unknown_states(self, states: set[str]) -> None:
@@ -466,13 +555,14 @@ class ClusterPoller:
             self._log.warning("poll failed" if self._failing else "cluster started failing",
                         extra={"fields": fields})
         self._failing = True
-        snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
-                           last_error_reason=failure.reason, last_error=str(failure),
-                           poll_errors=dict(self._poll_errors),
-                           api_requests=dict(self._api_requests),
-                           rate_limit_wait=self._rate_limit_wait())
-        self._snapshot = snapshot
-        self._board.publish(snapshot, self._current)
+        with self._publish_lock:
+            snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
+                               last_error_reason=failure.reason, last_error=str(failure),
+                               poll_errors=dict(self._poll_errors),
+                               api_requests=self._counts(),
+                               rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
         return snapshot
 
     def _describe_jobs(self) -> bool:
@@ -484,13 +574,20 @@ class ClusterPoller:
         every job alike), so a broken endpoint costs one request per poll; the rest
         wait for the next poll.
         """
-        plan = self._history.describe_plan()
+        with self._listing_lock:
+            plan = self._history.describe_plan()
+            self._plan_of = self._listings
         answered = False
-        for job_id in plan:
+        for done, job_id in enumerate(plan):
+            if done and self._listings != self._plan_of:
+                break               # a newer listing's plan comes next
+            self._describing = job_id
             job_log = self._log.bind(job_id=job_id)
             try:
                 details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
                                        wait=self._wait, rng=self._rng, logger=job_log)
+            except PlanReplaced:        # it left the listing: the newer one's plan comes next
+                break
             except PollFailure as failure:
                 if self._stop.is_set():
                     raise Stopped() from None
@@ -510,7 +607,7 @@ class ClusterPoller:
 
     def _describe(self, job_id: str) -> JobDetails:
         try:
-            return describe_import_job(self._session, self.cluster, job_id,
+            return describe_import_job(self._details_session, self.cluster, job_id,
                                        get_progress=self._get_progress,
                                        observe=self._observe)
         except HttpFailure as failure:
@@ -519,8 +616,8 @@ class ClusterPoller:
         self._get_progress = True
         self._log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) "
                        "from now on")
-        return describe_import_job(self._session, self.cluster, job_id, get_progress=True,
-                                   observe=self._observe)
+        return describe_import_job(self._details_session, self.cluster, job_id,
+                                   get_progress=True, observe=self._observe)
 
 
 class PollerGroup:

@@ -83,6 +83,7 @@ class SimCluster:
     shuffle: bool = False         # Milvus: a new random order on every request
     v2_success_code: int = 0      # Milvus 2.4.0-2.4.4 answered 200 in v2 bodies
     latency: float = 0.0
+    describe_latency: float = 0.0   # on top of latency, for describes only
     retry_after: str = "1"
     jobs: dict[str, SimJob] = field(default_factory=dict)
     requests: int = 0
@@ -446,8 +447,8 @@ class Simulator:
             return 404, {}, b'404 page not found'
         if not self._authorised(cluster, auth):
             return self._refusal(cluster)
-        if cluster.latency:
-            time.sleep(cluster.latency)
+        if cluster.latency or cluster.describe_latency:
+            time.sleep(cluster.latency + cluster.describe_latency)
         fault = cluster.describe_fault
         if fault == "hang":
             self._closing.wait(3600)

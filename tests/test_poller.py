@@ -15,7 +15,9 @@ from exporter.client import make_session
 from exporter.jobs import MAX_UNKNOWN_STATES, OTHER_STATE
 from exporter.simulator import Simulator
 
-from conftest import FakeClock, StubApi
+from exporter.ratelimit import RateLimits
+
+from conftest import FakeClock, StubApi, wait_until
 
 LIST = "/v2/vectordb/jobs/import/list"
 DESCRIBE = "/v2/vectordb/jobs/import/describe"
@@ -427,8 +429,9 @@ def test_unknown_states_are_logged_once_each_and_boundedly(stub: StubApi, caplog
         "logged") == 1
 
 
-def test_a_cluster_keeps_one_connection_alive_across_pages_describes_and_polls(
+def test_a_cluster_keeps_one_connection_alive_per_lane_across_pages_and_polls(
         simulator) -> None:
+    """One for the listings' pages, one for the describes beside them; none more."""
     sim_cluster = simulator.add_cluster("c", "v2")
     sim_cluster.add_jobs(450, "docs", "completed")
     sim_cluster.add_jobs(5, "docs", "importing", progress=40)
@@ -440,4 +443,40 @@ def test_a_cluster_keeps_one_connection_alive_across_pages_describes_and_polls(
         snapshot = poller.poll_once()
     assert snapshot.up and snapshot.api_requests[("list", "200")] == 15
     assert snapshot.api_requests[("describe", "200")] >= 5
-    assert simulator.connections == 1
+    assert simulator.connections == 2
+
+
+def test_describes_run_beside_the_listings_from_the_latest_listings_plan(simulator) -> None:
+    """Describes that take 0.3 s each (a plan of 10 takes 3 s) hold no listing back; a
+    new listing replaces an unfinished plan; once a listing without some jobs is
+    published, no describe is sent for them (one already in flight may still land).
+    v1: its active jobs are described after every listing (its listing has no progress)."""
+    sim_cluster = simulator.add_cluster("c", "v1", describe_latency=0.3)
+    leaving = sim_cluster.add_jobs(5, "docs", "importing", progress=40)
+    sim_cluster.add_jobs(5, "docs", "importing", progress=40)
+    cluster = ClusterConfig(name="c", url=simulator.url_for("c"), api="v1",
+                            cluster_id=sim_cluster.cluster_id, api_key=sim_cluster.api_key,
+                            settings=PollSettings(interval=0.1, retries=0,
+                                                  max_describes_per_poll=10))
+    board = SnapshotBoard()
+    poller = ClusterPoller(cluster, board, JobHistory("c"), limits=RateLimits())
+    poller.start()
+    try:
+        wait_until(lambda: len(sim_cluster.pages_served) >= 6 and sim_cluster.described,
+                   timeout=3, what="listings going on while the first describes are slow")
+        listings_during_first_describe = len(sim_cluster.pages_served)
+        assert listings_during_first_describe >= 6      # one at a time, it would be 1
+        sim_cluster.remove_jobs(leaving)
+
+        def published_without_them() -> bool:
+            snap = board.get("c")
+            return bool(snap and snap.jobs and snap.jobs.total == 5)
+        wait_until(published_without_them, timeout=3, what="a listing without them")
+        seen = len(sim_cluster.described)
+        wait_until(lambda: len(sim_cluster.described) >= seen + 4, timeout=5,
+                   what="more describes")
+        late = [job for job in sim_cluster.described[seen:] if job in leaving]
+        assert len(late) <= 1 and sim_cluster.unknown_describes <= 1
+    finally:
+        poller.stop()
+        poller.join(2)
