@@ -278,6 +278,7 @@ class SimControlPlane:
 
     api_key: str
     bare_array: bool = False      # ``data`` as a bare array (the schema) instead of an object
+    latency: float = 0.0
     requests: int = 0
     pages_served: list[int] = field(default_factory=list)
     _faults: FaultSwitch = field(default_factory=FaultSwitch, repr=False)
@@ -375,6 +376,11 @@ class Simulator:
     def url_for(self, name: str) -> str:
         cluster = self.clusters[name]
         return self.base_url + (f"/milvus/{name}" if cluster.flavour == "milvus" else "")
+
+    def discovery_config(self, name: str, api_key: str, **extra: Any) -> dict[str, Any]:
+        """The exporter's YAML entry for a discovery source asking this simulator's
+        control plane with ``api_key``."""
+        return {"name": name, "url": self.base_url, "api_key": api_key, **extra}
 
     def cluster_config(self, name: str, **extra: Any) -> dict[str, Any]:
         """The exporter's YAML entry for a simulated cluster."""
@@ -532,6 +538,8 @@ class Simulator:
         with self._log_lock:
             plane.requests += 1
             plane.pages_served.append(page)
+        if plane.latency:
+            time.sleep(plane.latency)
         fault = plane._faults.take(page)
         if fault in ("auth_http", "auth_body"):
             return self._illegal_key()
@@ -633,11 +641,19 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
 
 # ---- the demo ----------------------------------------------------------------------
 
-DEMO_CLUSTERS = (
+DEMO_CLUSTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     # name, flavour, key, collections
     ("demo-cloud-v1", "v1", "demo-v1-api-key-0123456789", ("medium_articles", "products")),
     ("demo-cloud-v2", "v2", "demo-v2-api-key-abcdefghij", ("images", "faq")),
     ("demo-milvus", "milvus", "root:Milvus-demo-pass", ("logs",)),
+)
+# The clusters only the demo's discovery source finds (its key sees these two): one
+# running, whose jobs move like the others', and one stopped, listed but not polled.
+DEMO_DISCOVERY_KEY = "demo-discovery-key-klmnopqrst"
+DEMO_DISCOVERED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # name, clusterName, status, collections
+    ("demo-discovered", "demo discovered", "RUNNING", ("uploads",)),
+    ("demo-paused", "demo paused", "STOPPED", ()),
 )
 
 
@@ -672,8 +688,18 @@ class DemoDirector:
         self.stuck_job = ""
         self._stalling: dict[str, int] = {}   # job id -> tick it was created
         self._sizes: dict[str, int] = {}      # job id -> rows in its files
+        # the clusters whose jobs move: (name, collections)
+        self._moving: list[tuple[str, tuple[str, ...]]] = []
         for name, flavour, key, collections in DEMO_CLUSTERS:
-            cluster = sim.add_cluster(name, flavour, key)
+            sim.add_cluster(name, flavour, key)
+            self._moving.append((name, collections))
+        for name, display, status, found in DEMO_DISCOVERED:
+            sim.add_cluster(name, "v2", DEMO_DISCOVERY_KEY, display_name=display,
+                            status=status)
+            if status == "RUNNING":
+                self._moving.append((name, found))
+        for name, collections in self._moving:
+            cluster = sim.clusters[name]
             for collection in collections:
                 cluster.add_jobs(2, collection, "completed", 100)
                 for job_id in cluster.add_jobs(1, collection, "failed", 37):
@@ -704,7 +730,7 @@ class DemoDirector:
             v2 = self.sim.clusters["demo-cloud-v2"]
             job_id = v2.add_jobs(1, "images", "importing", 30, prefix="stalls")[0]
             self._stalling[job_id] = self._ticks
-        for name, _, _, collections in DEMO_CLUSTERS:
+        for name, collections in self._moving:
             cluster = self.sim.clusters[name]
             with cluster._lock:
                 jobs = list(cluster.jobs.values())
