@@ -219,6 +219,9 @@ def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     assert [(c.name, c.api) for c in config.clusters] == \
         [("prod-search", "v1"), ("prod-recs", "v2"), ("onprem-milvus", "v2")]
     assert config.clusters[2].api_key == "u:p" and config.clusters[1].settings.interval == 120
+    (prod,) = config.discovery
+    assert (prod.name, prod.api_key, prod.exclude, prod.settings.interval) == \
+        ("prod", "a", ".*-scratch", 120)
 
 
 @pytest.mark.parametrize("text,size", [
