@@ -355,7 +355,7 @@ def _discover(config: Config, shard: tuple[int, int]) -> int:
     group = PollerGroup(SnapshotBoard(), shard=shard[1])
     runtime = ConfigRuntime(config, group, shard, lambda: config)
     try:
-        runtime.start(threads=False)
+        runtime.discovery.configure(config, start=False)
         runtime.discovery.refresh_all()
     finally:
         runtime.discovery.stop()

@@ -171,6 +171,12 @@ def _file_keys(keys: Mapping[str, dataclasses.Field[Any]]) -> dict[str, str]:
 
 _CLUSTER_FILE_KEYS = _file_keys(CLUSTER_KEYS)
 _DISCOVERY_FILE_KEYS = _file_keys(DISCOVERY_KEYS)
+# What a cluster's or a source's mapping may hold (settings aside): its keys, and
+# ``<key>_file`` for those that may be read from a file, parsed as the key is.
+_CLUSTER_YAML_KEYS = {**CLUSTER_KEYS,
+                      **{k: CLUSTER_KEYS[v] for k, v in _CLUSTER_FILE_KEYS.items()}}
+_DISCOVERY_YAML_KEYS = {**DISCOVERY_KEYS,
+                        **{k: DISCOVERY_KEYS[v] for k, v in _DISCOVERY_FILE_KEYS.items()}}
 
 
 def parse_duration(value: Any) -> float:
@@ -457,19 +463,27 @@ def _url_problem(parts: SplitResult) -> str:
     return ""
 
 
+def _where(raw: Any, index: int, kind: str, list_key: str, problems: Problems) -> str | None:
+    """How problems name an item of a list (by its name once it has one); None, and a
+    problem, when the item is no mapping."""
+    where = f"{kind} #{index + 1}"
+    if not isinstance(raw, dict):
+        problems.add(where, list_key, f"each {kind} must be a mapping")
+        return None
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        where = f"{kind} {raw['name']!r}"
+    return where
+
+
 def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
              base_dir: str, problems: Problems) -> ClusterConfig | None:
     """One cluster: parse its keys, read its files, apply the cross-key rules."""
-    where = f"cluster #{index + 1}"
-    if not isinstance(raw, dict):
-        problems.add(where, "clusters", "each cluster must be a mapping")
+    where = _where(raw, index, "cluster", "clusters", problems)
+    if where is None:
         return None
-    if isinstance(raw.get("name"), str) and raw["name"]:
-        where = f"cluster {raw['name']!r}"
     start = len(problems.lines)
-    keys = {**CLUSTER_KEYS, **{k: CLUSTER_KEYS[v] for k, v in _CLUSTER_FILE_KEYS.items()}}
-    _unknown_keys(raw, [*keys, *SETTING_KEYS], where, problems)
-    values = _parse_keys(raw, keys, environ, where, problems)
+    _unknown_keys(raw, [*_CLUSTER_YAML_KEYS, *SETTING_KEYS], where, problems)
+    values = _parse_keys(raw, _CLUSTER_YAML_KEYS, environ, where, problems)
     settings = _settings(raw, defaults, where, problems)
     _read_files(values, raw, base_dir, where, problems)
     _cluster_rules(values, raw, settings, where, problems)
@@ -481,17 +495,12 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
 def _source(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
             base_dir: str, problems: Problems) -> DiscoveryConfig | None:
     """One discovery source: its keys, its key file, its ``settings`` over defaults."""
-    where = f"discovery source #{index + 1}"
-    if not isinstance(raw, dict):
-        problems.add(where, "discovery", "each discovery source must be a mapping")
+    where = _where(raw, index, "discovery source", "discovery", problems)
+    if where is None:
         return None
-    if isinstance(raw.get("name"), str) and raw["name"]:
-        where = f"discovery source {raw['name']!r}"
     start = len(problems.lines)
-    keys = {**DISCOVERY_KEYS,
-            **{k: DISCOVERY_KEYS[v] for k, v in _DISCOVERY_FILE_KEYS.items()}}
-    _unknown_keys(raw, [*keys, "settings"], where, problems)
-    values = _parse_keys(raw, keys, environ, where, problems)
+    _unknown_keys(raw, [*_DISCOVERY_YAML_KEYS, "settings"], where, problems)
+    values = _parse_keys(raw, _DISCOVERY_YAML_KEYS, environ, where, problems)
     raw_settings = raw.get("settings") or {}
     if not isinstance(raw_settings, dict):
         problems.add(where, "settings", "must be a mapping of keys of defaults")

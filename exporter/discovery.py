@@ -277,9 +277,9 @@ class SourceRefresher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()       # a refresh_soon() from here on is not lost
             self.refresh()
             self._wake.wait(self.source.refresh_interval)
-            self._wake.clear()
 
     def refresh(self) -> None:
         """One refresh: list every page, then hand over to ``on_refreshed``; a failure

@@ -46,7 +46,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 # Wire names of the canonical states; the simulator derives what it sends from the
@@ -292,6 +292,26 @@ class SimControlPlane:
         self._faults.clear()
 
 
+def _paging(params: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(currentPage, pageSize) of a request, 1 and 10 (the documented default) when
+    absent; None when not numbers."""
+    try:
+        return int(params.get("currentPage") or 1), int(params.get("pageSize") or 10)
+    except (TypeError, ValueError):
+        return None
+
+
+def _arrive(endpoint: SimCluster | SimControlPlane, page: int, lock: threading.Lock) -> str:
+    """A request for ``page`` arrives: count it, wait out the latency, and return the
+    fault it meets ("" for none)."""
+    with lock:
+        endpoint.requests += 1
+        endpoint.pages_served.append(page)
+    if endpoint.latency:
+        time.sleep(endpoint.latency)
+    return endpoint._faults.take(page)
+
+
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
     """The most of ``times`` that fall within any half-open window ``width`` long."""
     ordered, busiest, first = sorted(times), 0, 0
@@ -476,17 +496,11 @@ class Simulator:
             return 200, {}, b'{"code": 100, "message": "cluster not found"}'
         if v1_get or v2_describe:
             return self._describe_answer(cluster, path, str(params.get("jobId") or ""), auth)
-        try:
-            page = int(params.get("currentPage") or 1)
-            size = int(params.get("pageSize") or 10)
-        except (TypeError, ValueError):
+        paging = _paging(params)
+        if paging is None:
             return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
-        with cluster._lock:
-            cluster.requests += 1
-            cluster.pages_served.append(page)
-        if cluster.latency:
-            time.sleep(cluster.latency)
-        fault = cluster._faults.take(page)
+        page, size = paging
+        fault = _arrive(cluster, page, cluster._lock)
         if fault == "auth_http":
             return 401, {}, b'{"code": 401, "message": "Unauthorized"}'
         misbehaving = self._fault_answer(fault, cluster.retry_after)
@@ -528,19 +542,13 @@ class Simulator:
         if not members and key not in self.planes:
             return self._illegal_key()
         plane = self.control_plane(key)
-        try:
-            page = int(query.get("currentPage") or 1)
-            size = int(query.get("pageSize") or 10)      # the documented default
-        except ValueError:
+        paging = _paging(query)
+        if paging is None:
             return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
+        page, size = paging
         if not 1 <= size <= 100:
             return 200, {}, b'{"code": 96008, "message": "pageSize must be 1 to 100"}'
-        with self._log_lock:
-            plane.requests += 1
-            plane.pages_served.append(page)
-        if plane.latency:
-            time.sleep(plane.latency)
-        fault = plane._faults.take(page)
+        fault = _arrive(plane, page, self._log_lock)
         if fault in ("auth_http", "auth_body"):
             return self._illegal_key()
         misbehaving = self._fault_answer(fault, "1")

@@ -146,6 +146,11 @@ def test_env_and_key_file(tmp_path: Path) -> None:
 ])
 def test_each_rule_is_one_line_naming_file_cluster_and_key(
         tmp_path: Path, doc: dict, expected: str) -> None:
+    one_line_naming(tmp_path, doc, expected)
+
+
+def one_line_naming(tmp_path: Path, doc: dict, expected: str) -> None:
+    """The file is refused, with ``expected`` in one of its lines, each naming the file."""
     lines = errors(tmp_path, doc)
     assert any(expected in line for line in lines), lines
     assert all(line.startswith(str(tmp_path / "config.yaml") + ": ") for line in lines)
@@ -369,9 +374,7 @@ def test_a_source_takes_every_key_and_settings_over_defaults(tmp_path: Path) -> 
 ])
 def test_each_source_rule_is_one_line_naming_file_source_and_key(
         tmp_path: Path, doc: dict, expected: str) -> None:
-    lines = errors(tmp_path, doc)
-    assert any(expected in line for line in lines), lines
-    assert all(line.startswith(str(tmp_path / "config.yaml") + ": ") for line in lines)
+    one_line_naming(tmp_path, doc, expected)
 
 
 def test_check_config_shows_sources_with_their_keys_redacted(tmp_path: Path) -> None:
