@@ -10,9 +10,11 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
+from urllib3.exceptions import InsecureRequestWarning
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -279,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     limit_malloc_arenas()
     setup_logging(args.log_level, args.log_format)
+    # tls_insecure_skip_verify is the operator's own choice, shown by --check-config;
+    # urllib3 would otherwise print a warning on stderr for the first such request.
+    warnings.simplefilter("ignore", InsecureRequestWarning)
     try:
         shard = resolve_shard(args, dict(os.environ))
         host, port = parse_listen_address(args.listen_address)

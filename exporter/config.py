@@ -43,10 +43,11 @@ def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: flo
     secrecy and redaction all follow from ``kind`` and the rest of this metadata.
 
     kinds: "duration" (seconds), "size" (bytes), "int", "number", "string", "bool",
-    "strings" (a list of strings, held as a tuple), "regex" (a string that compiles).
+    "proxy" (an http(s) URL whose password is a secret), "strings" (a list of strings,
+    held as a tuple), "regex" (a string that compiles).
     ``from_file``: the key may instead be read from the file named by ``<key>_file``.
     """
-    return field(default=default, repr=not secret, metadata={
+    return field(default=default, repr=not secret and kind != "proxy", metadata={
         "kind": kind, "range": (low, high), "secret": secret, "from_file": from_file,
         "choices": choices})
 
@@ -79,6 +80,9 @@ class PollSettings:
     requests_per_second: float = key("number", 10.0, 0.01, 10_000)
     # A larger answer fails the poll (reason decode) instead of filling the memory.
     max_response_bytes: int = key("size", 32 * 1024 * 1024, 1024, 2 ** 40)
+    # "" = the environment's HTTPS_PROXY / HTTP_PROXY / NO_PROXY; its password is a secret.
+    proxy_url: str = key("proxy", "")
+    proxy_from_environment: bool = key("bool", True)
 
 
 SETTING_KEYS = _keys(PollSettings)
@@ -283,6 +287,14 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
         if not isinstance(raw, list):
             raise ValueError(f"must be a list of strings, got {raw!r}")
         return tuple(_string(item, environ, False) for item in raw)
+    if kind == "proxy":
+        if not isinstance(raw, str):
+            raise ValueError("must be a string")
+        try:
+            return _proxy_url(_expand_env(raw, environ))
+        except KeyError as missing:
+            raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
+                from None
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ValueError("must be true or false")
@@ -316,6 +328,29 @@ def _string(raw: Any, environ: Mapping[str, str], secret: bool) -> str:
             from None
 
 
+def _proxy_password(url: str) -> str:
+    """The password in a proxy URL, or ""."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _proxy_url(raw: str) -> str:
+    """``http://`` or ``https://``, a host, an optional port and ``user:password@``; the
+    errors never echo the URL, which may hold a password."""
+    if not raw:
+        return raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if _url_problem(parts._replace(path=parts.path.rstrip("/"))):
+        raise ValueError("must be an http(s) URL with a valid host and port")
+    if not _HEADER_VALUE.fullmatch(raw):
+        raise ValueError("must be printable ASCII")
+    return raw
+
+
 def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
                 environ: Mapping[str, str], where: str,
                 problems: Problems) -> dict[str, Any]:
@@ -340,9 +375,10 @@ def _unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str,
             problems.add(where, str(name), "unknown key")
 
 
-def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
-              problems: Problems) -> PollSettings:
-    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, {}, where, problems))
+def _settings(raw: Mapping[str, Any], base: PollSettings, environ: Mapping[str, str],
+              where: str, problems: Problems) -> PollSettings:
+    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, environ, where,
+                                                   problems))
 
 
 def default_api(url: str) -> str:
@@ -484,7 +520,7 @@ def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str,
     start = len(problems.lines)
     _unknown_keys(raw, [*_CLUSTER_YAML_KEYS, *SETTING_KEYS], where, problems)
     values = _parse_keys(raw, _CLUSTER_YAML_KEYS, environ, where, problems)
-    settings = _settings(raw, defaults, where, problems)
+    settings = _settings(raw, defaults, environ, where, problems)
     _read_files(values, raw, base_dir, where, problems)
     _cluster_rules(values, raw, settings, where, problems)
     if len(problems.lines) != start:
@@ -507,7 +543,7 @@ def _source(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, 
         raw_settings = {}
     in_settings = problems.under("settings")
     _unknown_keys(raw_settings, SETTING_KEYS, where, in_settings)
-    settings = _settings(raw_settings, defaults, where, in_settings)
+    settings = _settings(raw_settings, defaults, environ, where, in_settings)
     _read_files(values, raw, base_dir, where, problems, _DISCOVERY_FILE_KEYS)
     values.setdefault("url", DISCOVERY_URL)
     _name_and_url_rules(values, raw, where, problems)
@@ -549,7 +585,7 @@ def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) 
         problems.add("defaults", "defaults", "must be a mapping")
         raw_defaults = {}
     _unknown_keys(raw_defaults, SETTING_KEYS, "defaults", problems)
-    defaults = _settings(raw_defaults, PollSettings(), "defaults", problems)
+    defaults = _settings(raw_defaults, PollSettings(), env, "defaults", problems)
     state_file = raw.get("state_file") or ""
     if not isinstance(state_file, str):
         problems.add("", "state_file", "must be a string")
@@ -600,6 +636,10 @@ def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = f.metadata["kind"]
     if f.metadata["secret"]:
         return REDACTED if value else ""
+    if kind == "proxy" and _proxy_password(value):
+        parts = urlsplit(value)
+        return parts._replace(netloc=parts.netloc.replace(
+            f":{parts.password}@", f":{REDACTED}@", 1)).geturl()
     if kind == "duration":
         return format_duration(value)
     if kind == "size":

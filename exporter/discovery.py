@@ -28,15 +28,16 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Protocol
 
+import requests
+
 from exporter.client import (
     ClustersPage, CloudCluster, DecodeFailure, PollFailure, list_clusters, make_session,
 )
 from exporter.config import ClusterConfig, Config, DiscoveryConfig
 from exporter.logs import bind
 from exporter.poller import Stopped, page_through, with_retries
-from exporter.ratelimit import RateLimits, pace
+from exporter.ratelimit import Pacer, RateLimits, pace
 from exporter.sharding import select_shard, shard_of
-from exporter.transport import ApiSession
 
 log = logging.getLogger("exporter.discovery")
 
@@ -51,7 +52,7 @@ def safe_name(text: str) -> str:
     return _UNSAFE.sub("-", text)
 
 
-def fetch_clusters(session: ApiSession, source: DiscoveryConfig, *,
+def fetch_clusters(session: requests.Session, source: DiscoveryConfig, *,
                    observe: Callable[[str, str], None] = lambda endpoint, code: None,
                    wait: Callable[[float], bool] | None = None,
                    rng: random.Random | None = None) -> tuple[CloudCluster, ...]:
@@ -231,7 +232,7 @@ class SourceRefresher:
 
     def __init__(self, source: DiscoveryConfig, last: SourceSnapshot, *,
                  on_refreshed: Callable[["SourceRefresher"], None],
-                 session_factory: Callable[[ClusterConfig], ApiSession] = make_session,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
                  limits: RateLimits | None = None, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         """``last`` is the source's last snapshot (before a reload changed it): its
@@ -245,8 +246,8 @@ class SourceRefresher:
         plane = source.control_plane
         self._session = session_factory(plane)
         if limits is not None:      # the source key's own endpoint: "clusters"
-            pace(self._session, limits, plane.host, source.api_key,
-                 source.settings.requests_per_second)
+            pace(self._session, Pacer(limits, plane.host, source.api_key,
+                                      source.settings.requests_per_second))
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -333,7 +334,7 @@ class Discovery:
 
     def __init__(self, board: DiscoveryBoard, apply: ApplyClusters, *,
                  shard: tuple[int, int] = (1, 0),
-                 session_factory: Callable[[ClusterConfig], ApiSession] = make_session,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
                  limits: RateLimits | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.board = board

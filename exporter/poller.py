@@ -17,6 +17,8 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
+import requests
+
 from exporter.client import (
     DecodeFailure, HttpFailure, JobDetails, ListingPage, PaginationFailure, PollFailure,
     describe_import_job, list_import_jobs, make_session,
@@ -27,7 +29,6 @@ from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
 from exporter.logs import FieldsAdapter, bind
 from exporter.memory import release_free_memory
 from exporter.ratelimit import Pacer, RateLimits, pace
-from exporter.transport import ApiSession
 
 log = logging.getLogger("exporter.poller")
 
@@ -256,7 +257,7 @@ def page_through(fetch: Callable[[int], P], add: Callable[[P], int], held: Calla
             return page
 
 
-def fetch_listing(session: ApiSession, cluster: ClusterConfig, *,
+def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
                   observe: Callable[[str, str], None] = lambda endpoint, code: None,
                   wait: Callable[[float], bool] | None = None,
                   rng: random.Random | None = None) -> Listing:
@@ -304,7 +305,7 @@ class ClusterPoller:
     def __init__(self, cluster: ClusterConfig, board: SnapshotBoard, history: JobHistory, *,
                  shard: int = 0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
-                 session_factory: Callable[[ClusterConfig], ApiSession] = make_session,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
                  limits: RateLimits | None = None,
                  wait: Callable[[float], bool] | None = None) -> None:
         """``wait`` sleeps between retries and returns True when the poller must stop;
@@ -319,8 +320,8 @@ class ClusterPoller:
         self._session = session_factory(cluster)
         self._pacer: Pacer | None = None
         if limits is not None:
-            self._pacer = pace(self._session, limits, cluster.host, cluster.api_key,
-                               cluster.settings.requests_per_second)
+            self._pacer = pace(self._session, Pacer(limits, cluster.host, cluster.api_key,
+                                                    cluster.settings.requests_per_second))
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
         self._thread: threading.Thread | None = None
@@ -553,7 +554,7 @@ class PollerGroup:
 
     def __init__(self, board: SnapshotBoard, *, store: HistoryStore | None = None,
                  shard: int = 0, clock: Callable[[], float] = time.time,
-                 session_factory: Callable[[ClusterConfig], ApiSession] = make_session,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
                  ) -> None:
         self._board = board
         self._store = store

@@ -327,6 +327,11 @@ class _QuietServer(ThreadingHTTPServer):
     traceback on stderr, as the stdlib server would print."""
 
     daemon_threads = True
+    connections = 0      # accepted so far: a client that keeps them alive opens few
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -370,6 +375,11 @@ class Simulator:
         host = self._server.server_address[0]
         text = host.decode() if isinstance(host, bytes) else str(host)
         return f"{self._scheme}://{text}:{self._server.server_port}"
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far."""
+        return self._server.connections
 
     def add_cluster(self, name: str, flavour: str = "v2", api_key: str = "",
                     **settings: Any) -> SimCluster:

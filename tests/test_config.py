@@ -254,7 +254,8 @@ def test_every_key_reads_back_from_check_config_output() -> None:
                 "retries": 0, "stuck_after": "3h", "stall_after": 0, "stale_after": "90s",
                 "max_stuck_job_series": 3, "max_describes_per_poll": 0, "max_job_series": 4,
                 "max_failed_job_series": 5, "failed_job_window": "1d",
-                "requests_per_second": 2.5, "max_response_bytes": "512KiB"}
+                "requests_per_second": 2.5, "max_response_bytes": "512KiB",
+                "proxy_url": "http://proxy.internal:3128", "proxy_from_environment": False}
     assert set(settings) == set(SETTING_KEYS)
     config = parse_config({"defaults": settings, "clusters": [
         cluster(tls_insecure_skip_verify=True, retries=1),
@@ -402,3 +403,36 @@ def test_sources_count_in_the_shared_rate_note(tmp_path: Path) -> None:
                                                 api="v2")]}, "x.yaml", environ={})
     (note,) = shared_rate_notes(config)
     assert "'a', 'prod'" in note and "(2)" in note and SECRET not in note
+
+
+# ---- proxy_url: the "proxy" kind, whose password is a secret ---------------------------
+
+PROXY_PASSWORD = "pr0xy-s3cret-77"
+
+
+def test_a_proxy_password_is_redacted_and_the_rest_of_the_url_shown() -> None:
+    raw = {"defaults": {"proxy_url": "http://ops:${PROXY_PASSWORD}@proxy.corp:3128"},
+           "clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2",
+                         "proxy_from_environment": False}]}
+    config = parse_config(raw, "x.yaml", environ={"PROXY_PASSWORD": PROXY_PASSWORD})
+    assert config.defaults.proxy_url == f"http://ops:{PROXY_PASSWORD}@proxy.corp:3128"
+    assert config.clusters[0].settings.proxy_url.endswith("@proxy.corp:3128")
+    shown = redacted(config)
+    assert shown["clusters"][0]["proxy_url"] == "http://ops:<secret>@proxy.corp:3128"
+    assert shown["clusters"][0]["proxy_from_environment"] is False
+    assert PROXY_PASSWORD not in str(shown) and PROXY_PASSWORD not in repr(config)
+
+
+@pytest.mark.parametrize("value,message", [
+    (f"socks5://u:{PROXY_PASSWORD}@h:1080", "must be an http:// or https:// URL"),
+    (f"http://u:{PROXY_PASSWORD}@h:99999", "valid host and port"),
+    ("proxy.corp:3128", "must be an http:// or https:// URL"), (3128, "must be a string")])
+def test_a_bad_proxy_url_is_one_line_that_never_echoes_it(value: object,
+                                                          message: str) -> None:
+    raw = {"clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2",
+                         "proxy_url": value}]}
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, "x.yaml", environ={})
+    (line,) = error.value.lines
+    assert line.startswith("x.yaml: cluster 'a': key 'proxy_url': ") and message in line
+    assert PROXY_PASSWORD not in line

@@ -443,3 +443,15 @@ def test_at_run_time_with_real_threads_and_a_reload(simulator, exporter) -> None
     proc.wait_for_metrics(watch(lambda m: not job_counts(m, "late")), what="late excluded")
     assert "removed=late" in proc.logs()
     assert gaps == 0
+
+
+def test_a_sources_proxy_serves_its_requests_and_its_clusters() -> None:
+    """proxy_url in a source's settings (or defaults) is the control plane's proxy, and
+    its clusters inherit it with the rest of its settings."""
+    from exporter.client import proxies
+    proxy = "http://ops:pw@proxy.corp:3128"
+    source = src(settings=PollSettings(proxy_url=proxy))
+    config = Config(path="x", clusters=(), discovery=(source,))
+    (cluster,) = resolve(config, {"prod": [cloud("in01-a", "a")]}).clusters
+    for target in (source.control_plane, cluster):
+        assert proxies(target) == {"http": proxy, "https": proxy}
