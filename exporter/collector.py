@@ -6,8 +6,8 @@ values. HELP text, types and order are public: tests/golden/metrics.txt pins the
 
 Nothing persists between scrapes: a collection that leaves a listing, or a
 cluster removed by a reload or gone from a discovery source, is simply not rendered
-again. Rendering never
-calls the API; ages are the only values computed at scrape time.
+again. Rendering never calls the API; ages are the only values computed at scrape
+time.
 """
 
 from __future__ import annotations
