@@ -1,5 +1,6 @@
 """One API call, for both flavours: a page of the "list import jobs" listing, or the
-details of one job ("describe").
+details of one job ("describe"); and, for discovery, a page of the clusters a key can
+see on Zilliz Cloud's control plane ("list clusters").
 
 Errors form a small tree whose ``reason`` is the contract's poll-error reason:
 
@@ -43,7 +44,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from exporter import __version__
-from exporter.config import REDACTED, ClusterConfig
+from exporter.config import REDACTED, ClusterConfig, DiscoveryConfig
 from exporter.deadline import DeadlineAdapter, Interrupted, finish
 from exporter.jobs import JobRecord, normalise_state
 from exporter.logs import bind
@@ -160,7 +161,8 @@ class JobDetails:
 
 
 def make_session(cluster: ClusterConfig) -> requests.Session:
-    """A keep-alive session carrying the cluster's credentials, trust and proxy.
+    """A keep-alive session carrying the cluster's credentials, trust and proxy (a
+    discovery source's: ``DiscoveryConfig.control_plane``).
 
     ``trust_env`` is off: the environment's proxies and CA bundle are read here, by the
     contract's rules (a setting in the config file wins), and never a .netrc, whose
@@ -239,8 +241,8 @@ def failure_text(raw: Any, secret: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
 
 
-# Observers hear (endpoint, code) for every HTTP request: endpoint "list" or
-# "describe", code the HTTP status or "error".
+# Observers hear (endpoint, code) for every HTTP request: endpoint "list", "describe"
+# or "clusters", code the HTTP status or "error".
 Observer = Callable[[str, str], None]
 
 
@@ -474,6 +476,17 @@ def _connection_reason(exc: Exception) -> str:
 
 def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
     """The ``data`` object of a successful answer; PollFailure for any other."""
+    data = _any_data(payload, cluster)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DecodeFailure(f"{cluster.host} answered a 'data' that is not an object")
+    return data
+
+
+def _any_data(payload: Any, cluster: ClusterConfig) -> Any:
+    """The ``data`` of a successful answer, whatever its type; PollFailure for an answer
+    that is no success."""
     host = cluster.host
     if not isinstance(payload, dict) or "code" not in payload:
         raise DecodeFailure(f"{host} answered JSON without a 'code'")
@@ -489,12 +502,7 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
             raise AuthFailure(f"{host} refused the credentials: code {code}: {message}")
         shown = str(code) if type(code) is int else type(code).__name__
         raise ApiFailure(f"{host} answered code {shown[:40]}: {message}")
-    data = payload.get("data")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DecodeFailure(f"{host} answered a 'data' that is not an object")
-    return data
+    return payload.get("data")
 
 
 def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> ListingPage:
@@ -606,3 +614,80 @@ def _parse_v2_details(data: dict[str, Any], job_id: str, secret: str) -> JobDeta
                       state=normalise_state(label_text(state))
                       if isinstance(state, str) and state else "",
                       reason=failure_text(reason, secret) if reason else "")
+
+
+# ---- discovery: the clusters a key can see ----------------------------------------------
+
+CLUSTERS_PATH = "/v2/clusters"
+# The fields of a listed cluster the exporter keeps, besides clusterId: text or absent.
+_CLUSTER_FIELDS = ("clusterName", "regionId", "projectId", "plan", "status")
+
+
+@dataclass(frozen=True)
+class CloudCluster:
+    """One cluster as the control plane lists it: every text label-safe, "" when the
+    answer left it out. ``status`` is opaque (RUNNING, STOPPED, CREATING, ...)."""
+
+    cluster_id: str
+    name: str = ""          # clusterName, as the console shows it
+    region_id: str = ""
+    project_id: str = ""
+    plan: str = ""
+    status: str = ""
+
+
+@dataclass(frozen=True)
+class ClustersPage:
+    """One page of clusters as the server sent it; ``count`` is the body's, if any."""
+
+    records: tuple[CloudCluster, ...]
+    count: int | None
+
+
+def list_clusters(session: requests.Session, source: DiscoveryConfig, current_page: int,
+                  observe: Observer = _ignore) -> ClustersPage:
+    """Fetch one page of the clusters the source's key can see (``page_size`` of its
+    settings a page: 100 unless set)."""
+    plane = source.control_plane
+
+    def call() -> ClustersPage:
+        params: dict[str, str | int] = {"pageSize": source.settings.page_size,
+                                        "currentPage": current_page}
+        answer = _request(session, plane, "clusters", CLUSTERS_PATH, observe,
+                          params=params, page=current_page)
+        return parse_clusters_answer(answer, plane)
+    result: ClustersPage = _scrubbed(call, plane)
+    return result
+
+
+def parse_clusters_answer(answer: bytes | bytearray, plane: ClusterConfig) -> ClustersPage:
+    """A page of clusters from an answer's body: ``data`` an object holding
+    ``clusters`` (as every example shows) or a bare array (as the schema says); raises
+    only PollFailure."""
+    host = plane.host
+    data = _any_data(_json(answer, host), plane)
+    count = None
+    if isinstance(data, dict):
+        items = data.get("clusters")
+        count = data.get("count") if type(data.get("count")) is int else None
+    elif data is None or isinstance(data, list):
+        items = data
+    else:
+        raise DecodeFailure(f"{host} answered a 'data' that is neither an object nor a list")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise DecodeFailure(f"{host} answered a cluster list that is not a list")
+    records = []
+    for item in items:
+        cluster_id = item.get("clusterId") if isinstance(item, dict) else None
+        if type(cluster_id) is not str or not cluster_id:
+            raise DecodeFailure(f"{host} answered a cluster without a clusterId")
+        texts = [item.get(name) for name in _CLUSTER_FIELDS]
+        if not all(text is None or type(text) is str for text in texts):
+            raise DecodeFailure(f"{host} answered a cluster {label_text(cluster_id)[:80]!r} "
+                                "with a malformed clusterName, regionId, projectId, plan "
+                                "or status")
+        records.append(CloudCluster(label_text(cluster_id),
+                                    *(label_text(text or "") for text in texts)))
+    return ClustersPage(records=tuple(records), count=count)

@@ -5,8 +5,9 @@ HELP, labels), in the order it renders; ``ImportCollector.collect`` only fills
 values. HELP text, types and order are public: tests/golden/metrics.txt pins them.
 
 Nothing persists between scrapes: a collection that leaves a listing, or a
-cluster removed by a reload, is simply not rendered again. Rendering never
-calls the API; ages are the only values computed at scrape time.
+cluster removed by a reload or gone from a discovery source, is simply not rendered
+again. Rendering never calls the API; ages are the only values computed at scrape
+time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter import __version__
+from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.poller import ClusterSnapshot, SnapshotBoard
 
 POLL_ERROR_REASONS = ("auth", "timeout", "connection", "http", "api", "decode", "pagination")
@@ -99,6 +101,21 @@ BUILD_INFO = Family("zilliz_import_exporter_build_info", "gauge",
                     "Exporter version and Python version.", ("version", "python_version"))
 RELOAD_OK = Family("zilliz_import_config_last_reload_successful", "gauge",
                    "1 when the last configuration (re)load succeeded.")
+_SOURCE = ("source",)
+DISCOVERY_UP = Family("zilliz_import_discovery_up", "gauge",
+                      "1 when the discovery source's last refresh succeeded, else 0.", _SOURCE)
+DISCOVERY_LAST_SUCCESS = Family("zilliz_import_discovery_last_success_timestamp_seconds",
+                                "gauge", "Unix time of the discovery source's last "
+                                "successful refresh.", _SOURCE)
+DISCOVERY_ERRORS = Family("zilliz_import_discovery_errors_total", "counter",
+                          "Failed refreshes of the discovery source, by reason.",
+                          (*_SOURCE, "reason"))
+DISCOVERED_CLUSTER_INFO = Family(
+    "zilliz_import_discovered_cluster_info", "gauge",
+    "Every cluster the discovery source lists (its last good listing); polled is true "
+    "when this exporter polls it, as cluster_name.",
+    (*_SOURCE, "cluster_name", "cluster_id", "cluster_display_name", "region_id",
+     "project_id", "plan", "status", "polled"))
 # Rendered by the scrape itself (web.ExpositionCache), after every other family.
 RENDER_ERRORS = Family("zilliz_import_render_errors_total", "counter",
                        "Series that could not be rendered and were left out of a scrape "
@@ -107,7 +124,8 @@ RENDER_ERRORS = Family("zilliz_import_render_errors_total", "counter",
 # What ImportCollector renders, in this order.
 FAMILIES = (JOBS, JOBS_STUCK, OLDEST_ACTIVE_AGE, STUCK_JOB_INFO, TRANSITIONS, PROGRESS, ROWS,
             ETA, FAILED_JOB_INFO, ROWS_IMPORTED, UP, LAST_SUCCESS, POLL_DURATION, POLL_ERRORS,
-            API_REQUESTS, RATE_LIMIT_WAIT, CLUSTER_INFO, BUILD_INFO, RELOAD_OK)
+            API_REQUESTS, RATE_LIMIT_WAIT, CLUSTER_INFO, BUILD_INFO, RELOAD_OK, DISCOVERY_UP,
+            DISCOVERY_LAST_SUCCESS, DISCOVERY_ERRORS, DISCOVERED_CLUSTER_INFO)
 
 # (family, label values, value): one series
 Sample = tuple[Family, Sequence[str], float]
@@ -115,10 +133,12 @@ Sample = tuple[Family, Sequence[str], float]
 
 class ImportCollector(Collector):
     def __init__(self, board: SnapshotBoard, *, clock: Callable[[], float] = time.time,
-                 reload_ok: Callable[[], bool] = lambda: True) -> None:
+                 reload_ok: Callable[[], bool] = lambda: True,
+                 discovery: DiscoveryBoard | None = None) -> None:
         self._board = board
         self._clock = clock
         self._reload_ok = reload_ok
+        self._discovery = discovery or DiscoveryBoard()
 
     def describe(self) -> list[Metric]:
         return []  # dynamic: registering must not trigger a collect()
@@ -134,6 +154,27 @@ class ImportCollector(Collector):
             yield from _cluster_samples(snap, now)
         yield BUILD_INFO, (__version__, platform.python_version()), 1
         yield RELOAD_OK, (), 1 if self._reload_ok() else 0
+        for source in self._discovery.snapshots():
+            yield from _source_samples(source)
+
+
+def _source_samples(snap: SourceSnapshot) -> Iterator[Sample]:
+    """A discovery source's health once it has refreshed, and every cluster of its last
+    good listing."""
+    if not snap.refreshed and not snap.errors and snap.last_success is None:
+        return
+    name = snap.source.name
+    yield DISCOVERY_UP, (name,), 1 if snap.up else 0
+    if snap.last_success is not None:
+        yield DISCOVERY_LAST_SUCCESS, (name,), snap.last_success
+    for reason in POLL_ERROR_REASONS:
+        yield DISCOVERY_ERRORS, (name, reason), snap.errors.get(reason, 0)
+    for found in snap.clusters:
+        listed = found.listed
+        yield DISCOVERED_CLUSTER_INFO, (
+            name, found.name, listed.cluster_id, listed.name, listed.region_id,
+            listed.project_id, listed.plan, listed.status,
+            "true" if found.polled else "false"), 1
 
 
 def _cluster_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 from exporter.client import JobDetails
 from exporter.logs import bind
 from exporter.jobs import (
-    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, state_index,
+    CANONICAL_STATES, TERMINAL_STATES, JobRecord, is_active, state_index,
 )
 
 log = logging.getLogger("exporter.history")
@@ -490,8 +490,9 @@ class JobHistory:
         active = _ActiveJobs()
         waiting: dict[str, tuple[str, str]] = {}
         failed: list[tuple[str, str]] = []
-        state_index, terminal_states, active_states = self._state_index.index, \
-            TERMINAL_STATES, ACTIVE_STATES
+        state_index, terminal_states = self._state_index.index, TERMINAL_STATES
+        # pending, importing and the unknown names that do not look final
+        active_states = {name for name in self._state_index.names if is_active(name)}
         for job_id, collection, state, progress in records:
             if progress < 0 or progress > 127:
                 progress = _clamp(progress)
@@ -499,6 +500,8 @@ class JobHistory:
             if index is None:       # a new name, or past MAX_STATE_NAMES: OTHER_STATE
                 index = self._state_index(state)
                 state = self._state_index.names[index]
+                if is_active(state):
+                    active_states.add(state)
             previous = jobs.get(job_id)
             terminal = state in terminal_states
             newly_terminal = False
@@ -609,7 +612,7 @@ class JobHistory:
                           transitions=dict(sorted(transitions.items())))
 
     def _is_active(self, job_id: str) -> bool:
-        return job_id in self._jobs and self._state_of(job_id) in ACTIVE_STATES
+        return job_id in self._jobs and is_active(self._state_of(job_id))
 
     def _follow_active(self, active: _ActiveJobs, now: float) -> None:
         """From the listing's active jobs, keep only the few that matter next: the

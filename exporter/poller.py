@@ -21,13 +21,13 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 import requests
 
 from exporter.client import (
-    DecodeFailure, HttpFailure, JobDetails, PaginationFailure, PollFailure, describe_import_job,
-    list_import_jobs, make_session,
+    DecodeFailure, HttpFailure, JobDetails, ListingPage, PaginationFailure, PollFailure,
+    describe_import_job, list_import_jobs, make_session,
 )
 from exporter.config import ClusterConfig, PollSettings
 from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord, NameIndex
@@ -218,52 +218,78 @@ def with_retries(call: Callable[[], T], settings: PollSettings, *,
                 raise Stopped() from None
 
 
-def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
-                  observe: Callable[[str, str], None] = lambda endpoint, code: None,
-                  wait: Callable[[float], bool] | None = None,
-                  rng: random.Random | None = None) -> Listing:
-    """Page through one listing; raise PollFailure (never return half a listing).
+class Page(Protocol):
+    """One page of a listing as the API client returns it."""
 
-    Stops on a short or empty page, on a reached total, on a page that brings
-    no new job id (servers that ignore paging), and fails past max_pages. A first
-    page holding more jobs than were asked for is a server that ignores paging
-    (Milvus): it is the whole listing, and no second request is sent; a later page
-    doing so is refused (pagination).
-    ``wait`` sleeps between retries and returns True when the poller must stop.
+    @property
+    def records(self) -> Sequence[object]: ...
+
+    @property
+    def count(self) -> int | None: ...
+
+
+P = TypeVar("P", bound=Page)
+
+
+def page_through(fetch: Callable[[int], P], add: Callable[[P], int], held: Callable[[], int],
+                 *, page_size: int, max_pages: int, noun: str = "jobs") -> int:
+    """Page through a listing from page 1 without trusting the server to page well;
+    returns how many pages it took, or raises PollFailure.
+
+    ``fetch`` gets a page, ``add`` takes it in and says how many of its ids were new,
+    ``held`` says how many ids are in. Stops on a short or empty page, on a reached
+    total, on a page that brings no new id (servers that ignore paging), and fails
+    past max_pages. A first page holding more than were asked for is a server that
+    ignores paging (Milvus): it is the whole listing, and no second request is sent;
+    a later page doing so is refused (pagination).
     """
-    settings = cluster.settings
-    rng = rng or random.Random()
-    wait = wait or threading.Event().wait
-    listing = Listing()
-    cluster_log = bind(log, cluster_name=cluster.name)
     total: int | None = None
     page = 0
     while True:
         page += 1
-        if page > settings.max_pages:
-            raise PaginationFailure(
-                f"listing did not end within max_pages={settings.max_pages} pages "
-                f"({len(listing)} jobs so far)")
-        result = with_retries(
-            lambda: list_import_jobs(session, cluster, page, observe), settings,
-            wait=wait, rng=rng, logger=cluster_log.bind(page=page))
-        oversized = len(result.records) > settings.page_size
+        if page > max_pages:
+            raise PaginationFailure(f"listing did not end within max_pages={max_pages} "
+                                    f"pages ({held()} {noun} so far)")
+        result = fetch(page)
+        held_here = len(result.records)
+        oversized = held_here > page_size
         if oversized and page > 1:
-            raise PaginationFailure(
-                f"page {page} held {len(result.records)} jobs, more than the "
-                f"page_size={settings.page_size} asked for")
-        new_ids = listing.extend(result.records, result.reasons)
-        listing.pages = page
+            raise PaginationFailure(f"page {page} held {held_here} {noun}, more than the "
+                                    f"page_size={page_size} asked for")
+        new_ids = add(result)
         if oversized:           # page 1 of a server that ignores paging: the whole listing
-            break
-        if result.count is not None and result.count > len(result.records):
+            return page
+        if result.count is not None and result.count > held_here:
             total = result.count        # a count larger than its page is a total
-        if not result.records or len(result.records) < settings.page_size:
-            break
-        if total is not None and len(listing) >= total:
-            break
+        if not held_here or held_here < page_size:
+            return page
+        if total is not None and held() >= total:
+            return page
         if new_ids == 0:
-            break
+            return page
+
+
+def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
+                  observe: Callable[[str, str], None] = lambda endpoint, code: None,
+                  wait: Callable[[float], bool] | None = None,
+                  rng: random.Random | None = None) -> Listing:
+    """Page through one listing (``page_through``); raise PollFailure (never return
+    half a listing). ``wait`` sleeps between retries and returns True when the poller
+    must stop.
+    """
+    settings = cluster.settings
+    chosen_rng = rng or random.Random()
+    chosen_wait = wait or threading.Event().wait
+    listing = Listing()
+    cluster_log = bind(log, cluster_name=cluster.name)
+
+    def fetch(page: int) -> ListingPage:
+        return with_retries(lambda: list_import_jobs(session, cluster, page, observe),
+                            settings, wait=chosen_wait, rng=chosen_rng,
+                            logger=cluster_log.bind(page=page))
+    listing.pages = page_through(fetch, lambda page: listing.extend(page.records, page.reasons),
+                                 lambda: len(listing), page_size=settings.page_size,
+                                 max_pages=settings.max_pages)
     return listing
 
 
@@ -646,39 +672,48 @@ class PollerGroup:
         """The rate limits every poller of this group shares."""
         return self._limits
 
-    def apply(self, clusters: tuple[ClusterConfig, ...], start: bool = True) -> dict[str, str]:
+    def apply(self, clusters: tuple[ClusterConfig, ...], start: bool = True, *,
+              paced: Iterable[ClusterConfig] = (), relearn: bool = True) -> dict[str, str]:
         """Start added, stop removed and restart changed clusters; keep the rest.
 
-        Returns what happened to each cluster name, for the log.
+        ``paced`` are the other users of the rate limits (discovery sources' control
+        planes). ``relearn`` makes the unchanged pollers forget what they learnt about
+        their servers (a reload: they may have been upgraded; not a discovery refresh).
+        A cluster's job history goes with its ``history`` key, not its name: a
+        discovered cluster renamed in the console keeps it. Returns what happened to
+        each cluster name, for the log.
         """
         changes: dict[str, str] = {}
         with self._lock:
             wanted = {c.name: c for c in clusters}
             self._limits.configure((c.host, c.api_key, c.settings.requests_per_second)
-                                   for c in clusters)
+                                   for c in (*clusters, *paced))
             for name, poller in list(self._pollers.items()):
                 if name not in wanted:
                     poller.stop()
                     self._board.remove(name)
                     del self._pollers[name]
-                    self._histories.pop(name, None)
-                    if self._store is not None:
-                        self._store.forget(name)
                     changes[name] = "removed"
+            kept = {c.history for c in clusters}
+            for key in [k for k in self._histories if k not in kept]:
+                del self._histories[key]
+                if self._store is not None:
+                    self._store.forget(key)
             for name, cluster in wanted.items():
                 old = self._pollers.get(name)
                 if old is not None and old.cluster == cluster:
-                    old.reset_fallbacks()
+                    if relearn:
+                        old.reset_fallbacks()
                     continue
                 if old is not None:
                     old.stop()
                     changes[name] = "changed"
                 else:
                     changes[name] = "added"
-                history = self._histories.get(name)
+                history = self._histories.get(cluster.history)
                 if history is None:
-                    history = self._histories[name] = JobHistory(name, self._store,
-                                                                 self._clock)
+                    history = self._histories[cluster.history] = JobHistory(
+                        cluster.history, self._store, self._clock)
                 poller = ClusterPoller(cluster, self._board, history, shard=self._shard,
                                        clock=self._clock,
                                        session_factory=self._session_factory,

@@ -13,6 +13,13 @@ hangs, code 200 on v2 (Milvus 2.4.0-2.4.4), and Zilliz's per-user rate limit
 Every request is logged with its arrival time (``Simulator.log``) so tests can
 measure the rate the server saw.
 
+Zilliz Cloud's control plane is served too: ``GET /v2/clusters?pageSize=&currentPage=``
+lists the v2 clusters of the key asking (``SimCluster.api_key``), paged, each with its
+``clusterName`` (``display_name``), region, project, plan and ``status``; a key with no
+cluster gets HTTP 401 and code 21119, as the real one answers. Clusters come, go
+(``Simulator.remove_cluster``), are renamed and change status at run time, and the
+key's ``SimControlPlane`` misbehaves on demand like a cluster does.
+
 Describe answers follow API-NOTES.md: v1 ``readyPercentage``/``errorMessage`` (no
 state, no rows); v2 ``state``, ``progress``, ``importedRows``, ``totalRows`` and
 ``reason`` (Milvus leaves ``reason`` out when empty and reports progress 0 and rows 0
@@ -39,7 +46,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 # Wire names of the canonical states; the simulator derives what it sends from the
@@ -51,6 +58,39 @@ _V2_STATES = {"pending": "Pending", "importing": "Importing", "completed": "Comp
               "failed": "Failed"}
 FAULTS = ("auth_body", "auth_http", "429", "500", "503", "malformed", "bad_shape",
           "api_error", "hang")
+
+
+@dataclass
+class FaultSwitch:
+    """How a simulated endpoint misbehaves: ``mode`` (one of FAULTS) on the next ``left``
+    requests (forever when None) from page ``from_page`` on."""
+
+    mode: str = ""
+    left: int | None = None
+    from_page: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def set(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault {mode!r}")
+        with self._lock:
+            self.mode, self.left, self.from_page = mode, times, from_page
+
+    def clear(self) -> None:
+        with self._lock:
+            self.mode, self.left = "", None
+
+    def take(self, page: int) -> str:
+        """The fault this request of ``page`` meets, "" for none; counts it down."""
+        with self._lock:
+            if not self.mode or page < self.from_page:
+                return ""
+            fault = self.mode
+            if self.left is not None:
+                self.left -= 1
+                if self.left <= 0:
+                    self.mode, self.left = "", None
+            return fault
 
 
 @dataclass
@@ -93,9 +133,13 @@ class SimCluster:
     describe_fault: str = ""      # "500", "api_error" or "hang": every describe misbehaves
     described: list[str] = field(default_factory=list)   # job ids, in order
     unknown_describes: int = 0
-    _fault: str = ""
-    _fault_left: int | None = None
-    _fault_from_page: int = 1
+    # What the control plane lists about it (v2 only): clusterName ("" for the name)...
+    display_name: str = ""
+    status: str = "RUNNING"
+    region_id: str = "aws-us-west-2"
+    project_id: str = "proj-0123456789"
+    plan: str = "Enterprise"
+    _faults: FaultSwitch = field(default_factory=FaultSwitch, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ids: Any = field(default_factory=lambda: itertools.count(1), repr=False)
 
@@ -146,14 +190,30 @@ class SimCluster:
 
     def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
         """Misbehave on the next ``times`` requests (forever when None) from a page on."""
-        if mode not in FAULTS:
-            raise ValueError(f"unknown fault {mode!r}")
-        with self._lock:
-            self._fault, self._fault_left, self._fault_from_page = mode, times, from_page
+        self._faults.set(mode, times, from_page)
 
     def heal(self) -> None:
+        self._faults.clear()
+
+    def rename(self, display_name: str) -> None:
+        """Rename it in the console: its clusterName changes, its clusterId stays."""
         with self._lock:
-            self._fault, self._fault_left = "", None
+            self.display_name = display_name
+
+    def set_status(self, status: str) -> None:
+        """STOPPED, RUNNING, ...: what the control plane says (it still answers)."""
+        with self._lock:
+            self.status = status
+
+    def cloud_record(self) -> dict[str, Any]:
+        """The cluster as GET /v2/clusters lists it."""
+        with self._lock:
+            return {"clusterId": self.cluster_id, "clusterName": self.display_name or self.name,
+                    "description": "", "regionId": self.region_id, "plan": self.plan,
+                    "cuType": "Performance-optimized", "cuSize": 1, "status": self.status,
+                    "connectAddress": f"https://{self.cluster_id}.{self.region_id}.zilliz.test",
+                    "privateLinkAddress": "", "projectId": self.project_id,
+                    "createTime": "2024-06-01T10:00:00Z"}
 
     def truth(self) -> Counter[tuple[str, str]]:
         """Jobs by (collection, canonical state): what /metrics must show."""
@@ -161,17 +221,6 @@ class SimCluster:
             return Counter((j.collection, j.state) for j in self.jobs.values())
 
     # ---- serving -----------------------------------------------------------------
-    def _take_fault(self, page: int) -> str:
-        with self._lock:
-            if not self._fault or page < self._fault_from_page:
-                return ""
-            fault = self._fault
-            if self._fault_left is not None:
-                self._fault_left -= 1
-                if self._fault_left <= 0:
-                    self._fault, self._fault_left = "", None
-            return fault
-
     def _page(self, page: int, size: int) -> tuple[list[dict[str, Any]], int]:
         with self._lock:
             jobs = list(self.jobs.values())
@@ -223,6 +272,47 @@ class SimCluster:
             return data
 
 
+@dataclass
+class SimControlPlane:
+    """Zilliz Cloud's control plane as one API key sees it (``Simulator.control_plane``):
+    how it answers GET /v2/clusters, which lists the key's v2 clusters."""
+
+    api_key: str
+    bare_array: bool = False      # ``data`` as a bare array (the schema) instead of an object
+    latency: float = 0.0
+    requests: int = 0
+    pages_served: list[int] = field(default_factory=list)
+    _faults: FaultSwitch = field(default_factory=FaultSwitch, repr=False)
+
+    def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
+        """Misbehave on the next ``times`` requests (forever when None) from a page on;
+        ``auth_http`` and ``auth_body`` both answer what a revoked key gets (401, 21119)."""
+        self._faults.set(mode, times, from_page)
+
+    def heal(self) -> None:
+        self._faults.clear()
+
+
+def _paging(params: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(currentPage, pageSize) of a request, 1 and 10 (the documented default) when
+    absent; None when not numbers."""
+    try:
+        return int(params.get("currentPage") or 1), int(params.get("pageSize") or 10)
+    except (TypeError, ValueError):
+        return None
+
+
+def _arrive(endpoint: SimCluster | SimControlPlane, page: int, lock: threading.Lock) -> str:
+    """A request for ``page`` arrives: count it, wait out the latency, and return the
+    fault it meets ("" for none)."""
+    with lock:
+        endpoint.requests += 1
+        endpoint.pages_served.append(page)
+    if endpoint.latency:
+        time.sleep(endpoint.latency)
+    return endpoint._faults.take(page)
+
+
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
     """The most of ``times`` that fall within any half-open window ``width`` long."""
     ordered, busiest, first = sorted(times), 0, 0
@@ -265,6 +355,7 @@ class Simulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  tls: ssl.SSLContext | None = None) -> None:
         self.clusters: dict[str, SimCluster] = {}
+        self.planes: dict[str, SimControlPlane] = {}     # by API key
         # Zilliz Cloud's limit: at most rate_limit requests in any one second per API key
         # and endpoint (0: none); a refused request is a 429, with Retry-After if set.
         self.rate_limit = 0
@@ -305,9 +396,22 @@ class Simulator:
         self.clusters[name] = cluster
         return cluster
 
+    def remove_cluster(self, name: str) -> None:
+        """Delete a cluster: it leaves the control plane's listing and stops answering."""
+        self.clusters.pop(name, None)
+
+    def control_plane(self, api_key: str) -> SimControlPlane:
+        """The control plane as ``api_key`` sees it (made on first use)."""
+        return self.planes.setdefault(api_key, SimControlPlane(api_key))
+
     def url_for(self, name: str) -> str:
         cluster = self.clusters[name]
         return self.base_url + (f"/milvus/{name}" if cluster.flavour == "milvus" else "")
+
+    def discovery_config(self, name: str, api_key: str, **extra: Any) -> dict[str, Any]:
+        """The exporter's YAML entry for a discovery source asking this simulator's
+        control plane with ``api_key``."""
+        return {"name": name, "url": self.base_url, "api_key": api_key, **extra}
 
     def cluster_config(self, name: str, **extra: Any) -> dict[str, Any]:
         """The exporter's YAML entry for a simulated cluster."""
@@ -388,6 +492,8 @@ class Simulator:
 
     def _answer(self, method: str, path: str, query: dict[str, str], body: dict[str, Any],
                 auth: str, cluster: SimCluster | None) -> tuple[int, dict[str, str], bytes]:
+        if path.endswith("/v2/clusters") and method == "GET":
+            return self._clusters_answer(query, auth)
         v1 = path.endswith("/v1/vector/collections/import/list")
         v2 = path.endswith("/v2/vectordb/jobs/import/list")
         v1_get = path.endswith("/v1/vector/collections/import/get")
@@ -401,34 +507,68 @@ class Simulator:
             return 200, {}, b'{"code": 100, "message": "cluster not found"}'
         if v1_get or v2_describe:
             return self._describe_answer(cluster, path, str(params.get("jobId") or ""), auth)
-        try:
-            page = int(params.get("currentPage") or 1)
-            size = int(params.get("pageSize") or 10)
-        except (TypeError, ValueError):
+        paging = _paging(params)
+        if paging is None:
             return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
-        with cluster._lock:
-            cluster.requests += 1
-            cluster.pages_served.append(page)
-        if cluster.latency:
-            time.sleep(cluster.latency)
-        fault = cluster._take_fault(page)
-        if fault == "hang":
-            self._closing.wait(3600)
-            return 504, {}, b""
+        page, size = paging
+        fault = _arrive(cluster, page, cluster._lock)
         if fault == "auth_http":
             return 401, {}, b'{"code": 401, "message": "Unauthorized"}'
-        if fault in ("429", "500", "503"):
-            headers = {"Retry-After": cluster.retry_after} if fault == "429" else {}
-            return int(fault), headers, b'{"message": "try later"}'
-        if fault == "malformed":
-            return 200, {}, b'{"code": 0, "data": {"records": [{"jobId": '
-        if fault == "bad_shape":
-            return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}}}'
-        if fault == "api_error":
-            return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
+        misbehaving = self._fault_answer(fault, cluster.retry_after)
+        if misbehaving is not None:
+            return misbehaving
         if fault == "auth_body" or not self._authorised(cluster, auth):
             return self._refusal(cluster)
         return 200, {}, self._page_answer(cluster, page, size)
+
+    def _fault_answer(self, fault: str, retry_after: str
+                      ) -> tuple[int, dict[str, str], bytes] | None:
+        """The answer of a fault every endpoint has in common; None for the others."""
+        if fault == "hang":
+            self._closing.wait(3600)
+            return 504, {}, b""
+        if fault in ("429", "500", "503"):
+            headers = {"Retry-After": retry_after} if fault == "429" else {}
+            return int(fault), headers, b'{"message": "try later"}'
+        if fault == "malformed":
+            return 200, {}, b'{"code": 0, "data": {"records": [{"jobId": '
+        if fault == "bad_shape":    # not a list, where a job list or cluster list should be
+            return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}, ' \
+                b'"clusters": {"not": "a list"}}}'
+        if fault == "api_error":
+            return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
+        return None
+
+    @staticmethod
+    def _illegal_key() -> tuple[int, dict[str, str], bytes]:
+        """The reply Zilliz Cloud's control plane gives a bad key (API-NOTES.md)."""
+        return 401, {}, b'{"code": 21119, "message": "The apikey is illegal."}'
+
+    def _clusters_answer(self, query: dict[str, str], auth: str
+                         ) -> tuple[int, dict[str, str], bytes]:
+        """GET /v2/clusters: the v2 clusters of the key asking, paged."""
+        key = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        members = [c for c in list(self.clusters.values())
+                   if c.flavour == "v2" and c.api_key == key]
+        if not members and key not in self.planes:
+            return self._illegal_key()
+        plane = self.control_plane(key)
+        paging = _paging(query)
+        if paging is None:
+            return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
+        page, size = paging
+        if not 1 <= size <= 100:
+            return 200, {}, b'{"code": 96008, "message": "pageSize must be 1 to 100"}'
+        fault = _arrive(plane, page, self._log_lock)
+        if fault in ("auth_http", "auth_body"):
+            return self._illegal_key()
+        misbehaving = self._fault_answer(fault, "1")
+        if misbehaving is not None:
+            return misbehaving
+        records = [c.cloud_record() for c in members[(page - 1) * size: page * size]]
+        data: Any = records if plane.bare_array else {
+            "count": len(members), "currentPage": page, "pageSize": size, "clusters": records}
+        return 200, {}, json.dumps({"code": 0, "data": data}).encode()
 
     @staticmethod
     def _authorised(cluster: SimCluster, auth: str) -> bool:
@@ -520,11 +660,19 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
 
 # ---- the demo ----------------------------------------------------------------------
 
-DEMO_CLUSTERS = (
+DEMO_CLUSTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     # name, flavour, key, collections
     ("demo-cloud-v1", "v1", "demo-v1-api-key-0123456789", ("medium_articles", "products")),
     ("demo-cloud-v2", "v2", "demo-v2-api-key-abcdefghij", ("images", "faq")),
     ("demo-milvus", "milvus", "root:Milvus-demo-pass", ("logs",)),
+)
+# The clusters only the demo's discovery source finds (its key sees these two): one
+# running, whose jobs move like the others', and one stopped, listed but not polled.
+DEMO_DISCOVERY_KEY = "demo-discovery-key-klmnopqrst"
+DEMO_DISCOVERED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # name, clusterName, status, collections
+    ("demo-discovered", "demo discovered", "RUNNING", ("uploads",)),
+    ("demo-paused", "demo paused", "STOPPED", ()),
 )
 
 
@@ -559,8 +707,18 @@ class DemoDirector:
         self.stuck_job = ""
         self._stalling: dict[str, int] = {}   # job id -> tick it was created
         self._sizes: dict[str, int] = {}      # job id -> rows in its files
+        # the clusters whose jobs move: (name, collections)
+        self._moving: list[tuple[str, tuple[str, ...]]] = []
         for name, flavour, key, collections in DEMO_CLUSTERS:
-            cluster = sim.add_cluster(name, flavour, key)
+            sim.add_cluster(name, flavour, key)
+            self._moving.append((name, collections))
+        for name, display, status, found in DEMO_DISCOVERED:
+            sim.add_cluster(name, "v2", DEMO_DISCOVERY_KEY, display_name=display,
+                            status=status)
+            if status == "RUNNING":
+                self._moving.append((name, found))
+        for name, collections in self._moving:
+            cluster = sim.clusters[name]
             for collection in collections:
                 cluster.add_jobs(2, collection, "completed", 100)
                 for job_id in cluster.add_jobs(1, collection, "failed", 37):
@@ -591,7 +749,7 @@ class DemoDirector:
             v2 = self.sim.clusters["demo-cloud-v2"]
             job_id = v2.add_jobs(1, "images", "importing", 30, prefix="stalls")[0]
             self._stalling[job_id] = self._ticks
-        for name, _, _, collections in DEMO_CLUSTERS:
+        for name, collections in self._moving:
             cluster = self.sim.clusters[name]
             with cluster._lock:
                 jobs = list(cluster.jobs.values())

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.collector import RENDER_ERRORS
+from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
@@ -63,6 +64,7 @@ class WebApp:
     registry: CollectorRegistry
     board: SnapshotBoard
     telemetry_path: str = "/metrics"
+    discovery: DiscoveryBoard = field(default_factory=DiscoveryBoard)
     web_config: WebConfig = field(default_factory=WebConfig)
     lifecycle: bool = False
     reload: Callable[[], str | None] = lambda: None   # None when applied, else the error
@@ -295,6 +297,14 @@ def _tr(*cells: str) -> str:
                             for c in cells) + "</tr>"
 
 
+def _table(table_id: str, head: tuple[str, ...], rows: list[str], empty: str) -> str:
+    """A table of rows made by ``_tr``; one cell saying ``empty`` when there are none."""
+    cells = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join(rows) or f'<tr><td colspan="{len(head)}" class="none">{empty}</td></tr>'
+    return f'<table id="{table_id}"><thead><tr>{cells}</tr></thead><tbody>{body}</tbody>' \
+        "</table>\n"
+
+
 def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
     """Stuck jobs, running jobs and recent failures of every cluster, each capped
     like its series (the summaries are), every value escaped."""
@@ -323,11 +333,8 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
 
     def table(table_id: str, title: str, head: tuple[str, ...],
               rows: list[tuple[float, str]], empty: str) -> str:
-        cells = "".join(f"<th>{h}</th>" for h in head)
-        body = "".join(row for _, row in sorted(rows, key=lambda r: r[0])) or \
-            f'<tr><td colspan="{len(head)}" class="none">{empty}</td></tr>'
-        return (f'<h2>{title}</h2>\n<table id="{table_id}"><thead><tr>{cells}</tr></thead>'
-                f"<tbody>{body}</tbody></table>\n")
+        return f"<h2>{title}</h2>\n" + _table(
+            table_id, head, [row for _, row in sorted(rows, key=lambda r: r[0])], empty)
 
     return (table("stuck", "Stuck jobs", ("cluster", "collection", "job id", "state", "age",
                                           "reason"), stuck, "none stuck")
@@ -408,6 +415,39 @@ def _cluster_table(snapshots: list[ClusterSnapshot], now: float) -> str:
             f"{''.join(rows)}\n</tbody></table>")
 
 
+def _discovery_sections(sources: tuple[SourceSnapshot, ...], now: float) -> str:
+    """Each discovery source's health, then every cluster it listed: polled, or why
+    not. Nothing without sources."""
+    if not sources:
+        return ""
+    health, found = [], []
+    for snap in sources:
+        source = snap.source.name
+        status = "down" if not snap.up and snap.last_error_reason else \
+            "up" if snap.up else "waiting"
+        error = f"{snap.last_error_reason}: {snap.last_error}" if not snap.up and \
+            snap.last_error_reason else ""
+        health.append(_tr(source, snap.source.control_plane.host,
+                          _Markup(f'<span class="{"wait" if status == "waiting" else status}"'
+                                  f">{status}</span>"),
+                          _age(now - snap.last_success) if snap.last_success else "never",
+                          error, str(len(snap.clusters)),
+                          str(sum(1 for c in snap.clusters if c.polled)),
+                          f"{snap.source.refresh_interval:g}s"))
+        for cluster in sorted(snap.clusters, key=lambda c: (not c.polled, c.name)):
+            listed = cluster.listed
+            found.append(_tr(source, cluster.name, listed.name, listed.cluster_id,
+                             listed.region_id, listed.project_id, listed.status,
+                             "yes" if cluster.polled else f"no: {cluster.why_not}"))
+    return ("<h2>Discovery</h2>\n"
+            + _table("sources", ("source", "host", "status", "last success", "last error",
+                                "clusters listed", "polled", "refresh interval"),
+                    health, "no discovery source")
+            + _table("discovered", ("source", "cluster", "clusterName", "clusterId", "region",
+                                   "project", "status", "polled"),
+                    found, "no cluster listed yet"))
+
+
 def render_status_page(app: WebApp) -> str:
     """The landing page: links, one row per cluster, then the jobs that need a look."""
     now = app.clock()
@@ -427,7 +467,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
 <h2>Clusters</h2>
 {_cluster_table(snapshots, now)}
-{_job_sections(snapshots, now)}</body></html>
+{_job_sections(snapshots, now)}{_discovery_sections(app.discovery.snapshots(), now)}</body></html>
 """
 
 

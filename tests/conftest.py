@@ -34,7 +34,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import build_registry
-from exporter.config import ClusterConfig, Config, PollSettings, parse_config
+from exporter.client import CloudCluster
+from exporter.config import ClusterConfig, Config, DiscoveryConfig, PollSettings, parse_config
+from exporter.discovery import Discovery, DiscoveryBoard, DiscoveredCluster, SourceSnapshot
 from exporter.history import FailedJob, HistoryStore, JobSummary, RunningJob, StuckJob
 from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
 from exporter.simulator import Simulator
@@ -235,38 +237,54 @@ class ExporterProcess:
 
 
 class InProcessExporter:
-    """The exporter's parts wired as the entry point wires them, polled by the test on a
-    FakeClock instead of by threads on real time: minutes of a poll schedule (stuck and
-    stalled jobs, restarts with a state file) cost no minutes of the test. The API is
-    still the simulator over loopback."""
+    """The exporter's parts wired as the entry point wires them, polled (and its
+    discovery sources refreshed) by the test on a FakeClock instead of by threads on real
+    time: minutes of a poll schedule (stuck and stalled jobs, restarts with a state file)
+    cost no minutes of the test. The API is still the simulator over loopback. Its
+    sources are refreshed once at the start, as the exporter's are."""
 
     def __init__(self, config: Config | dict[str, Any], clock: FakeClock,
                  requests_per_second: float | None = 10_000) -> None:
         self.config = config if isinstance(config, Config) else \
             parse_config(config, "<test>", environ={})
-        clusters = self.config.clusters
+        running = self.config
         # The rate limiter paces by real time and has tests of its own: lifted unless a
         # test passes None (each cluster's configured rate).
         if requests_per_second is not None:
-            clusters = tuple(dataclasses.replace(c, settings=dataclasses.replace(
-                c.settings, requests_per_second=requests_per_second)) for c in clusters)
+            def lifted(settings: PollSettings) -> PollSettings:
+                return dataclasses.replace(settings, requests_per_second=requests_per_second)
+            running = dataclasses.replace(
+                running, clusters=tuple(dataclasses.replace(c, settings=lifted(c.settings))
+                                        for c in running.clusters),
+                discovery=tuple(dataclasses.replace(s, settings=lifted(s.settings))
+                                for s in running.discovery))
         self.clock = clock
         self.store = HistoryStore(self.config.state_file) if self.config.state_file else None
         self.board = SnapshotBoard()
         self.group = PollerGroup(self.board, store=self.store, clock=clock)
-        self.group.apply(clusters, start=False)
-        self.registry = build_registry(self.board, reload_ok=lambda: True, clock=clock)
+        self.discovery = Discovery(DiscoveryBoard(), self.group.apply,
+                                   limits=self.group.limits, clock=clock)
+        self.discovery.configure(running, start=False)
+        self.discovery.refresh_all()
+        self.registry = build_registry(self.board, reload_ok=lambda: True, clock=clock,
+                                       discovery=self.discovery.board)
 
     def poll(self) -> dict:
         """Poll every cluster once; the metrics a scrape then sees."""
         self.group.poll_all_once()
         return self.metrics()
 
+    def refresh(self) -> dict:
+        """Refresh every discovery source once; the metrics a scrape then sees."""
+        self.discovery.refresh_all()
+        return self.metrics()
+
     def metrics(self) -> dict:
         return parse_metrics(generate_latest(self.registry).decode())
 
     def close(self) -> None:
-        """Stop as SIGTERM does: pollers, then the state file."""
+        """Stop as SIGTERM does: sources and pollers, then the state file."""
+        self.discovery.stop()
         self.group.stop()
         if self.store is not None:
             self.store.close()
@@ -597,4 +615,31 @@ def golden_board() -> SnapshotBoard:
     board.publish(ClusterSnapshot(
         cluster=ClusterConfig(name="new-one", url="https://api.cloud.zilliz.com", api="v2",
                               cluster_id="in01-new", settings=_GOLDEN_SETTINGS)))
+    return board
+
+
+def golden_discovery() -> DiscoveryBoard:
+    """Two sources: one up, whose key sees a cluster it polls, one a configured cluster
+    polls and one stopped; one whose refreshes fail (its last listing stands)."""
+    board = DiscoveryBoard()
+    polled = CloudCluster("in01-search", "search eu", "aws-eu-central-1", "proj-1",
+                          "Enterprise", "RUNNING")
+    configured = CloudCluster("in01-0123456789abcdef", "prod search", "gcp-us-west1",
+                              "proj-1", "Enterprise", "RUNNING")
+    stopped = CloudCluster("in01-old", "old", "aws-eu-central-1", "proj-2", "Standard",
+                           "STOPPED")
+    board.publish([
+        SourceSnapshot(DiscoveryConfig(name="prod", api_key="golden-secret"), refreshed=True,
+                       up=True, last_success=GOLDEN_NOW - 40, listed=(polled, configured,
+                                                                      stopped),
+                       clusters=(DiscoveredCluster(polled, "search-eu", True),
+                                 DiscoveredCluster(configured, "prod-search", False,
+                                                   "configured as prod-search"),
+                                 DiscoveredCluster(stopped, "old", False,
+                                                   "status STOPPED not in poll_statuses"))),
+        SourceSnapshot(DiscoveryConfig(name="staging", url="https://api.cloud.zilliz.com.cn",
+                                       api_key="golden-secret-2"),
+                       refreshed=True, up=False, last_error_reason="auth",
+                       last_error="HTTP 401 from api.cloud.zilliz.com.cn: credentials refused",
+                       errors={"auth": 3, "http": 1})])
     return board

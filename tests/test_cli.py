@@ -27,10 +27,18 @@ def test_demo_shows_jobs_within_10_seconds_and_passes_promtool(tmp_path: Path) -
         started = time.monotonic()
         metrics = proc.wait_for_metrics(
             lambda m: all(job_counts(m, c) for c in ("demo-cloud-v1", "demo-cloud-v2",
-                                                     "demo-milvus")),
-            timeout=10, what="non-zero jobs for the three demo clusters")
+                                                     "demo-milvus", "demo-discovered")),
+            timeout=10, what="non-zero jobs for the three demo clusters and the one "
+                             "discovery finds")
         assert time.monotonic() - started < 10
         assert samples(metrics, "zilliz_import_cluster_info", api="v1")
+        # the demo's discovery source finds two clusters; the stopped one is not polled
+        found = {dict(k[1])["cluster_name"]: (dict(k[1])["status"], dict(k[1])["polled"])
+                 for k in samples(metrics, "zilliz_import_discovered_cluster_info",
+                                  source="demo")}
+        assert found == {"demo-discovered": ("RUNNING", "true"),
+                         "demo-paused": ("STOPPED", "false")}
+        assert not samples(metrics, "zilliz_import_up", cluster_name="demo-paused")
         _, _, body = proc.get("/metrics")
         promtool = require_tool("promtool")
         result = subprocess.run([promtool, "check", "metrics"], input=body,
@@ -51,7 +59,7 @@ def test_demo_stuck_stalled_and_job_details_within_a_minute() -> None:
     clock = FakeClock(time.time())
     with Simulator() as sim:
         director = DemoDirector(sim)
-        config = demo_config({n: sim.cluster_config(n) for n in sim.clusters})
+        config = demo_config(sim)
         demo = InProcessExporter(config, clock)
         seen: set[tuple[str, str]] = set()
         details: set[tuple[str, str]] = set()

@@ -11,12 +11,12 @@ import requests
 
 from exporter.client import (
     MAX_REASON_CHARS,
-    ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure, HttpFailure, JobDetails,
-    PollFailure, TimeoutFailure, describe_import_job, failure_text, list_import_jobs,
-    make_session, parse_retry_after,
+    ApiFailure, AuthFailure, CloudCluster, ConnectionFailure, DecodeFailure, HttpFailure,
+    JobDetails, PollFailure, TimeoutFailure, describe_import_job, failure_text, list_clusters,
+    list_import_jobs, make_session, parse_retry_after,
 )
 from exporter.jobs import normalise_state
-from exporter.config import ClusterConfig, PollSettings
+from exporter.config import ClusterConfig, DiscoveryConfig, PollSettings
 
 from conftest import StubApi, StubCall
 
@@ -283,6 +283,78 @@ def test_a_key_echoed_across_the_200_character_cut_never_leaves_a_prefix(
     with pytest.raises(ApiFailure) as info:
         fetch(stub, V2)
     assert KEY[:half] not in str(info.value)
+
+
+# ---- discovery: the clusters a key can see -----------------------------------------------
+
+SOURCE = DiscoveryConfig(name="prod", api_key=KEY, settings=PollSettings(page_size=2))
+CLUSTERS = "/v2/clusters"
+
+
+def listed(cluster_id: str, **fields: object) -> dict:
+    return {"clusterId": cluster_id, "clusterName": f"name {cluster_id}",
+            "regionId": "aws-us-west-2", "projectId": "proj-1", "plan": "Serverless",
+            "status": "RUNNING", "cuSize": 1, "createTime": "2024-06-01T10:00:00Z", **fields}
+
+
+def clusters_page(stub: StubApi, page: int = 1):
+    source = dataclasses.replace(SOURCE, url=stub.url)
+    codes: list[str] = []
+    result = list_clusters(make_session(source.control_plane), source, page,
+                           lambda endpoint, code: codes.append(f"{endpoint} {code}"))
+    return result, codes
+
+
+@pytest.mark.parametrize("data", [
+    {"count": 3, "currentPage": 2, "pageSize": 2, "clusters": [listed("in01-a")]},
+    [listed("in01-a")]], ids=["object", "bare-array"])
+def test_list_clusters_reads_data_as_an_object_or_a_bare_array(stub: StubApi,
+                                                               data: object) -> None:
+    stub.add("GET", CLUSTERS, json={"code": 0, "data": data})
+    page, codes = clusters_page(stub, 2)
+    assert page.records == (CloudCluster("in01-a", "name in01-a", "aws-us-west-2", "proj-1",
+                                         "Serverless", "RUNNING"),)
+    assert page.count == (3 if isinstance(data, dict) else None)
+    call = only_call(stub)
+    assert call.method == "GET" and call.query == {"pageSize": "2", "currentPage": "2"}
+    assert call.headers["Authorization"] == f"Bearer {KEY}"
+    assert codes == ["clusters 200"]
+
+
+def test_list_clusters_reads_what_is_absent_as_empty_and_accepts_code_200(stub) -> None:
+    stub.add("GET", CLUSTERS, json={"code": 200, "data": {"clusters": [
+        {"clusterId": "in01-b", "status": None}]}})
+    page, _ = clusters_page(stub)
+    assert page.records == (CloudCluster("in01-b"),) and page.count is None
+
+
+@pytest.mark.parametrize("status, body, error, reason", [
+    # what Zilliz Cloud answers a bad key (a recorded reply)
+    (401, {"code": 21119, "message": "The apikey is illegal."}, AuthFailure, "auth"),
+    (200, {"code": 21119, "message": "The apikey is illegal."}, AuthFailure, "auth"),
+    (500, {"message": "oops"}, HttpFailure, "http"),
+    (200, {"code": 65535, "message": "busy"}, ApiFailure, "api"),
+    (200, {"code": 0, "data": "clusters"}, DecodeFailure, "decode"),
+    (200, {"code": 0, "data": {"clusters": {"in01-a": {}}}}, DecodeFailure, "decode"),
+    (200, {"code": 0, "data": {"clusters": [{"clusterName": "no id"}]}}, DecodeFailure,
+     "decode"),
+    (200, {"code": 0, "data": {"clusters": [{"clusterId": 7}]}}, DecodeFailure, "decode"),
+    (200, {"code": 0, "data": {"clusters": [listed("in01-a", status=["RUNNING"])]}},
+     DecodeFailure, "decode"),
+])
+def test_list_clusters_failures_are_classified_as_for_polls(stub, status, body, error,
+                                                            reason) -> None:
+    stub.add("GET", CLUSTERS, status=status, json=body)
+    with pytest.raises(error) as info:
+        clusters_page(stub)
+    assert info.value.reason == reason and KEY not in str(info.value)
+
+
+def test_list_clusters_texts_are_label_safe(stub: StubApi) -> None:
+    stub.add("GET", CLUSTERS, json={"code": 0, "data": {"clusters": [
+        listed("in01-a", clusterName="bad\x00name\ud800", status="RUN\nNING")]}})
+    page, _ = clusters_page(stub)
+    assert (page.records[0].name, page.records[0].status) == ("badname\ufffd", "RUNNING")
 
 
 def test_a_proxy_password_never_leaves_in_a_failure(stub: StubApi) -> None:

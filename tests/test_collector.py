@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from conftest import GOLDEN_NOW, FakeClock, golden_board
+from conftest import GOLDEN_NOW, FakeClock, golden_board, golden_discovery
 from exporter import __version__
 from exporter.jobs import JobRecord
 from exporter.collector import FAMILIES, RENDER_ERRORS, ImportCollector
@@ -164,7 +164,8 @@ _BUILD = re.compile(r'(zilliz_import_exporter_build_info)\{python_version="[^"]*
 def golden_exposition() -> str:
     """/metrics as the real collector and scrape cache render conftest's golden_board."""
     registry = CollectorRegistry()
-    registry.register(ImportCollector(golden_board(), clock=lambda: GOLDEN_NOW))
+    registry.register(ImportCollector(golden_board(), clock=lambda: GOLDEN_NOW,
+                                      discovery=golden_discovery()))
     cache = ExpositionCache(registry, SnapshotBoard(), lambda: GOLDEN_NOW)
     body = cache.body(generate_latest, CONTENT_TYPE_LATEST, False).decode()
     return _BUILD.sub(r'\1{python_version="PYTHON",version="VERSION"}', body)
@@ -195,4 +196,6 @@ def test_every_family_is_declared_once_and_documented() -> None:
             f"{family.name} is not in the README's metrics table"
         assert set(family.labels) <= {"cluster_name", "collection", "state", "job_id",
                                       "reason", "kind", "endpoint", "code", "cluster_id",
-                                      "api", "host", "shard", "version", "python_version"}
+                                      "api", "host", "shard", "version", "python_version",
+                                      "source", "cluster_display_name", "region_id",
+                                      "project_id", "plan", "status", "polled"}
