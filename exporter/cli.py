@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 from urllib3.exceptions import InsecureRequestWarning
@@ -31,7 +31,8 @@ from exporter.logs import LEVELS, setup_logging
 from exporter.memory import MemoryReturner, limit_malloc_arenas
 from exporter.poller import PollerGroup, SnapshotBoard
 from exporter.sharding import parse_shard_index
-from exporter.web import ExpositionCache, FamilyList, WebApp, create_server
+from exporter.exposition import ExpositionCache, FamilyList
+from exporter.web import WebApp, create_server
 from exporter.webconfig import WebConfig, load_web_config
 
 if TYPE_CHECKING:
@@ -246,13 +247,21 @@ class ConfigRuntime:
 
 def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool],
                    clock: Callable[[], float] = time.time,
-                   discovery: DiscoveryBoard | None = None) -> CollectorRegistry:
+                   discovery: DiscoveryBoard | None = None,
+                   imports: ImportCollector | None = None) -> CollectorRegistry:
+    """The process collectors and ``imports`` (made here when not given)."""
+    registry = process_registry()
+    registry.register(imports or ImportCollector(board, clock=clock, reload_ok=reload_ok,
+                                                 discovery=discovery))
+    return registry
+
+
+def process_registry() -> CollectorRegistry:
+    """process_*, python_* and the GC's series, as every Python exporter has them."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(ImportCollector(board, clock=clock, reload_ok=reload_ok,
-                                      discovery=discovery))
     return registry
 
 
@@ -336,12 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     board = SnapshotBoard()
     group = PollerGroup(board, store=store, shard=shard[1])
     runtime = ConfigRuntime(config, group, shard, loader)
-    registry = build_registry(board, lambda: runtime.reload_ok,
+    imports = ImportCollector(board, reload_ok=lambda: runtime.reload_ok,
                               discovery=runtime.discovery.board)
     try:
         if args.once:
-            return _run_once(runtime, registry, board, args.output)
-        return _serve(runtime, registry, board, web_config, args, host, port, watcher)
+            return _run_once(runtime, build_registry(board, lambda: True, imports=imports),
+                             board, args.output)
+        return _serve(runtime, imports, board, web_config, args, host, port, watcher)
     finally:
         runtime.discovery.stop()
         group.stop()
@@ -397,10 +407,13 @@ def _run_once(runtime: ConfigRuntime, registry: CollectorRegistry, board: Snapsh
     return EXIT_FAILURE if failed or failed_sources else EXIT_OK
 
 
-def _serve(runtime: ConfigRuntime, registry: CollectorRegistry, board: SnapshotBoard,
+def _serve(runtime: ConfigRuntime, imports: ImportCollector, board: SnapshotBoard,
            web_config: WebConfig, args: argparse.Namespace, host: str, port: int,
            watcher: ConfigWatcher | None) -> int:
-    app = WebApp(registry=registry, board=board, telemetry_path=args.telemetry_path,
+    # The import collector beside the registry, not in it: its series are encoded
+    # piece by piece, each cluster's only when it published (exposition).
+    app = WebApp(registry=process_registry(), imports=imports, board=board,
+                 telemetry_path=args.telemetry_path,
                  discovery=runtime.discovery.board, web_config=web_config,
                  lifecycle=args.lifecycle, reload=runtime.reload, is_ready=runtime.is_ready,
                  generation=runtime.cache_generation)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -139,6 +139,8 @@ class ImportCollector(Collector):
         self._clock = clock
         self._reload_ok = reload_ok
         self._discovery = discovery or DiscoveryBoard()
+        # by cluster name: (the snapshot, stale then, its pieces without ages)
+        self._pieces: dict[str, tuple[ClusterSnapshot, bool, dict[Family, Metric]]] = {}
 
     def describe(self) -> list[Metric]:
         return []  # dynamic: registering must not trigger a collect()
@@ -149,9 +151,38 @@ class ImportCollector(Collector):
             families[family].add_metric(labels, value)
         yield from families.values()
 
+    def parts(self) -> Iterator[Metric]:
+        """collect()'s families in pieces, in the same order: for each family one piece
+        per cluster that has its series, then the global series. A cluster's pieces are
+        the same objects until it publishes again or goes stale (only its ages are made
+        anew: they move with the clock), so an encoding of them can be kept."""
+        now = self._clock()
+        snaps = sorted(self._board.snapshots(), key=lambda s: s.cluster.name)
+        clusters = [self._pieces_of(snap, now) for snap in snaps]
+        ages = [_families(_age_samples(snap, now)) for snap in snaps]
+        own = _families(self._global_samples())
+        self._pieces = {snap.cluster.name: self._pieces[snap.cluster.name]
+                        for snap in snaps}           # clusters gone are forgotten
+        for family in FAMILIES:
+            pieces = [found[family] for found in (ages if family is OLDEST_ACTIVE_AGE
+                                                  else clusters) if family in found]
+            pieces += [own[family]] if family in own else []
+            yield from pieces or [family.new()]
+
+    def _pieces_of(self, snap: ClusterSnapshot, now: float) -> dict[Family, Metric]:
+        stale = snap.is_stale(now)
+        kept = self._pieces.get(snap.cluster.name)
+        if kept is None or kept[0] is not snap or kept[1] != stale:
+            kept = self._pieces[snap.cluster.name] = (
+                snap, stale, _families(_cluster_samples(snap, now, ages=False)))
+        return kept[2]
+
     def _samples(self, now: float) -> Iterator[Sample]:
         for snap in sorted(self._board.snapshots(), key=lambda s: s.cluster.name):
             yield from _cluster_samples(snap, now)
+        yield from self._global_samples()
+
+    def _global_samples(self) -> Iterator[Sample]:
         yield BUILD_INFO, (__version__, platform.python_version()), 1
         yield RELOAD_OK, (), 1 if self._reload_ok() else 0
         for source in self._discovery.snapshots():
@@ -177,8 +208,34 @@ def _source_samples(snap: SourceSnapshot) -> Iterator[Sample]:
             "true" if found.polled else "false"), 1
 
 
-def _cluster_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
-    """One cluster's series: its health, then its jobs unless stale."""
+def _families(samples: Iterable[Sample]) -> dict[Family, Metric]:
+    """Samples into families, each family made when its first sample comes."""
+    families: dict[Family, GaugeMetricFamily | CounterMetricFamily] = {}
+    for family, labels, value in samples:
+        found = families.get(family)
+        if found is None:
+            found = families[family] = family.new()
+        found.add_metric(labels, value)
+    return dict(families)
+
+
+def _age_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
+    """The ages of a cluster's oldest active jobs, the one thing that moves with the
+    clock between its publishes."""
+    summary = snap.jobs
+    if not snap.polled or summary is None or snap.is_stale(now):
+        return
+    name = snap.cluster.name
+    for collection in summary.stuck:
+        first_seen = summary.oldest_active.get(collection)
+        yield OLDEST_ACTIVE_AGE, (name, collection), \
+            0.0 if first_seen is None else max(0.0, now - first_seen)
+
+
+def _cluster_samples(snap: ClusterSnapshot, now: float,
+                     ages: bool = True) -> Iterator[Sample]:
+    """One cluster's series: its health, then its jobs unless stale (ages too, unless
+    ``ages`` is False)."""
     name, cluster = snap.cluster.name, snap.cluster
     yield CLUSTER_INFO, (name, cluster.cluster_id, cluster.api, cluster.host,
                          str(snap.shard)), 1
@@ -200,9 +257,8 @@ def _cluster_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
         yield JOBS, (name, collection, state), count
     for collection, count in summary.stuck.items():
         yield JOBS_STUCK, (name, collection), count
-        first_seen = summary.oldest_active.get(collection)
-        yield OLDEST_ACTIVE_AGE, (name, collection), \
-            0.0 if first_seen is None else max(0.0, now - first_seen)
+    if ages:
+        yield from _age_samples(snap, now)
     for job in summary.stuck_jobs:
         yield STUCK_JOB_INFO, (name, job.collection, job.job_id, job.state, job.reason), 1
     for (collection, state), count in summary.transitions.items():

@@ -11,7 +11,7 @@ from conftest import GOLDEN_NOW, FakeClock, golden_board, golden_discovery
 from exporter import __version__
 from exporter.jobs import JobRecord
 from exporter.collector import FAMILIES, RENDER_ERRORS, ImportCollector
-from exporter.web import ExpositionCache
+from exporter.exposition import ExpositionCache
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.poller import ClusterSnapshot, Listing, SnapshotBoard

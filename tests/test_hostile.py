@@ -377,7 +377,7 @@ def test_a_lone_surrogate_from_a_server_leaves_every_cluster_served() -> None:
     from conftest import FakeClock, parse_metrics
     from exporter.collector import ImportCollector
     from exporter.simulator import Simulator
-    from exporter.web import ExpositionCache
+    from exporter.exposition import ExpositionCache
 
     board, clock = SnapshotBoard(), FakeClock()
     with Simulator() as sim:
