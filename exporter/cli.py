@@ -10,9 +10,11 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+import warnings
+from typing import TYPE_CHECKING, Callable
 
 import yaml
+from urllib3.exceptions import InsecureRequestWarning
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -21,16 +23,20 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter import __version__
 from exporter.collector import ImportCollector
 from exporter.config import (
-    ClusterConfig, Config, ConfigError, load_config, parse_config, parse_duration, redacted,
-    shared_rate_notes,
+    Config, ConfigError, load_config, parse_config, parse_duration, redacted, shared_rate_notes,
 )
+from exporter.discovery import Discovery, DiscoveryBoard, SourceSnapshot
 from exporter.store import HistoryStore, StateFileInUse
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import MemoryReturner, limit_malloc_arenas
 from exporter.poller import PollerGroup, SnapshotBoard
-from exporter.sharding import parse_shard_index, select_shard
-from exporter.web import ExpositionCache, FamilyList, WebApp, create_server
+from exporter.sharding import parse_shard_index
+from exporter.exposition import ExpositionCache, FamilyList
+from exporter.web import WebApp, create_server
 from exporter.webconfig import WebConfig, load_web_config
+
+if TYPE_CHECKING:
+    from exporter.simulator import Simulator
 
 log = logging.getLogger("exporter")
 
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", dest="check_config", action="store_true",
                    help="validate the config, print it with secrets redacted, and exit "
                         "(default: off)")
+    p.add_argument("--discover", action="store_true",
+                   help="ask each discovery source once, print the clusters it lists and "
+                        "which would be polled (or why not), and exit (default: off)")
     p.add_argument("--demo", action="store_true",
                    help="poll a built-in simulated API, no account needed (default: off)")
     p.add_argument("--shard.count", dest="shard_count", default=None,
@@ -117,14 +126,19 @@ def resolve_shard(args: argparse.Namespace, environ: dict[str, str]) -> tuple[in
     return count, index
 
 
-def demo_config(base_urls: dict[str, dict[str, Any]]) -> Config:
-    """The --demo configuration: short intervals so everything shows within a minute,
-    and buckets for the demo's imports, which take seconds, not hours."""
+def demo_config(sim: Simulator) -> Config:
+    """The --demo configuration: the simulator's demo clusters, and one discovery source
+    whose key sees two more (one STOPPED, so not polled); short intervals so everything
+    shows within a minute, and buckets for the demo's imports, which take seconds, not
+    hours."""
+    from exporter.demo import DEMO_CLUSTERS, DEMO_DISCOVERY_KEY
     raw = {"defaults": {"interval": "5s", "stuck_after": "30s", "stall_after": "10s",
                         "stale_after": "30s",
                         "duration_buckets": ["5s", "10s", "20s", "30s", "45s", "1m", "90s",
                                              "2m", "5m"]},
-           "clusters": list(base_urls.values())}
+           "discovery": [sim.discovery_config("demo", DEMO_DISCOVERY_KEY,
+                                              refresh_interval="30s")],
+           "clusters": [sim.cluster_config(name) for name, *_ in DEMO_CLUSTERS]}
     return parse_config(raw, "<demo>", environ={})
 
 
@@ -166,26 +180,29 @@ class ConfigWatcher:
 
 
 class ConfigRuntime:
-    """Holds the running configuration and applies reloads (SIGHUP or /-/reload)."""
+    """Holds the running configuration and applies it, at start and on reloads (SIGHUP
+    or /-/reload), through ``discovery``, which adds what its sources find."""
 
     def __init__(self, config: Config, group: PollerGroup, shard: tuple[int, int],
-                 loader: Callable[[], Config]) -> None:
+                 loader: Callable[[], Config], discovery: Discovery | None = None) -> None:
         self.config = config
         self.group = group
         self.shard = shard
+        self.discovery = discovery or Discovery(DiscoveryBoard(), group.apply, shard=shard,
+                                                limits=group.limits)
         self._loader = loader
         self._lock = threading.Lock()
         self.reload_ok = True
         self.generation = 0     # counts reloads, applied or refused: a scrape cache key
         self._ready = False
 
-    def clusters(self, config: Config) -> tuple[ClusterConfig, ...]:
-        return select_shard(config, *self.shard)
-
-    def start(self) -> None:
-        self.group.apply(self.clusters(self.config))
+    def start(self, threads: bool = True) -> None:
+        """Apply the configuration; without ``threads`` nothing polls or refreshes on
+        its own (``--once``, ``--discover``: ``discovery.refresh_all`` refreshes)."""
+        self.discovery.configure(self.config, start=threads)
         log.info("polling", extra={"fields": {
             "clusters": len(self.group.pollers), "configured": len(self.config.clusters),
+            "discovery_sources": len(self.config.discovery),
             "shard": f"{self.shard[1]}/{self.shard[0]}"}})
 
     def reload(self) -> str | None:
@@ -208,7 +225,7 @@ class ConfigRuntime:
         if config.state_file != self.config.state_file:
             log.warning("state_file changes take effect at the next restart")
         _log_rate_notes(config)
-        changes = self.group.apply(self.clusters(config))
+        changes = self.discovery.configure(config)
         self.config = config
         self.reload_ok = True
         summary = {kind: ",".join(sorted(n for n, k in changes.items() if k == kind))
@@ -218,26 +235,67 @@ class ConfigRuntime:
         return None
 
     def is_ready(self) -> bool:
-        """Ready once every cluster finished its first poll; it then stays ready."""
+        """Ready once every discovery source has refreshed and every cluster (those it
+        found included) finished its first poll; it then stays ready."""
         if not self._ready:
-            self._ready = all(p.snapshot_polled for p in self.group.pollers.values())
+            self._ready = self.discovery.settled() and \
+                all(p.snapshot_polled for p in self.group.pollers.values())
         return self._ready
+
+    def cache_generation(self) -> int:
+        """Changes with what the scrape cache's board does not show: reloads and
+        discovery's snapshots."""
+        return self.generation + self.discovery.board.version
 
 
 def build_registry(board: SnapshotBoard, reload_ok: Callable[[], bool],
-                   clock: Callable[[], float] = time.time) -> CollectorRegistry:
+                   clock: Callable[[], float] = time.time,
+                   discovery: DiscoveryBoard | None = None,
+                   imports: ImportCollector | None = None) -> CollectorRegistry:
+    """The process collectors and ``imports`` (made here when not given)."""
+    registry = process_registry()
+    registry.register(imports or ImportCollector(board, clock=clock, reload_ok=reload_ok,
+                                                 discovery=discovery))
+    return registry
+
+
+def process_registry() -> CollectorRegistry:
+    """process_*, python_* and the GC's series, as every Python exporter has them."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(ImportCollector(board, clock=clock, reload_ok=reload_ok))
     return registry
+
+
+def discovery_table(snap: SourceSnapshot) -> str:
+    """What one source lists, as ``--discover`` prints it: a heading line, then one
+    aligned row per cluster with the name it is polled under, or why it is not."""
+    source = snap.source
+    polled = sum(1 for c in snap.clusters if c.polled)
+    head = f"source {source.name} ({source.control_plane.host}): "
+    if not snap.up:
+        head += f"refresh failed ({snap.last_error_reason}): {snap.last_error}"
+        return head
+    rows = [("NAME", "CLUSTER NAME", "CLUSTER ID", "REGION", "PROJECT", "STATUS", "POLLED")]
+    for cluster in snap.clusters:
+        listed = cluster.listed
+        rows.append((cluster.name, listed.name, listed.cluster_id, listed.region_id or "-",
+                     listed.project_id or "-", listed.status or "-",
+                     "yes" if cluster.polled else f"no: {cluster.why_not}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+             for row in rows]
+    return head + f"{len(snap.clusters)} clusters listed, {polled} polled\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     limit_malloc_arenas()
     setup_logging(args.log_level, args.log_format)
+    # tls_insecure_skip_verify is the operator's own choice, shown by --check-config;
+    # urllib3 would otherwise print a warning on stderr for the first such request.
+    warnings.simplefilter("ignore", InsecureRequestWarning)
     try:
         shard = resolve_shard(args, dict(os.environ))
         host, port = parse_listen_address(args.listen_address)
@@ -254,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = Simulator().start()
         director = DemoDirector(sim).start()
         stoppers += [director.stop, sim.stop]
-        config = demo_config({n: sim.cluster_config(n) for n in sim.clusters})
+        config = demo_config(sim)
         loader: Callable[[], Config] = lambda: config  # noqa: E731
         log.info("demo mode: polling the built-in simulator", extra={"fields": {
             "simulator": sim.base_url, "stuck_job": director.stuck_job}})
@@ -273,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         for note in shared_rate_notes(config):
             print(f"note: {note}", file=sys.stderr)
         return EXIT_OK
+    if args.discover:
+        return _discover(config, shard)
     _log_rate_notes(config)
     try:
         web_config = load_web_config(args.web_config_file) if args.web_config_file \
@@ -289,12 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     board = SnapshotBoard()
     group = PollerGroup(board, store=store, shard=shard[1])
     runtime = ConfigRuntime(config, group, shard, loader)
-    registry = build_registry(board, lambda: runtime.reload_ok)
+    imports = ImportCollector(board, reload_ok=lambda: runtime.reload_ok,
+                              discovery=runtime.discovery.board)
     try:
         if args.once:
-            return _run_once(runtime, registry, board, args.output)
-        return _serve(runtime, registry, board, web_config, args, host, port, watcher)
+            return _run_once(runtime, build_registry(board, lambda: True, imports=imports),
+                             board, args.output)
+        return _serve(runtime, imports, board, web_config, args, host, port, watcher)
     finally:
+        runtime.discovery.stop()
         group.stop()
         if store is not None:
             store.close()
@@ -302,9 +365,33 @@ def main(argv: list[str] | None = None) -> int:
             stop()
 
 
+def _discover(config: Config, shard: tuple[int, int]) -> int:
+    """--discover: each source asked once, its clusters printed; 2 when one failed."""
+    if not config.discovery:
+        print(f"{config.path}: no discovery source to ask (the 'discovery' list is empty)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    group = PollerGroup(SnapshotBoard(), shard=shard[1])
+    runtime = ConfigRuntime(config, group, shard, lambda: config)
+    try:
+        runtime.discovery.configure(config, start=False)
+        runtime.discovery.refresh_all()
+    finally:
+        runtime.discovery.stop()
+        group.stop()
+    sources = runtime.discovery.board.snapshots()
+    print("\n\n".join(discovery_table(snap) for snap in sources))
+    failed = [snap.source.name for snap in sources if not snap.up]
+    if failed:
+        print(f"{config.path}: discovery failed for {', '.join(failed)}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def _run_once(runtime: ConfigRuntime, registry: CollectorRegistry, board: SnapshotBoard,
               output: str) -> int:
-    runtime.group.apply(runtime.clusters(runtime.config), start=False)
+    runtime.start(threads=False)
+    runtime.discovery.refresh_all()         # then the clusters it found are polled too
     snapshots = runtime.group.poll_all_once()
     # Rendered as /metrics is: a series that cannot be encoded is left out and counted.
     served = CollectorRegistry(auto_describe=False)
@@ -317,16 +404,23 @@ def _run_once(runtime: ConfigRuntime, registry: CollectorRegistry, board: Snapsh
     failed = [s.cluster.name for s in snapshots if not s.up]
     if failed:
         log.error("some clusters failed", extra={"fields": {"clusters": ",".join(failed)}})
-        return EXIT_FAILURE
-    return EXIT_OK
+    failed_sources = [s.source.name for s in runtime.discovery.board.snapshots() if not s.up]
+    if failed_sources:
+        log.error("some discovery sources failed",
+                  extra={"fields": {"sources": ",".join(failed_sources)}})
+    return EXIT_FAILURE if failed or failed_sources else EXIT_OK
 
 
-def _serve(runtime: ConfigRuntime, registry: CollectorRegistry, board: SnapshotBoard,
+def _serve(runtime: ConfigRuntime, imports: ImportCollector, board: SnapshotBoard,
            web_config: WebConfig, args: argparse.Namespace, host: str, port: int,
            watcher: ConfigWatcher | None) -> int:
-    app = WebApp(registry=registry, board=board, telemetry_path=args.telemetry_path,
-                 web_config=web_config, lifecycle=args.lifecycle, reload=runtime.reload,
-                 is_ready=runtime.is_ready, generation=lambda: runtime.generation)
+    # The import collector beside the registry, not in it: its series are encoded
+    # piece by piece, each cluster's only when it published (exposition).
+    app = WebApp(registry=process_registry(), imports=imports, board=board,
+                 telemetry_path=args.telemetry_path,
+                 discovery=runtime.discovery.board, web_config=web_config,
+                 lifecycle=args.lifecycle, reload=runtime.reload, is_ready=runtime.is_ready,
+                 generation=runtime.cache_generation)
     # A scrape takes the GIL a few times (read, respond, write); while a poll parses
     # or folds a large listing, each take waited up to the default 5 ms switch
     # interval: scrape p99 during a 100,000-job poll was 16-21 ms, and 6.3-7.0 ms

@@ -1,5 +1,6 @@
 """One API call, for both flavours: a page of the "list import jobs" listing, or the
-details of one job ("describe").
+details of one job ("describe"); and, for discovery, a page of the clusters a key can
+see on Zilliz Cloud's control plane ("list clusters").
 
 Errors form a small tree whose ``reason`` is the contract's poll-error reason:
 
@@ -14,30 +15,40 @@ Errors form a small tree whose ``reason`` is the contract's poll-error reason:
 
 ``retryable`` tells the poller whether another attempt may help (timeouts,
 connection errors, 429 and 5xx), and ``retry_after`` carries a server's hint.
-No message ever holds the API key: they are built here, not copied from the
-transport, and scrubbed once more before they leave.
+No message ever holds the API key or a proxy's password: they are built here, never
+copied from requests' exceptions, and scrubbed of the key once more before they leave.
+
+HTTP is ``requests``: one ``requests.Session`` per cluster (kept alive, pooled), with
+``deadline.DeadlineAdapter`` mounted for what requests cannot do alone (one deadline for
+the whole request, pacing, close() from another thread). Answers are streamed, so
+``max_response_bytes`` is enforced as they arrive, after gunzip.
 """
 
 from __future__ import annotations
 
 import datetime
 import email.utils
-import http.client
 import json
 import logging
 import math
+import os
 import re
-import ssl
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
-from urllib.parse import urlencode
+from urllib.parse import urlsplit
+
+import requests
+from requests.utils import get_environ_proxies
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from exporter import __version__
-from exporter.config import REDACTED, ClusterConfig
+from exporter.config import REDACTED, ClusterConfig, DiscoveryConfig
+from exporter.deadline import DeadlineAdapter, Interrupted, finish
 from exporter.jobs import JobRecord, normalise_state
 from exporter.logs import bind
-from exporter.transport import AnswerTooLarge, ApiSession, BadEncoding
 
 log = logging.getLogger("exporter.client")
 
@@ -50,6 +61,14 @@ V1_SUCCESS_CODES = frozenset({200})
 V2_SUCCESS_CODES = frozenset({0, 200})
 # A failure text becomes a label value: one line, bounded.
 MAX_REASON_CHARS = 200
+
+# Answers are read in pieces of at most this many bytes.
+READ_CHUNK_BYTES = 16 * 1024
+# An error answer's body up to this size is read away to keep the connection; a larger
+# one is not worth it: the connection is dropped.
+DRAIN_BYTES = 64 * 1024
+# requests reads only the first of these (REQUESTS_CA_BUNDLE); the exporter honours both.
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -146,17 +165,52 @@ class JobDetails:
     complete_time: float | None = None
 
 
-def make_session(cluster: ClusterConfig) -> ApiSession:
-    """A keep-alive session carrying the cluster's credentials and TLS settings."""
-    headers = {"User-Agent": f"zilliz-import-exporter/{__version__}",
-               "Accept": "application/json"}
+def make_session(cluster: ClusterConfig) -> requests.Session:
+    """A keep-alive session carrying the cluster's credentials, trust and proxy (a
+    discovery source's: ``DiscoveryConfig.control_plane``).
+
+    ``trust_env`` is off: the environment's proxies and CA bundle are read here, by the
+    contract's rules (a setting in the config file wins), and never a .netrc, whose
+    password would replace the API key.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update({"User-Agent": f"zilliz-import-exporter/{__version__}",
+                            "Accept": "application/json", "Accept-Encoding": "gzip"})
     if cluster.api_key:
-        headers["Authorization"] = f"Bearer {cluster.api_key}"
+        session.headers["Authorization"] = f"Bearer {cluster.api_key}"
     if cluster.api == "v2" and cluster.db_name:
-        headers["DB-Name"] = cluster.db_name
-    return ApiSession(cluster.url, headers, ca_file=cluster.tls_ca_file,
-                      verify=not cluster.tls_insecure_skip_verify,
-                      max_body_bytes=cluster.settings.max_response_bytes)
+        session.headers["DB-Name"] = cluster.db_name
+    session.verify = trust(cluster)
+    session.proxies = proxies(cluster)
+    adapter = DeadlineAdapter()
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, adapter)
+    return session
+
+
+def trust(cluster: ClusterConfig) -> bool | str:
+    """What the cluster's certificates are checked against: ``tls_ca_file``, else the
+    environment's CA bundle, else certifi (requests' own default); False to skip."""
+    if cluster.tls_insecure_skip_verify:
+        return False
+    if cluster.tls_ca_file:
+        return cluster.tls_ca_file
+    return next((os.environ[name] for name in CA_BUNDLE_VARIABLES if os.environ.get(name)),
+                True)
+
+
+def proxies(cluster: ClusterConfig) -> dict[str, str]:
+    """The proxy for the cluster's URL: ``proxy_url``, else the environment's
+    HTTPS_PROXY / HTTP_PROXY unless NO_PROXY names the host (either case), else none."""
+    settings = cluster.settings
+    if settings.proxy_url:
+        return {"http": settings.proxy_url, "https": settings.proxy_url}
+    if not settings.proxy_from_environment:
+        return {}
+    found: dict[str, str] = get_environ_proxies(cluster.url)
+    scheme = urlsplit(cluster.url).scheme
+    return {scheme: found[scheme]} if scheme in found else {}
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
@@ -192,8 +246,8 @@ def failure_text(raw: Any, secret: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
 
 
-# Observers hear (endpoint, code) for every HTTP request: endpoint "list" or
-# "describe", code the HTTP status or "error".
+# Observers hear (endpoint, code) for every HTTP request: endpoint "list", "describe"
+# or "clusters", code the HTTP status or "error".
 Observer = Callable[[str, str], None]
 
 
@@ -201,18 +255,19 @@ def _ignore(endpoint: str, code: str) -> None:
     pass
 
 
-def _scrubbed(call: Callable[[], Any], secret: str) -> Any:
-    """Run one API call; no failure leaves it carrying the API key."""
+def _scrubbed(call: Callable[[], Any], cluster: ClusterConfig) -> Any:
+    """Run one API call; no failure leaves it carrying the API key. (A proxy's password
+    cannot be in one: no message copies the text of requests' exceptions.)"""
     try:
         return call()
     except PollFailure as failure:
-        scrubbed = _scrub(str(failure), secret)
+        scrubbed = _scrub(str(failure), cluster.api_key)
         if scrubbed != str(failure):
             failure.args = (scrubbed,)
         raise
 
 
-def list_import_jobs(session: ApiSession, cluster: ClusterConfig, current_page: int,
+def list_import_jobs(session: requests.Session, cluster: ClusterConfig, current_page: int,
                      observe: Observer = _ignore) -> ListingPage:
     """Fetch one page of the listing."""
     def call() -> ListingPage:
@@ -230,7 +285,7 @@ def list_import_jobs(session: ApiSession, cluster: ClusterConfig, current_page: 
             answer = _request(session, cluster, "list", "/v2/vectordb/jobs/import/list",
                               observe, body=body, page=current_page)
         return parse_list_answer(answer, cluster)
-    result: ListingPage = _scrubbed(call, cluster.api_key)
+    result: ListingPage = _scrubbed(call, cluster)
     return result
 
 
@@ -239,7 +294,7 @@ DESCRIBE_PATH = "/v2/vectordb/jobs/import/describe"
 GET_PROGRESS_PATH = "/v2/vectordb/jobs/import/get_progress"
 
 
-def describe_import_job(session: ApiSession, cluster: ClusterConfig, job_id: str, *,
+def describe_import_job(session: requests.Session, cluster: ClusterConfig, job_id: str, *,
                         get_progress: bool = False, observe: Observer = _ignore) -> JobDetails:
     """The details of one job; ``get_progress`` selects the old Milvus path.
 
@@ -257,68 +312,141 @@ def describe_import_job(session: ApiSession, cluster: ClusterConfig, job_id: str
             path = GET_PROGRESS_PATH if get_progress else DESCRIBE_PATH
             answer = _request(session, cluster, "describe", path, observe, body=body)
         return parse_describe_answer(answer, cluster, job_id)
-    result: JobDetails = _scrubbed(call, cluster.api_key)
+    result: JobDetails = _scrubbed(call, cluster)
     return result
 
 
-def _request(session: ApiSession, cluster: ClusterConfig, endpoint: str, path: str,
+def _request(session: requests.Session, cluster: ClusterConfig, endpoint: str, path: str,
              observe: Observer, *, params: dict[str, str | int] | None = None,
              body: dict[str, Any] | None = None, page: int = 0) -> bytearray:
     """Send one request (GET with ``params`` or POST with ``body``); the answer's body.
 
-    ``timeout`` bounds the whole answer, headers and body, not each socket read: a
-    server that never stops sending fails with reason timeout, and one that sends
-    more than ``max_response_bytes`` with reason decode.
+    ``timeout`` bounds the whole request, connecting and the body included (the
+    adapter's deadline): a server that never stops sending fails with reason timeout,
+    and one that sends more than ``max_response_bytes`` with reason decode.
     """
     host, timeout = cluster.host, cluster.settings.timeout
     started = time.monotonic()
-    statuses: list[int] = []
-
-    def heard(status: int) -> None:
-        statuses.append(status)
-        observe(endpoint, str(status))
     try:
-        if body is None:
-            reply = session.exchange("GET", path, query=urlencode(params or {}),
-                                     timeout=timeout, heard=heard)
-        else:
-            reply = session.exchange("POST", path, body=json.dumps(body).encode(),
-                                     timeout=timeout, heard=heard)
-    except AnswerTooLarge:
-        raise DecodeFailure(f"{host} answered more than max_response_bytes="
-                            f"{cluster.settings.max_response_bytes} bytes") from None
-    except BadEncoding:
-        raise DecodeFailure(f"{host} answered a body that does not decompress") from None
-    except (OSError, http.client.HTTPException) as exc:
-        if not statuses:
-            observe(endpoint, "error")
-        if isinstance(exc, TimeoutError):
-            raise TimeoutFailure(f"no complete answer from {host} within {timeout:g}s") \
-                from None
-        if isinstance(exc, ssl.SSLError):
-            raise ConnectionFailure(f"TLS with {host} failed: {_ssl_reason(exc)}") from None
-        if statuses:
-            raise ConnectionFailure(f"{host} broke off its answer: "
-                                    f"{_connection_reason(exc)}") from None
-        raise ConnectionFailure(f"cannot reach {host}: {_connection_reason(exc)}") from None
-    status = reply.status
+        response = session.request("GET" if body is None else "POST", cluster.url + path,
+                                   params=params, json=body, timeout=timeout, stream=True,
+                                   allow_redirects=False)
+    except requests.RequestException as exc:
+        observe(endpoint, "error")
+        raise _failure(exc, host, timeout, answered=False) from None
+    status = response.status_code
+    observe(endpoint, str(status))
     if log.isEnabledFor(logging.DEBUG):
         fields: dict[str, Any] = {"path": path, "status": status,
                                   "duration_seconds": round(time.monotonic() - started, 3)}
         if page:
             fields["page"] = page
         bind(log, cluster_name=cluster.name).debug("api request", extra={"fields": fields})
+    if status == 200:
+        return _answer(response, cluster)
+    _drain(response)
+    finish(response)
     if status in (401, 403):
         raise AuthFailure(f"HTTP {status} from {host}: credentials refused")
-    if 300 <= status < 400 and reply.headers.get("Location"):
+    if 300 <= status < 400 and response.headers.get("Location"):
         # not followed: a redirected POST is not the same call; the operator fixes url
-        target = label_text(" ".join(str(reply.headers["Location"]).split()))[:200]
+        target = label_text(" ".join(str(response.headers["Location"]).split()))[:200]
         raise HttpFailure(f"HTTP {status} from {host}: redirects to {target}; set url "
                           "to it", status)
-    if status != 200:
-        raise HttpFailure(f"HTTP {status} from {host}", status,
-                          parse_retry_after(reply.headers.get("Retry-After")))
-    return reply.body
+    raise HttpFailure(f"HTTP {status} from {host}", status,
+                      parse_retry_after(response.headers.get("Retry-After")))
+
+
+def _answer(response: requests.Response, cluster: ClusterConfig) -> bytearray:
+    """The body of a 200 answer, or the PollFailure that reading it came to. An answer
+    that ends as the deadline passes was cut short by the adapter (a trickled header
+    or chunk line ends as if the server had finished): a timeout, whatever was read."""
+    host, timeout = cluster.host, cluster.settings.timeout
+    connection = response.raw.connection    # urllib3 pools it again once it is read
+    try:
+        answer = _read_body(response, cluster)
+        if finish(response):
+            raise TimeoutFailure(f"no complete answer from {host} within {timeout:g}s")
+    except (Urllib3Error, OSError) as exc:
+        _discard(response, connection)
+        raise _failure(exc, host, timeout, answered=True, fired=finish(response)) from None
+    except PollFailure:
+        _discard(response, connection)
+        raise
+    response.raw.release_conn()          # read to its end: the connection carries on
+    return answer
+
+
+def _discard(response: requests.Response, connection: Any) -> None:
+    """Close a connection whose answer went wrong, even one already pooled again: what
+    it carries next cannot be trusted."""
+    response.close()
+    if connection is not None:
+        connection.close()
+    finish(response)
+
+
+def _failure(exc: Exception, host: str, timeout: float, *, answered: bool,
+             fired: bool = False) -> PollFailure:
+    """The PollFailure for what requests or urllib3 raised while sending or reading."""
+    if isinstance(exc, Interrupted):
+        return ConnectionFailure(f"the request to {host} was stopped: the session was closed")
+    if fired or isinstance(exc, (requests.Timeout, Urllib3Timeout, TimeoutError)):
+        return TimeoutFailure(f"no complete answer from {host} within {timeout:g}s")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ConnectionFailure(f"TLS with {host} failed: {_ssl_reason(exc)}")
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return ConnectionFailure(f"cannot reach {host} through the proxy: "
+                                 f"{_connection_reason(exc)}")
+    if answered:
+        return ConnectionFailure(f"{host} broke off its answer: {_connection_reason(exc)}")
+    return ConnectionFailure(f"cannot reach {host}: {_connection_reason(exc)}")
+
+
+def _read_body(response: requests.Response, cluster: ClusterConfig) -> bytearray:
+    """The whole body, gunzipped here, so ``max_response_bytes`` caps what it becomes
+    (a small bomb is no way around it); DecodeFailure past it or for a body that does
+    not decompress. Read in pieces; the adapter's deadline bounds them all."""
+    host, limit = cluster.host, cluster.settings.max_response_bytes
+    too_large = f"{host} answered more than max_response_bytes={limit} bytes"
+    declared = (response.headers.get("Content-Length") or "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise DecodeFailure(too_large)
+    encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise DecodeFailure(f"{host} answered an unrequested Content-Encoding "
+                            f"{label_text(encoding)[:20]!r}")
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+    body = bytearray()
+    while chunk := response.raw.read(READ_CHUNK_BYTES, decode_content=False):
+        if inflate is not None:     # at most one byte past the cap: enough to know
+            try:
+                chunk = inflate.decompress(chunk, limit + 1 - len(body))
+            except zlib.error:
+                raise DecodeFailure(f"{host} answered a body that does not decompress") \
+                    from None
+        body += chunk
+        if len(body) > limit:
+            raise DecodeFailure(too_large)
+    if inflate is not None and not inflate.eof:
+        raise DecodeFailure(f"{host} answered a compressed body that is cut short")
+    return body                          # not copied: json reads a bytearray as is
+
+
+def _drain(response: requests.Response) -> None:
+    """Nobody reads an error's body, only its status and headers: a small one is read
+    away so the connection carries on; a large or unframed one closes it."""
+    declared = (response.headers.get("Content-Length") or "").strip()
+    if declared.isdigit() and int(declared) <= DRAIN_BYTES:
+        try:
+            while response.raw.read(DRAIN_BYTES, decode_content=False):
+                pass
+        except (Urllib3Error, OSError):
+            response.close()
+            return
+        response.raw.release_conn()
+    else:
+        response.close()
 
 
 def _refuse_constant(name: str) -> Any:
@@ -332,6 +460,7 @@ def _json(answer: bytes | bytearray, host: str) -> Any:
         return json.loads(answer, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise DecodeFailure(f"{host} answered with a body that is not JSON") from None
+
 
 def _ssl_reason(exc: Exception) -> str:
     text = str(exc)
@@ -352,6 +481,17 @@ def _connection_reason(exc: Exception) -> str:
 
 def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
     """The ``data`` object of a successful answer; PollFailure for any other."""
+    data = _any_data(payload, cluster)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DecodeFailure(f"{cluster.host} answered a 'data' that is not an object")
+    return data
+
+
+def _any_data(payload: Any, cluster: ClusterConfig) -> Any:
+    """The ``data`` of a successful answer, whatever its type; PollFailure for an answer
+    that is no success."""
     host = cluster.host
     if not isinstance(payload, dict) or "code" not in payload:
         raise DecodeFailure(f"{host} answered JSON without a 'code'")
@@ -367,12 +507,7 @@ def _data(payload: Any, cluster: ClusterConfig) -> dict[str, Any]:
             raise AuthFailure(f"{host} refused the credentials: code {code}: {message}")
         shown = str(code) if type(code) is int else type(code).__name__
         raise ApiFailure(f"{host} answered code {shown[:40]}: {message}")
-    data = payload.get("data")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DecodeFailure(f"{host} answered a 'data' that is not an object")
-    return data
+    return payload.get("data")
 
 
 def parse_list_answer(answer: bytes | bytearray, cluster: ClusterConfig) -> ListingPage:
@@ -511,3 +646,80 @@ def _parse_v2_details(data: dict[str, Any], job_id: str, secret: str) -> JobDeta
                       reason=failure_text(reason, secret) if reason else "",
                       create_time=timestamp(data.get("createTime")),
                       complete_time=timestamp(data.get("completeTime")))
+
+
+# ---- discovery: the clusters a key can see ----------------------------------------------
+
+CLUSTERS_PATH = "/v2/clusters"
+# The fields of a listed cluster the exporter keeps, besides clusterId: text or absent.
+_CLUSTER_FIELDS = ("clusterName", "regionId", "projectId", "plan", "status")
+
+
+@dataclass(frozen=True)
+class CloudCluster:
+    """One cluster as the control plane lists it: every text label-safe, "" when the
+    answer left it out. ``status`` is opaque (RUNNING, STOPPED, CREATING, ...)."""
+
+    cluster_id: str
+    name: str = ""          # clusterName, as the console shows it
+    region_id: str = ""
+    project_id: str = ""
+    plan: str = ""
+    status: str = ""
+
+
+@dataclass(frozen=True)
+class ClustersPage:
+    """One page of clusters as the server sent it; ``count`` is the body's, if any."""
+
+    records: tuple[CloudCluster, ...]
+    count: int | None
+
+
+def list_clusters(session: requests.Session, source: DiscoveryConfig, current_page: int,
+                  observe: Observer = _ignore) -> ClustersPage:
+    """Fetch one page of the clusters the source's key can see (``page_size`` of its
+    settings a page: 100 unless set)."""
+    plane = source.control_plane
+
+    def call() -> ClustersPage:
+        params: dict[str, str | int] = {"pageSize": source.settings.page_size,
+                                        "currentPage": current_page}
+        answer = _request(session, plane, "clusters", CLUSTERS_PATH, observe,
+                          params=params, page=current_page)
+        return parse_clusters_answer(answer, plane)
+    result: ClustersPage = _scrubbed(call, plane)
+    return result
+
+
+def parse_clusters_answer(answer: bytes | bytearray, plane: ClusterConfig) -> ClustersPage:
+    """A page of clusters from an answer's body: ``data`` an object holding
+    ``clusters`` (as every example shows) or a bare array (as the schema says); raises
+    only PollFailure."""
+    host = plane.host
+    data = _any_data(_json(answer, host), plane)
+    count = None
+    if isinstance(data, dict):
+        items = data.get("clusters")
+        count = data.get("count") if type(data.get("count")) is int else None
+    elif data is None or isinstance(data, list):
+        items = data
+    else:
+        raise DecodeFailure(f"{host} answered a 'data' that is neither an object nor a list")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise DecodeFailure(f"{host} answered a cluster list that is not a list")
+    records = []
+    for item in items:
+        cluster_id = item.get("clusterId") if isinstance(item, dict) else None
+        if type(cluster_id) is not str or not cluster_id:
+            raise DecodeFailure(f"{host} answered a cluster without a clusterId")
+        texts = [item.get(name) for name in _CLUSTER_FIELDS]
+        if not all(text is None or type(text) is str for text in texts):
+            raise DecodeFailure(f"{host} answered a cluster {label_text(cluster_id)[:80]!r} "
+                                "with a malformed clusterName, regionId, projectId, plan "
+                                "or status")
+        records.append(CloudCluster(label_text(cluster_id),
+                                    *(label_text(text or "") for text in texts)))
+    return ClustersPage(records=tuple(records), count=count)

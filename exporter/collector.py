@@ -5,8 +5,9 @@ HELP, labels), in the order it renders; ``ImportCollector.collect`` only fills
 values. HELP text, types and order are public: tests/golden/metrics.txt pins them.
 
 Nothing persists between scrapes: a collection that leaves a listing, or a
-cluster removed by a reload, is simply not rendered again. Rendering never
-calls the API; ages are the only values computed at scrape time.
+cluster removed by a reload or gone from a discovery source, is simply not rendered
+again. Rendering never calls the API; ages are the only values computed at scrape
+time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, cast
+from typing import Callable, Iterable, Iterator, Sequence, cast
 
 from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
@@ -23,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from exporter import __version__
+from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.poller import ClusterSnapshot, SnapshotBoard
 from exporter.summary import Histogram
 
@@ -125,6 +127,21 @@ BUILD_INFO = Family("zilliz_import_exporter_build_info", "gauge",
                     "Exporter version and Python version.", ("version", "python_version"))
 RELOAD_OK = Family("zilliz_import_config_last_reload_successful", "gauge",
                    "1 when the last configuration (re)load succeeded.")
+_SOURCE = ("source",)
+DISCOVERY_UP = Family("zilliz_import_discovery_up", "gauge",
+                      "1 when the discovery source's last refresh succeeded, else 0.", _SOURCE)
+DISCOVERY_LAST_SUCCESS = Family("zilliz_import_discovery_last_success_timestamp_seconds",
+                                "gauge", "Unix time of the discovery source's last "
+                                "successful refresh.", _SOURCE)
+DISCOVERY_ERRORS = Family("zilliz_import_discovery_errors_total", "counter",
+                          "Failed refreshes of the discovery source, by reason.",
+                          (*_SOURCE, "reason"))
+DISCOVERED_CLUSTER_INFO = Family(
+    "zilliz_import_discovered_cluster_info", "gauge",
+    "Every cluster the discovery source lists (its last good listing); polled is true "
+    "when this exporter polls it, as cluster_name.",
+    (*_SOURCE, "cluster_name", "cluster_id", "cluster_display_name", "region_id",
+     "project_id", "plan", "status", "polled"))
 # Rendered by the scrape itself (web.ExpositionCache), after every other family.
 RENDER_ERRORS = Family("zilliz_import_render_errors_total", "counter",
                        "Series that could not be rendered and were left out of a scrape "
@@ -134,7 +151,8 @@ RENDER_ERRORS = Family("zilliz_import_render_errors_total", "counter",
 FAMILIES = (JOBS, JOBS_STUCK, OLDEST_ACTIVE_AGE, STUCK_JOB_INFO, TRANSITIONS, PROGRESS, ROWS,
             ETA, FAILED_JOB_INFO, ROWS_IMPORTED, DURATION, WAIT, UP, LAST_SUCCESS,
             POLL_DURATION, POLL_ERRORS, API_REQUESTS, RATE_LIMIT_WAIT, CLUSTER_INFO,
-            BUILD_INFO, RELOAD_OK)
+            BUILD_INFO, RELOAD_OK, DISCOVERY_UP, DISCOVERY_LAST_SUCCESS, DISCOVERY_ERRORS,
+            DISCOVERED_CLUSTER_INFO)
 
 # (family, label values, value): one series
 Sample = tuple[Family, Sequence[str], "float | Histogram"]
@@ -142,10 +160,14 @@ Sample = tuple[Family, Sequence[str], "float | Histogram"]
 
 class ImportCollector(Collector):
     def __init__(self, board: SnapshotBoard, *, clock: Callable[[], float] = time.time,
-                 reload_ok: Callable[[], bool] = lambda: True) -> None:
+                 reload_ok: Callable[[], bool] = lambda: True,
+                 discovery: DiscoveryBoard | None = None) -> None:
         self._board = board
         self._clock = clock
         self._reload_ok = reload_ok
+        self._discovery = discovery or DiscoveryBoard()
+        # by cluster name: (the snapshot, stale then, its pieces without ages)
+        self._pieces: dict[str, tuple[ClusterSnapshot, bool, dict[Family, Metric]]] = {}
 
     def describe(self) -> list[Metric]:
         return []  # dynamic: registering must not trigger a collect()
@@ -156,15 +178,91 @@ class ImportCollector(Collector):
             family.fill(families[family], labels, value)
         yield from families.values()
 
+    def parts(self) -> Iterator[Metric]:
+        """collect()'s families in pieces, in the same order: for each family one piece
+        per cluster that has its series, then the global series. A cluster's pieces are
+        the same objects until it publishes again or goes stale (only its ages are made
+        anew: they move with the clock), so an encoding of them can be kept."""
+        now = self._clock()
+        snaps = sorted(self._board.snapshots(), key=lambda s: s.cluster.name)
+        clusters = [self._pieces_of(snap, now) for snap in snaps]
+        ages = [_families(_age_samples(snap, now)) for snap in snaps]
+        own = _families(self._global_samples())
+        self._pieces = {snap.cluster.name: self._pieces[snap.cluster.name]
+                        for snap in snaps}           # clusters gone are forgotten
+        for family in FAMILIES:
+            pieces = [found[family] for found in (ages if family is OLDEST_ACTIVE_AGE
+                                                  else clusters) if family in found]
+            pieces += [own[family]] if family in own else []
+            yield from pieces or [family.new()]
+
+    def _pieces_of(self, snap: ClusterSnapshot, now: float) -> dict[Family, Metric]:
+        stale = snap.is_stale(now)
+        kept = self._pieces.get(snap.cluster.name)
+        if kept is None or kept[0] is not snap or kept[1] != stale:
+            kept = self._pieces[snap.cluster.name] = (
+                snap, stale, _families(_cluster_samples(snap, now, ages=False)))
+        return kept[2]
+
     def _samples(self, now: float) -> Iterator[Sample]:
         for snap in sorted(self._board.snapshots(), key=lambda s: s.cluster.name):
             yield from _cluster_samples(snap, now)
+        yield from self._global_samples()
+
+    def _global_samples(self) -> Iterator[Sample]:
         yield BUILD_INFO, (__version__, platform.python_version()), 1
         yield RELOAD_OK, (), 1 if self._reload_ok() else 0
+        for source in self._discovery.snapshots():
+            yield from _source_samples(source)
 
 
-def _cluster_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
-    """One cluster's series: its health, then its jobs unless stale."""
+def _source_samples(snap: SourceSnapshot) -> Iterator[Sample]:
+    """A discovery source's health once it has refreshed, and every cluster of its last
+    good listing."""
+    if not snap.refreshed and not snap.errors and snap.last_success is None:
+        return
+    name = snap.source.name
+    yield DISCOVERY_UP, (name,), 1 if snap.up else 0
+    if snap.last_success is not None:
+        yield DISCOVERY_LAST_SUCCESS, (name,), snap.last_success
+    for reason in POLL_ERROR_REASONS:
+        yield DISCOVERY_ERRORS, (name, reason), snap.errors.get(reason, 0)
+    for found in snap.clusters:
+        listed = found.listed
+        yield DISCOVERED_CLUSTER_INFO, (
+            name, found.name, listed.cluster_id, listed.name, listed.region_id,
+            listed.project_id, listed.plan, listed.status,
+            "true" if found.polled else "false"), 1
+
+
+def _families(samples: Iterable[Sample]) -> dict[Family, Metric]:
+    """Samples into families, each family made when its first sample comes."""
+    families: dict[Family, Metric] = {}
+    for family, labels, value in samples:
+        found = families.get(family)
+        if found is None:
+            found = families[family] = family.new()
+        family.fill(found, labels, value)
+    return families
+
+
+def _age_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
+    """The ages of a cluster's oldest active jobs, the one thing that moves with the
+    clock between its publishes."""
+    summary = snap.jobs
+    if not snap.polled or summary is None or snap.is_stale(now):
+        return
+    name = snap.cluster.name
+    for collection in summary.stuck:
+        first_seen = summary.oldest_active.get(collection)
+        yield OLDEST_ACTIVE_AGE, (name, collection), \
+            0.0 if first_seen is None else max(0.0, now - first_seen)
+
+
+def _cluster_samples(snap: ClusterSnapshot, now: float,
+                     ages: bool = True) -> Iterator[Sample]:
+    """One cluster's series: its health, then its jobs unless stale (ages too, unless
+    ``ages`` is False)."""
     name, cluster = snap.cluster.name, snap.cluster
     yield CLUSTER_INFO, (name, cluster.cluster_id, cluster.api, cluster.host,
                          str(snap.shard)), 1
@@ -186,9 +284,8 @@ def _cluster_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
         yield JOBS, (name, collection, state), count
     for collection, count in summary.stuck.items():
         yield JOBS_STUCK, (name, collection), count
-        first_seen = summary.oldest_active.get(collection)
-        yield OLDEST_ACTIVE_AGE, (name, collection), \
-            0.0 if first_seen is None else max(0.0, now - first_seen)
+    if ages:
+        yield from _age_samples(snap, now)
     for job in summary.stuck_jobs:
         yield STUCK_JOB_INFO, (name, job.collection, job.job_id, job.state, job.reason), 1
     for (collection, state), count in summary.transitions.items():

@@ -1,8 +1,8 @@
 """Configuration: YAML files into frozen dataclasses.
 
 Nothing here does I/O beyond reading the files it is given. Every problem is
-reported as one line naming the file, the cluster and the key, and no line ever
-carries an API key: values of secret keys are never echoed.
+reported as one line naming the file, the cluster (or discovery source) and the key,
+and no line ever carries an API key: values of secret keys are never echoed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
@@ -49,10 +49,12 @@ def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: flo
     secrecy and redaction all follow from ``kind`` and the rest of this metadata.
 
     kinds: "duration" (seconds), "durations" (a list of seconds, strictly increasing,
-    each within the range), "size" (bytes), "int", "number", "string", "bool".
+    each within the range), "size" (bytes), "int", "number", "string", "bool",
+    "proxy" (an http(s) URL whose password is a secret), "strings" (a list of strings,
+    held as a tuple), "regex" (a string that compiles).
     ``from_file``: the key may instead be read from the file named by ``<key>_file``.
     """
-    return field(default=default, repr=not secret, metadata={
+    return field(default=default, repr=not secret and kind != "proxy", metadata={
         "kind": kind, "range": (low, high), "secret": secret, "from_file": from_file,
         "choices": choices})
 
@@ -85,6 +87,9 @@ class PollSettings:
     requests_per_second: float = key("number", 10.0, 0.01, 10_000)
     # A larger answer fails the poll (reason decode) instead of filling the memory.
     max_response_bytes: int = key("size", 32 * 1024 * 1024, 1024, 2 ** 40)
+    # "" = the environment's HTTPS_PROXY / HTTP_PROXY / NO_PROXY; its password is a secret.
+    proxy_url: str = key("proxy", "")
+    proxy_from_environment: bool = key("bool", True)
     duration_buckets: tuple[float, ...] = key("durations", DEFAULT_DURATION_BUCKETS, 0.001,
                                               365 * 86400)
 
@@ -93,6 +98,9 @@ SETTING_KEYS = _keys(PollSettings)
 
 # Zilliz Cloud refuses other page sizes: code 80003 (v1) and 96008 (v2).
 PAGE_SIZE_RANGES = {"v1": (5, 100), "v2": (1, 100)}
+
+# Zilliz Cloud's control plane (https://api.cloud.zilliz.com.cn in China).
+DISCOVERY_URL = "https://api.cloud.zilliz.com"
 
 
 @dataclass(frozen=True)
@@ -113,13 +121,51 @@ class ClusterConfig:
     api_key: str = key("string", "", secret=True, from_file=True)
     tls_insecure_skip_verify: bool = key("bool", False)
     settings: PollSettings = PollSettings()
+    # Not a YAML key: where the cluster's job history is kept, "" for its name. A
+    # discovered cluster's is its clusterId, so a cluster renamed in the console keeps
+    # its job ages and its counters' memory.
+    history_key: str = ""
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).netloc
 
+    @property
+    def history(self) -> str:
+        """The key of the cluster's job history (in memory and in ``state_file``)."""
+        return self.history_key or self.name
+
 
 CLUSTER_KEYS = _keys(ClusterConfig)
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """One discovery source: the clusters an API key can see on Zilliz Cloud's control
+    plane. Its keys are those of its fields, and ``settings``, a mapping of any key of
+    ``PollSettings`` over ``defaults``, for the source's own requests and for every
+    cluster it finds."""
+
+    name: str = key("string")
+    url: str = key("string", DISCOVERY_URL)
+    api_key: str = key("string", "", secret=True, from_file=True)
+    refresh_interval: float = key("duration", 300.0, 1, 86400)
+    include: str = key("regex", "")       # full match on clusterName; "" = all
+    exclude: str = key("regex", "")
+    projects: tuple[str, ...] = key("strings", ())     # projectId values; () = all
+    regions: tuple[str, ...] = key("strings", ())      # regionId values; () = all
+    poll_statuses: tuple[str, ...] = key("strings", ("RUNNING",))
+    settings: PollSettings = PollSettings()
+
+    @property
+    def control_plane(self) -> ClusterConfig:
+        """The control plane as the API client and the session factory see it: a v2
+        API at the source's url, with its key and settings."""
+        return ClusterConfig(name=self.name, url=self.url, api="v2", api_key=self.api_key,
+                             settings=self.settings)
+
+
+DISCOVERY_KEYS = _keys(DiscoveryConfig)
 
 
 @dataclass(frozen=True)
@@ -128,11 +174,22 @@ class Config:
     clusters: tuple[ClusterConfig, ...]
     state_file: str = ""
     defaults: PollSettings = PollSettings()
+    discovery: tuple[DiscoveryConfig, ...] = ()
 
 
-# ``<key>_file`` -> key, for the keys that may be read from a file (api_key_file).
-_CLUSTER_FILE_KEYS = {f"{name}_file": name for name, f in CLUSTER_KEYS.items()
-                      if f.metadata["from_file"]}
+def _file_keys(keys: Mapping[str, dataclasses.Field[Any]]) -> dict[str, str]:
+    """``<key>_file`` -> key, for the keys that may be read from a file (api_key_file)."""
+    return {f"{name}_file": name for name, f in keys.items() if f.metadata["from_file"]}
+
+
+_CLUSTER_FILE_KEYS = _file_keys(CLUSTER_KEYS)
+_DISCOVERY_FILE_KEYS = _file_keys(DISCOVERY_KEYS)
+# What a cluster's or a source's mapping may hold (settings aside): its keys, and
+# ``<key>_file`` for those that may be read from a file, parsed as the key is.
+_CLUSTER_YAML_KEYS = {**CLUSTER_KEYS,
+                      **{k: CLUSTER_KEYS[v] for k, v in _CLUSTER_FILE_KEYS.items()}}
+_DISCOVERY_YAML_KEYS = {**DISCOVERY_KEYS,
+                        **{k: DISCOVERY_KEYS[v] for k, v in _DISCOVERY_FILE_KEYS.items()}}
 
 
 def parse_duration(value: Any) -> float:
@@ -193,13 +250,18 @@ class Problems:
     """Collects one-line errors that all start with the file name (every problem of a
     file is reported at once)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, lines: list[str] | None = None, prefix: str = "") -> None:
         self.path = path
-        self.lines: list[str] = []
+        self.lines: list[str] = [] if lines is None else lines
+        self._prefix = prefix
 
     def add(self, where: str, key: str, message: str) -> None:
         scope = f"{where}: " if where else ""
-        self.lines.append(f"{self.path}: {scope}key {key!r}: {message}")
+        self.lines.append(f"{self.path}: {scope}key {self._prefix + key!r}: {message}")
+
+    def under(self, mapping: str) -> "Problems":
+        """The same list, naming keys as ``mapping.key`` (a source's ``settings``)."""
+        return Problems(self.path, self.lines, f"{self._prefix}{mapping}.")
 
 
 def _expand_env(value: Any, environ: Mapping[str, str]) -> Any:
@@ -219,19 +281,29 @@ def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> A
     """One key's value by its kind; ValueError says what is wrong with it, without
     echoing the value of a secret."""
     kind = f.metadata["kind"]
-    if kind == "string":
-        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-            raise ValueError("must be a string" + ("" if f.metadata["secret"]
-                                                   else f", got {raw!r}"))
-        try:
-            value: Any = _expand_env(str(raw), environ)
-        except KeyError as missing:
-            raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
-                from None
+    if kind in ("string", "regex"):
+        value: Any = _string(raw, environ, f.metadata["secret"])
         choices = f.metadata["choices"]
         if value and choices and value not in choices:
             raise ValueError(f"{value!r} must be {' or '.join(choices)}")
+        if kind == "regex":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
         return value
+    if kind == "strings":
+        if not isinstance(raw, list):
+            raise ValueError(f"must be a list of strings, got {raw!r}")
+        return tuple(_string(item, environ, False) for item in raw)
+    if kind == "proxy":
+        if not isinstance(raw, str):
+            raise ValueError("must be a string")
+        try:
+            return _proxy_url(_expand_env(raw, environ))
+        except KeyError as missing:
+            raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
+                from None
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ValueError("must be true or false")
@@ -276,6 +348,40 @@ def _durations(f: dataclasses.Field[Any], raw: Any) -> tuple[float, ...]:
     return values
 
 
+def _string(raw: Any, environ: Mapping[str, str], secret: bool) -> str:
+    """A scalar as a string, ``${VAR}`` expanded; a secret's value is never echoed."""
+    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+        raise ValueError("must be a string" + ("" if secret else f", got {raw!r}"))
+    try:
+        return str(_expand_env(str(raw), environ))
+    except KeyError as missing:
+        raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
+            from None
+
+
+def _proxy_password(url: str) -> str:
+    """The password in a proxy URL, or ""."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _proxy_url(raw: str) -> str:
+    """``http://`` or ``https://``, a host, an optional port and ``user:password@``; the
+    errors never echo the URL, which may hold a password."""
+    if not raw:
+        return raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if _url_problem(parts._replace(path=parts.path.rstrip("/"))):
+        raise ValueError("must be an http(s) URL with a valid host and port")
+    if not _HEADER_VALUE.fullmatch(raw):
+        raise ValueError("must be printable ASCII")
+    return raw
+
+
 def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
                 environ: Mapping[str, str], where: str,
                 problems: Problems) -> dict[str, Any]:
@@ -300,9 +406,10 @@ def _unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str,
             problems.add(where, str(name), "unknown key")
 
 
-def _settings(raw: Mapping[str, Any], base: PollSettings, where: str,
-              problems: Problems) -> PollSettings:
-    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, {}, where, problems))
+def _settings(raw: Mapping[str, Any], base: PollSettings, environ: Mapping[str, str],
+              where: str, problems: Problems) -> PollSettings:
+    return dataclasses.replace(base, **_parse_keys(raw, SETTING_KEYS, environ, where,
+                                                   problems))
 
 
 def default_api(url: str) -> str:
@@ -321,10 +428,10 @@ def _resolve(path: str, base_dir: str) -> str:
 
 
 def _read_files(values: dict[str, Any], raw: Mapping[str, Any], base_dir: str, where: str,
-                problems: Problems) -> None:
+                problems: Problems, file_keys: Mapping[str, str] = _CLUSTER_FILE_KEYS) -> None:
     """Read the keys given as ``<key>_file`` and resolve file paths against the config
     file's directory, in place."""
-    for file_key, name in _CLUSTER_FILE_KEYS.items():
+    for file_key, name in file_keys.items():
         path = values.pop(file_key, "")
         if values.get(name) and path:
             problems.add(where, file_key, f"set {name} or {file_key}, not both")
@@ -347,10 +454,10 @@ def _read_files(values: dict[str, Any], raw: Mapping[str, Any], base_dir: str, w
             problems.add(where, "tls_ca_file", f"{ca_file!r} does not exist")
 
 
-def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: PollSettings,
-                   where: str, problems: Problems) -> None:
-    """Rules that span keys: required keys, the URL, the API flavour and what it
-    needs. Fills in the derived url and api, in place."""
+def _name_and_url_rules(values: dict[str, Any], raw: Mapping[str, Any], where: str,
+                        problems: Problems) -> str:
+    """The rules of ``name`` and ``url`` (a cluster's or a source's); fills in the
+    url with its scheme, in place, and returns it."""
     name = values.setdefault("name", "")
     if not name:
         if "name" not in raw:
@@ -373,7 +480,16 @@ def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: Pol
         elif problem := _url_problem(parts):
             problems.add(where, "url", f"{values['url']!r} {problem}")
         values["url"] = url = url.rstrip("/")
+    if not _HEADER_VALUE.fullmatch(values.get("api_key") or ""):   # sent as a header value
+        problems.add(where, "api_key", "must be one line of printable ASCII characters")
+    return str(url)
 
+
+def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: PollSettings,
+                   where: str, problems: Problems) -> None:
+    """Rules that span keys: required keys, the URL, the API flavour and what it
+    needs. Fills in the derived url and api, in place."""
+    url = _name_and_url_rules(values, raw, where, problems)
     api = values["api"] = values.get("api") or (default_api(url) if url else "v2")
     cloud = api == "v1" or _is_zilliz_cloud(url)
     if not values.get("cluster_id") and cloud:
@@ -390,10 +506,8 @@ def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: Pol
         for v2_only in ("db_name", "project_id", "region_id"):
             if values.get(v2_only):
                 problems.add(where, v2_only, "is only used by api v2")
-    for header in ("api_key", "db_name"):       # both are sent as HTTP header values
-        if _HEADER_VALUE.fullmatch(values.get(header) or ""):
-            continue
-        problems.add(where, header, "must be one line of printable ASCII characters")
+    if not _HEADER_VALUE.fullmatch(values.get("db_name") or ""):    # the DB-Name header
+        problems.add(where, "db_name", "must be one line of printable ASCII characters")
     if bool(values.get("project_id")) != bool(values.get("region_id")):
         problems.add(where, "project_id" if not values.get("project_id") else "region_id",
                      "project_id and region_id go together")
@@ -416,25 +530,76 @@ def _url_problem(parts: SplitResult) -> str:
     return ""
 
 
+def _where(raw: Any, index: int, kind: str, list_key: str, problems: Problems) -> str | None:
+    """How problems name an item of a list (by its name once it has one); None, and a
+    problem, when the item is no mapping."""
+    where = f"{kind} #{index + 1}"
+    if not isinstance(raw, dict):
+        problems.add(where, list_key, f"each {kind} must be a mapping")
+        return None
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        where = f"{kind} {raw['name']!r}"
+    return where
+
+
 def _cluster(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
              base_dir: str, problems: Problems) -> ClusterConfig | None:
     """One cluster: parse its keys, read its files, apply the cross-key rules."""
-    where = f"cluster #{index + 1}"
-    if not isinstance(raw, dict):
-        problems.add(where, "clusters", "each cluster must be a mapping")
+    where = _where(raw, index, "cluster", "clusters", problems)
+    if where is None:
         return None
-    if isinstance(raw.get("name"), str) and raw["name"]:
-        where = f"cluster {raw['name']!r}"
     start = len(problems.lines)
-    keys = {**CLUSTER_KEYS, **{k: CLUSTER_KEYS[v] for k, v in _CLUSTER_FILE_KEYS.items()}}
-    _unknown_keys(raw, [*keys, *SETTING_KEYS], where, problems)
-    values = _parse_keys(raw, keys, environ, where, problems)
-    settings = _settings(raw, defaults, where, problems)
+    _unknown_keys(raw, [*_CLUSTER_YAML_KEYS, *SETTING_KEYS], where, problems)
+    values = _parse_keys(raw, _CLUSTER_YAML_KEYS, environ, where, problems)
+    settings = _settings(raw, defaults, environ, where, problems)
     _read_files(values, raw, base_dir, where, problems)
     _cluster_rules(values, raw, settings, where, problems)
     if len(problems.lines) != start:
         return None
     return ClusterConfig(**values, settings=settings)
+
+
+def _source(raw: Any, index: int, defaults: PollSettings, environ: Mapping[str, str],
+            base_dir: str, problems: Problems) -> DiscoveryConfig | None:
+    """One discovery source: its keys, its key file, its ``settings`` over defaults."""
+    where = _where(raw, index, "discovery source", "discovery", problems)
+    if where is None:
+        return None
+    start = len(problems.lines)
+    _unknown_keys(raw, [*_DISCOVERY_YAML_KEYS, "settings"], where, problems)
+    values = _parse_keys(raw, _DISCOVERY_YAML_KEYS, environ, where, problems)
+    raw_settings = raw.get("settings") or {}
+    if not isinstance(raw_settings, dict):
+        problems.add(where, "settings", "must be a mapping of keys of defaults")
+        raw_settings = {}
+    in_settings = problems.under("settings")
+    _unknown_keys(raw_settings, SETTING_KEYS, where, in_settings)
+    settings = _settings(raw_settings, defaults, environ, where, in_settings)
+    _read_files(values, raw, base_dir, where, problems, _DISCOVERY_FILE_KEYS)
+    values.setdefault("url", DISCOVERY_URL)
+    _name_and_url_rules(values, raw, where, problems)
+    if not values.get("api_key") and "api_key" not in raw and "api_key_file" not in raw:
+        problems.add(where, "api_key", "is required (or api_key_file)")
+    if len(problems.lines) != start:
+        return None
+    return DiscoveryConfig(**values, settings=settings)
+
+
+def _named(items: list[Any], parse: Callable[[Any, int], Any], kind: str,
+           problems: Problems) -> list[Any]:
+    """Parse each item; a name used twice is a problem."""
+    parsed: list[Any] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        value = parse(item, index)
+        if value is None:
+            continue
+        if value.name in seen:
+            problems.add(f"{kind} {value.name!r}", "name", f"is used by another {kind}")
+            continue
+        seen.add(value.name)
+        parsed.append(value)
+    return parsed
 
 
 def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -445,13 +610,13 @@ def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the file must hold a mapping with a 'clusters' list"])
-    _unknown_keys(raw, ("defaults", "state_file", "clusters"), "", problems)
+    _unknown_keys(raw, ("defaults", "state_file", "discovery", "clusters"), "", problems)
     raw_defaults = raw.get("defaults") or {}
     if not isinstance(raw_defaults, dict):
         problems.add("defaults", "defaults", "must be a mapping")
         raw_defaults = {}
     _unknown_keys(raw_defaults, SETTING_KEYS, "defaults", problems)
-    defaults = _settings(raw_defaults, PollSettings(), "defaults", problems)
+    defaults = _settings(raw_defaults, PollSettings(), env, "defaults", problems)
     state_file = raw.get("state_file") or ""
     if not isinstance(state_file, str):
         problems.add("", "state_file", "must be a string")
@@ -462,25 +627,24 @@ def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) 
         except KeyError as missing:
             problems.add("", "state_file",
                          f"environment variable ${{{missing.args[0]}}} is not set")
-    raw_clusters = raw.get("clusters")
-    if not isinstance(raw_clusters, list) or not raw_clusters:
-        problems.add("", "clusters", "must be a non-empty list")
+    raw_sources = raw.get("discovery") or []
+    if not isinstance(raw_sources, list):
+        problems.add("", "discovery", "must be a list of discovery sources")
+        raw_sources = []
+    raw_clusters = raw.get("clusters") or []
+    if not isinstance(raw_clusters, list) or not raw_clusters and not raw_sources:
+        problems.add("", "clusters", "must be a non-empty list (it may be empty when "
+                     "discovery lists a source)")
         raw_clusters = []
     base_dir = os.path.dirname(os.path.abspath(path))
-    clusters: list[ClusterConfig] = []
-    seen: set[str] = set()
-    for index, item in enumerate(raw_clusters):
-        cluster = _cluster(item, index, defaults, env, base_dir, problems)
-        if cluster is None:
-            continue
-        if cluster.name in seen:
-            problems.add(f"cluster {cluster.name!r}", "name", "is used by another cluster")
-            continue
-        seen.add(cluster.name)
-        clusters.append(cluster)
+    sources = _named(raw_sources, lambda item, index: _source(
+        item, index, defaults, env, base_dir, problems), "discovery source", problems)
+    clusters = _named(raw_clusters, lambda item, index: _cluster(
+        item, index, defaults, env, base_dir, problems), "cluster", problems)
     if problems.lines:
         raise ConfigError(problems.lines)
-    return Config(path=path, clusters=tuple(clusters), state_file=state_file, defaults=defaults)
+    return Config(path=path, clusters=tuple(clusters), state_file=state_file, defaults=defaults,
+                  discovery=tuple(sources))
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -503,6 +667,10 @@ def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = f.metadata["kind"]
     if f.metadata["secret"]:
         return REDACTED if value else ""
+    if kind == "proxy" and _proxy_password(value):
+        parts = urlsplit(value)
+        return parts._replace(netloc=parts.netloc.replace(
+            f":{parts.password}@", f":{REDACTED}@", 1)).geturl()
     if kind == "duration":
         return format_duration(value)
     if kind == "durations":
@@ -511,6 +679,8 @@ def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
         return format_size(value)
     if kind == "number" and value == int(value):
         return int(value)        # 10, not 10.0
+    if kind == "strings":
+        return list(value)
     return value
 
 
@@ -520,23 +690,30 @@ def redacted(config: Config) -> dict[str, Any]:
     def settings(s: PollSettings) -> dict[str, Any]:
         return {name: _shown(f, getattr(s, name)) for name, f in SETTING_KEYS.items()}
 
-    def cluster(c: ClusterConfig) -> dict[str, Any]:
-        return {name: _shown(f, getattr(c, name)) for name, f in CLUSTER_KEYS.items()
-                if getattr(c, name) or f.metadata["secret"]
+    def shown(item: ClusterConfig | DiscoveryConfig,
+              keys: Mapping[str, dataclasses.Field[Any]]) -> dict[str, Any]:
+        return {name: _shown(f, getattr(item, name)) for name, f in keys.items()
+                if getattr(item, name) or f.metadata["secret"]
                 or f.default is dataclasses.MISSING}
 
-    return {"state_file": config.state_file, "defaults": settings(config.defaults),
-            "clusters": [{**cluster(c), **settings(c.settings)} for c in config.clusters]}
+    out: dict[str, Any] = {"state_file": config.state_file,
+                           "defaults": settings(config.defaults)}
+    if config.discovery:
+        out["discovery"] = [{**shown(s, DISCOVERY_KEYS), "settings": settings(s.settings)}
+                            for s in config.discovery]
+    out["clusters"] = [{**shown(c, CLUSTER_KEYS), **settings(c.settings)}
+                       for c in config.clusters]
+    return out
 
 
 def shared_rate_notes(config: Config) -> list[str]:
     """One line per group of clusters that share a rate limit but configure different rates.
 
-    Clusters with the same host and API key draw from the same token buckets, so the
-    lowest of their ``requests_per_second`` applies to all of them.
+    Clusters (and discovery sources) with the same host and API key draw from the same
+    token buckets, so the lowest of their ``requests_per_second`` applies to all of them.
     """
     groups: dict[tuple[str, str], list[ClusterConfig]] = {}
-    for cluster in config.clusters:
+    for cluster in (*config.clusters, *(s.control_plane for s in config.discovery)):
         groups.setdefault((cluster.host, cluster.api_key), []).append(cluster)
     notes = []
     for (host, _), members in groups.items():

@@ -1,6 +1,7 @@
 """The demo: three simulated clusters (Zilliz Cloud v1 and v2, and Milvus) whose jobs
-move through every state, for ``--demo``, ``python -m exporter.simulator`` and the
-compose stack. One job is stuck importing forever; another stalls for a while.
+move through every state, and two more that only a discovery source finds, for
+``--demo``, ``python -m exporter.simulator`` and the compose stack. One job is stuck
+importing forever; another stalls for a while.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ import threading
 from exporter.simcluster import SimCluster
 from exporter.simulator import Simulator
 
-DEMO_CLUSTERS = (
+DEMO_CLUSTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     # name, flavour, key, collections
     ("demo-cloud-v1", "v1", "demo-v1-api-key-0123456789", ("medium_articles", "products")),
     ("demo-cloud-v2", "v2", "demo-v2-api-key-abcdefghij", ("images", "faq")),
     ("demo-milvus", "milvus", "root:Milvus-demo-pass", ("logs",)),
+)
+# The clusters only the demo's discovery source finds (its key sees these two): one
+# running, whose jobs move like the others', and one stopped, listed but not polled.
+DEMO_DISCOVERY_KEY = "demo-discovery-key-klmnopqrst"
+DEMO_DISCOVERED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # name, clusterName, status, collections
+    ("demo-discovered", "demo discovered", "RUNNING", ("uploads",)),
+    ("demo-paused", "demo paused", "STOPPED", ()),
 )
 
 
@@ -58,8 +67,18 @@ class DemoDirector:
         self.stuck_job = ""
         self._stalling: dict[str, int] = {}   # job id -> tick it was created
         self._sizes: dict[str, int] = {}      # job id -> rows in its files
+        # the clusters whose jobs move: (name, collections)
+        self._moving: list[tuple[str, tuple[str, ...]]] = []
         for name, flavour, key, collections in DEMO_CLUSTERS:
-            cluster = sim.add_cluster(name, flavour, key)
+            sim.add_cluster(name, flavour, key)
+            self._moving.append((name, collections))
+        for name, display, status, found in DEMO_DISCOVERED:
+            sim.add_cluster(name, "v2", DEMO_DISCOVERY_KEY, display_name=display,
+                            status=status)
+            if status == "RUNNING":
+                self._moving.append((name, found))
+        for name, collections in self._moving:
+            cluster = sim.clusters[name]
             for collection in collections:
                 cluster.add_jobs(2, collection, "completed", 100)
                 for job_id in cluster.add_jobs(1, collection, "failed", 37):
@@ -90,7 +109,7 @@ class DemoDirector:
             v2 = self.sim.clusters["demo-cloud-v2"]
             job_id = v2.add_jobs(1, "images", "importing", 30, prefix="stalls")[0]
             self._stalling[job_id] = self._ticks
-        for name, _, _, collections in DEMO_CLUSTERS:
+        for name, collections in self._moving:
             cluster = self.sim.clusters[name]
             with cluster._lock:
                 jobs = list(cluster.jobs.values())

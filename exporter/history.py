@@ -29,7 +29,7 @@ from exporter.client import JobDetails
 from exporter.details import ActiveJobs, DetailRules, Details, DetailsBook
 from exporter.durations import DurationBook, TimingRules
 from exporter.jobs import (
-    ACTIVE_STATES, CANONICAL_STATES, TERMINAL_STATES, JobRecord, state_index,
+    CANONICAL_STATES, TERMINAL_STATES, JobRecord, is_active, state_index,
 )
 from exporter.logs import bind
 from exporter.store import ClusterWriter, HistoryStore, JobRow, Saved
@@ -100,7 +100,7 @@ class JobRecords:
         return self.states.names[index]
 
     def is_active(self, job_id: str) -> bool:
-        return job_id in self.jobs and self.state_of(job_id) in ACTIVE_STATES
+        return job_id in self.jobs and is_active(self.state_of(job_id))
 
     def repack(self, job_id: str, *, end_wait: bool = False, progress: int = -1,
                now: int = 0) -> None:
@@ -184,8 +184,9 @@ class JobHistory:
         waiting: dict[str, tuple[str, str]] = {}
         book.failed = []
         names = self._records.states
-        state_index, terminal_states, active_states = names.index, TERMINAL_STATES, \
-            ACTIVE_STATES
+        state_index, terminal_states = names.index, TERMINAL_STATES
+        # pending, importing and the unknown names that do not look final
+        active_states = {name for name in names.names if is_active(name)}
         for job_id, collection, state, progress in records:
             if progress < 0 or progress > 127:
                 progress = _clamp(progress)
@@ -193,6 +194,8 @@ class JobHistory:
             if index is None:       # a new name, or past MAX_STATE_NAMES: OTHER_STATE
                 index = names(state)
                 state = names.names[index]
+                if is_active(state):
+                    active_states.add(state)
             previous = jobs.get(job_id)
             terminal = state in terminal_states
             newly_terminal = False
@@ -306,7 +309,7 @@ class JobHistory:
                 return
             since, _, index = _RECORD.unpack(packed)[1:4]
             state = self._records.states.names[index]
-            if book.rules.api == "v1" and answer.progress >= 0 and state in ACTIVE_STATES:
+            if book.rules.api == "v1" and answer.progress >= 0 and is_active(state):
                 self._records.repack(job_id, progress=answer.progress, now=int(now))
             known = book.record(job_id, answer, now, since, importing=state == "importing")
             if job_id in book.waiting:

@@ -2,8 +2,13 @@
 and the history store jobs with, and a complete listing held compactly (``Listing``).
 
 States are normalised as the contract says: lowercase, an ``Import`` prefix dropped,
-``Running``/``ImportRunning`` read as ``importing``; any other value passes through in
-snake_case and is counted under its own name.
+the other names servers use for the four canonical states read as them (Zilliz's v2 list
+reference says ``InProgress``; Milvus's stages ``PreImporting``, ``Sorting``,
+``IndexBuilding`` and ``Committing`` are importing, its two-phase ``Uncommitted`` is
+pending); any other value passes through in snake_case and is counted under its own name.
+
+A state nobody foresaw counts as active (for age and stuck) unless its name looks final,
+so a job cannot hide from the stuck alert in a new state: ``is_active``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Iterable, Iterator, Mapping, NamedTuple
 CANONICAL_STATES = ("pending", "importing", "completed", "failed")
 ACTIVE_STATES = frozenset({"pending", "importing"})
 TERMINAL_STATES = frozenset({"completed", "failed"})
+# An unknown state whose name holds one of these is terminal (cancelled, aborted,
+# deleted, expired); any other unknown state is active.
+FINAL_MARKERS = ("cancel", "abort", "delet", "expir")
 
 # A hostile or broken server could send a new state name with every job, and each would
 # be a new series and memory held for good. A cluster keeps at most MAX_STATE_NAMES
@@ -26,7 +34,11 @@ OTHER_STATE = "other"
 # The unknown names that keep their own: what the canonical names and OTHER_STATE leave.
 MAX_UNKNOWN_STATES = MAX_STATE_NAMES - len(CANONICAL_STATES) - 1
 
-_STATE_ALIASES = {"running": "importing", "importing": "importing"}
+# snake_case names (after the Import prefix is dropped) -> canonical state
+_STATE_ALIASES = {
+    "running": "importing", "in_progress": "importing", "pre_importing": "importing",
+    "sorting": "importing", "index_building": "importing", "committing": "importing",
+    "uncommitted": "pending"}
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
@@ -39,6 +51,17 @@ def normalise_state(raw: str) -> str:
     name = raw[6:] if raw.startswith("Import") and raw[6:7].isupper() else raw
     snake = _CAMEL.sub("_", name).lower().replace(" ", "_").replace("-", "_")
     return _STATE_ALIASES.get(snake, snake)
+
+
+@functools.lru_cache(maxsize=256)
+def is_active(state: str) -> bool:
+    """Whether a normalised state counts for age and stuck: ``pending``, ``importing``,
+    and every other name but ``completed``, ``failed`` and those that look final."""
+    if state in ACTIVE_STATES:
+        return True
+    if state in TERMINAL_STATES:
+        return False
+    return not any(marker in state for marker in FINAL_MARKERS)
 
 
 class JobRecord(NamedTuple):

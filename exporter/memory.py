@@ -8,8 +8,9 @@ Both calls are no-ops where glibc is absent.
 
 Large listings are not the only thing that leaves freed pages behind: bursts of
 connections (TLS ones cost about 60 KiB each), large answers and reloads do too, so
-``MemoryReturner`` also hands pages back on a timer whenever resident memory has
-grown since it last looked.
+``MemoryReturner`` also hands pages back on a timer whenever the heap holds more freed
+memory than when it last looked: after any burst, whether resident memory grew since
+the last look or not.
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes malloc holds freed but not handed back (glibc 2.33+ ``mallinfo2``:
+    ``fordblks``, the free chunks and the top of the heap); None without glibc."""
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
 def resident_bytes() -> int:
     """This process's resident set size; 0 where /proc is absent."""
     try:
@@ -60,18 +78,31 @@ def resident_bytes() -> int:
 
 
 class MemoryReturner:
-    """Calls ``release`` at most every ``every`` seconds, and only when resident memory
-    has grown by ``grown_bytes`` over the lowest it was seen since the last release:
-    memory really in use is not trimmed again and again."""
+    """Calls ``release`` at most every ``every`` seconds, and only when the heap holds
+    ``grown_bytes`` more freed memory than the least it held since the last release.
+
+    Freed memory is what a release can hand back, so the rule reads it directly: a
+    burst of connections that came and went leaves it high whatever resident memory
+    did before (a release at the peak, while they were open, could hand back nothing),
+    and memory really in use never triggers a release. A release leaves some freed
+    chunks behind (those between live ones); their level after it is the new base, so
+    a quiet process costs one ``mallinfo2`` call per look and no release. Without glibc
+    the rule falls back on resident memory growing over its lowest.
+    """
 
     def __init__(self, every: float = 5.0, grown_bytes: int = 4 * 1024 * 1024, *,
+                 free: Callable[[], int | None] = free_heap_bytes,
                  rss: Callable[[], int] = resident_bytes,
                  release: Callable[[], None] = release_free_memory,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._every, self._grown = every, grown_bytes
-        self._rss, self._release, self._clock = rss, release, clock
+        self._free, self._rss, self._release, self._clock = free, rss, release, clock
         self._last = clock()
-        self._floor = rss()
+        self._base = self._held()
+
+    def _held(self) -> int:
+        free = self._free()
+        return self._rss() if free is None else free
 
     def tick(self) -> bool:
         """Call often (the main loop does, every second); True when it released."""
@@ -79,10 +110,10 @@ class MemoryReturner:
         if now - self._last < self._every:
             return False
         self._last = now
-        rss = self._rss()
-        if rss <= self._floor + self._grown:
-            self._floor = min(self._floor, rss)
+        held = self._held()
+        if held <= self._base + self._grown:
+            self._base = min(self._base, held)
             return False
         self._release()
-        self._floor = self._rss()
+        self._base = self._held()
         return True

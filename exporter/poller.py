@@ -5,6 +5,12 @@ well; ``ClusterPoller`` runs it on the cluster's own schedule in its own thread
 and publishes a fresh ``ClusterSnapshot`` to the ``SnapshotBoard`` after every
 poll, success or not. A scrape only reads the board, so it never waits on a
 poll, and a slow cluster delays nobody but itself.
+
+Each cluster has two lanes: listings, on ``interval`` and the list bucket alone, and
+job details ("describe"), beside them on a session and pacer of their own, always
+from the plan of the latest published listing: a new listing replaces an unfinished
+plan (after the describe in hand), and a describe is sent only while the latest
+published listing holds its job.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
+
+import requests
 
 from exporter.client import (
-    DecodeFailure, HttpFailure, JobDetails, PaginationFailure, PollFailure, describe_import_job,
-    list_import_jobs, make_session,
+    DecodeFailure, HttpFailure, JobDetails, ListingPage, PaginationFailure, PollFailure,
+    describe_import_job, list_import_jobs, make_session,
 )
 from exporter.config import ClusterConfig, PollSettings
 from exporter.details import DetailRules
@@ -27,10 +35,10 @@ from exporter.history import JobHistory
 from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, Listing
 from exporter.logs import FieldsAdapter, bind
 from exporter.memory import release_free_memory
+from exporter.deadline import DeadlineAdapter
 from exporter.ratelimit import Pacer, RateLimits, pace
 from exporter.store import HistoryStore
 from exporter.summary import JobSummary
-from exporter.transport import ApiSession
 
 log = logging.getLogger("exporter.poller")
 
@@ -45,6 +53,11 @@ TRIM_AFTER_JOBS = 10_000
 
 class Stopped(Exception):
     """The poller was told to stop while it waited."""
+
+
+class PlanReplaced(Exception):
+    """The job left the listing while its describe waited for its turn: the plan it
+    came from is over (never a describe for an id the latest listing does not hold)."""
 
 
 @dataclass(frozen=True)
@@ -131,52 +144,78 @@ def with_retries(call: Callable[[], T], settings: PollSettings, *,
                 raise Stopped() from None
 
 
-def fetch_listing(session: ApiSession, cluster: ClusterConfig, *,
-                  observe: Callable[[str, str], None] = lambda endpoint, code: None,
-                  wait: Callable[[float], bool] | None = None,
-                  rng: random.Random | None = None) -> Listing:
-    """Page through one listing; raise PollFailure (never return half a listing).
+class Page(Protocol):
+    """One page of a listing as the API client returns it."""
 
-    Stops on a short or empty page, on a reached total, on a page that brings
-    no new job id (servers that ignore paging), and fails past max_pages. A first
-    page holding more jobs than were asked for is a server that ignores paging
-    (Milvus): it is the whole listing, and no second request is sent; a later page
-    doing so is refused (pagination).
-    ``wait`` sleeps between retries and returns True when the poller must stop.
+    @property
+    def records(self) -> Sequence[object]: ...
+
+    @property
+    def count(self) -> int | None: ...
+
+
+P = TypeVar("P", bound=Page)
+
+
+def page_through(fetch: Callable[[int], P], add: Callable[[P], int], held: Callable[[], int],
+                 *, page_size: int, max_pages: int, noun: str = "jobs") -> int:
+    """Page through a listing from page 1 without trusting the server to page well;
+    returns how many pages it took, or raises PollFailure.
+
+    ``fetch`` gets a page, ``add`` takes it in and says how many of its ids were new,
+    ``held`` says how many ids are in. Stops on a short or empty page, on a reached
+    total, on a page that brings no new id (servers that ignore paging), and fails
+    past max_pages. A first page holding more than were asked for is a server that
+    ignores paging (Milvus): it is the whole listing, and no second request is sent;
+    a later page doing so is refused (pagination).
     """
-    settings = cluster.settings
-    rng = rng or random.Random()
-    wait = wait or threading.Event().wait
-    listing = Listing()
-    cluster_log = bind(log, cluster_name=cluster.name)
     total: int | None = None
     page = 0
     while True:
         page += 1
-        if page > settings.max_pages:
-            raise PaginationFailure(
-                f"listing did not end within max_pages={settings.max_pages} pages "
-                f"({len(listing)} jobs so far)")
-        result = with_retries(
-            lambda: list_import_jobs(session, cluster, page, observe), settings,
-            wait=wait, rng=rng, logger=cluster_log.bind(page=page))
-        oversized = len(result.records) > settings.page_size
+        if page > max_pages:
+            raise PaginationFailure(f"listing did not end within max_pages={max_pages} "
+                                    f"pages ({held()} {noun} so far)")
+        result = fetch(page)
+        held_here = len(result.records)
+        oversized = held_here > page_size
         if oversized and page > 1:
-            raise PaginationFailure(
-                f"page {page} held {len(result.records)} jobs, more than the "
-                f"page_size={settings.page_size} asked for")
-        new_ids = listing.extend(result.records, result.reasons)
-        listing.pages = page
+            raise PaginationFailure(f"page {page} held {held_here} {noun}, more than the "
+                                    f"page_size={page_size} asked for")
+        new_ids = add(result)
         if oversized:           # page 1 of a server that ignores paging: the whole listing
-            break
-        if result.count is not None and result.count > len(result.records):
+            return page
+        if result.count is not None and result.count > held_here:
             total = result.count        # a count larger than its page is a total
-        if not result.records or len(result.records) < settings.page_size:
-            break
-        if total is not None and len(listing) >= total:
-            break
+        if not held_here or held_here < page_size:
+            return page
+        if total is not None and held() >= total:
+            return page
         if new_ids == 0:
-            break
+            return page
+
+
+def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
+                  observe: Callable[[str, str], None] = lambda endpoint, code: None,
+                  wait: Callable[[float], bool] | None = None,
+                  rng: random.Random | None = None) -> Listing:
+    """Page through one listing (``page_through``); raise PollFailure (never return
+    half a listing). ``wait`` sleeps between retries and returns True when the poller
+    must stop.
+    """
+    settings = cluster.settings
+    chosen_rng = rng or random.Random()
+    chosen_wait = wait or threading.Event().wait
+    listing = Listing()
+    cluster_log = bind(log, cluster_name=cluster.name)
+
+    def fetch(page: int) -> ListingPage:
+        return with_retries(lambda: list_import_jobs(session, cluster, page, observe),
+                            settings, wait=chosen_wait, rng=chosen_rng,
+                            logger=cluster_log.bind(page=page))
+    listing.pages = page_through(fetch, lambda page: listing.extend(page.records, page.reasons),
+                                 lambda: len(listing), page_size=settings.page_size,
+                                 max_pages=settings.max_pages)
     return listing
 
 
@@ -235,7 +274,7 @@ class ClusterPoller:
     def __init__(self, cluster: ClusterConfig, board: SnapshotBoard, history: JobHistory, *,
                  shard: int = 0, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
-                 session_factory: Callable[[ClusterConfig], ApiSession] = make_session,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
                  limits: RateLimits | None = None,
                  wait: Callable[[float], bool] | None = None) -> None:
         """``wait`` sleeps between retries and returns True when the poller must stop;
@@ -247,14 +286,31 @@ class ClusterPoller:
         self._history = history
         self._clock = clock
         self._rng = rng or random.Random()
+        # One session per lane: each keeps its own connection alive and waits for its
+        # own endpoint's bucket; a reload or stop closes both.
         self._session = session_factory(cluster)
-        self._pacer: Pacer | None = None
+        self._details_session = session_factory(cluster)
+        self._pacers: list[Pacer] = []
         if limits is not None:
-            self._pacer = pace(self._session, limits, cluster.host, cluster.api_key,
-                               cluster.settings.requests_per_second)
+            self._pacers = [pace(session, Pacer(limits, cluster.host, cluster.api_key,
+                                                cluster.settings.requests_per_second))
+                            for session in (self._session, self._details_session)]
+        for adapter in self._details_session.adapters.values():
+            if isinstance(adapter, DeadlineAdapter):
+                adapter.guard = self._listing_stands
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        # The listing lane sets it when a listing is published (and stop() does).
+        self._planned = threading.Event()
+        # Held while a listing is folded in, and while a describe is sent: a describe
+        # goes only for an id of the latest published listing. ``_listings`` counts them.
+        self._listing_lock = threading.Lock()
+        self._listings = 0
+        self._plan_of = -1        # the listing the describe lane's plan came from
+        self._describing = ""     # the job id of the describe being sent
+        self._publish_lock = threading.Lock()     # _snapshot, from both lanes
+        self._counts_lock = threading.Lock()      # _api_requests, from both lanes
         self._poll_errors: dict[str, int] = {}
         self._api_requests: dict[tuple[str, str], int] = {}
         self._unknown_states = UnknownStates(self._log)
@@ -272,29 +328,69 @@ class ClusterPoller:
         return not self._stop.is_set()
 
     def _rate_limit_wait(self) -> float:
-        return 0.0 if self._pacer is None else self._pacer.waited
+        return sum(pacer.waited for pacer in self._pacers)
 
     def _observe(self, endpoint: str, code: str) -> None:
         key = (endpoint, code)
-        self._api_requests[key] = self._api_requests.get(key, 0) + 1
+        with self._counts_lock:
+            self._api_requests[key] = self._api_requests.get(key, 0) + 1
+
+    def _counts(self) -> dict[tuple[str, str], int]:
+        with self._counts_lock:
+            return dict(self._api_requests)
+
+    def _listing_stands(self) -> Callable[[], None]:
+        """Before each describe is written, after its turn: the latest published
+        listing holds the job (else PlanReplaced), and no other is folded in until the
+        request is written (the release this returns)."""
+        self._listing_lock.acquire()
+        if self._history.first_seen(self._describing) is None:
+            self._listing_lock.release()
+            raise PlanReplaced()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._listing_lock.release()
+        return release
 
     def reset_fallbacks(self) -> None:
         """Forget what was learnt about the server (on reload: it may be upgraded)."""
         self._get_progress = False
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"poll-{self.cluster.name}",
-                                        daemon=True)
-        self._thread.start()
+        name = self.cluster.name
+        self._threads = [threading.Thread(target=self._run, name=f"poll-{name}", daemon=True),
+                         threading.Thread(target=self._describe_lane, name=f"details-{name}",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop at once; a request in flight is abandoned and never published."""
         self._stop.set()
+        self._planned.set()
         self._session.close()
+        self._details_session.close()
 
     def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _describe_lane(self) -> None:
+        """Describe from each published listing's plan, beside the listings."""
+        while True:
+            self._planned.wait()
+            if self._stop.is_set():
+                return
+            self._planned.clear()
+            try:
+                self._describe_and_publish()
+            except Stopped:
+                return
 
     def _run(self) -> None:
         interval = self.cluster.settings.interval
@@ -303,14 +399,24 @@ class ClusterPoller:
         while True:
             started = time.monotonic()
             try:
-                self.poll_once()
+                self._poll_listing()
             except Stopped:
                 return
             if self._stop.wait(next_poll_delay(interval, time.monotonic() - started)):
                 return
 
     def poll_once(self) -> ClusterSnapshot:
-        """One poll: fetch, fold into history, publish. Returns the new snapshot."""
+        """One poll: fetch, fold into history, publish, then describe from its plan and
+        publish again (for --once and tests; a running poller's describe lane does the
+        second half beside the next listing). Returns the last snapshot."""
+        snapshot = self._poll_listing()
+        if snapshot.up and self._planned.is_set():
+            self._planned.clear()
+            return self._describe_and_publish()
+        return snapshot
+
+    def _poll_listing(self) -> ClusterSnapshot:
+        """Fetch, fold into history, publish; the describe lane is told of the plan."""
         started = time.monotonic()
         try:
             return self._poll(started)
@@ -345,11 +451,13 @@ class ClusterPoller:
         settings = cluster.settings
         if self._stop.is_set():     # retired meanwhile: a newer poller owns the history
             raise Stopped()
-        summary = self._history.apply(
-            listing, stuck_after=settings.stuck_after,
-            stall_after=settings.stall_after,
-            max_stuck_series=settings.max_stuck_job_series,
-            rules=detail_rules(cluster), timing=timing_rules(cluster), started=listed_at)
+        with self._listing_lock:     # no describe is sent while the listing changes
+            summary = self._history.apply(
+                listing, stuck_after=settings.stuck_after,
+                stall_after=settings.stall_after,
+                max_stuck_series=settings.max_stuck_job_series,
+                rules=detail_rules(cluster), timing=timing_rules(cluster), started=listed_at)
+            self._listings += 1
         duration = time.monotonic() - started
         if self._stop.is_set():
             raise Stopped()
@@ -363,20 +471,26 @@ class ClusterPoller:
         if len(listing) >= TRIM_AFTER_JOBS:
             del listing
             release_free_memory()
-        snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
-                           last_success=self._clock(), jobs=summary,
-                           poll_errors=dict(self._poll_errors),
-                           api_requests=dict(self._api_requests),
-                           rate_limit_wait=self._rate_limit_wait())
-        self._snapshot = snapshot
-        self._board.publish(snapshot, self._current)
-        # The listing is out; details follow in a second snapshot, so a slow or
-        # failing describe endpoint never holds the listing back, and nothing going
-        # wrong while describing turns this successful poll into a failed one.
+        with self._publish_lock:
+            snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
+                               last_success=self._clock(), jobs=summary,
+                               poll_errors=dict(self._poll_errors),
+                               api_requests=self._counts(),
+                               rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
+        # The listing is out; details follow in a second snapshot, from the describe
+        # lane, so a slow or failing describe endpoint never holds the listing back,
+        # and nothing going wrong while describing turns this poll into a failed one.
+        self._planned.set()
+        return snapshot
+
+    def _describe_and_publish(self) -> ClusterSnapshot:
+        """Describe the latest listing's plan; publish what it taught, over whatever
+        snapshot is the latest by then."""
         try:
             if not self._describe_jobs():
-                return snapshot
-            jobs = self._history.refresh(summary)
+                return self._snapshot
         except Stopped:
             raise
         except Exception as exc:
@@ -384,13 +498,15 @@ class ClusterPoller:
                 self._crashes.add(type(exc))
                 self._log.error("describing jobs crashed; the listing stands, its jobs "
                                 "keep their last known details", exc_info=True)
-            return snapshot
-        snapshot = replace(snapshot, poll_duration=time.monotonic() - started,
-                           jobs=jobs,
-                           api_requests=dict(self._api_requests),
-                           rate_limit_wait=self._rate_limit_wait())
-        self._snapshot = snapshot
-        self._board.publish(snapshot, self._current)
+            return self._snapshot
+        with self._publish_lock:
+            if self._snapshot.jobs is None or self._stop.is_set():
+                return self._snapshot
+            snapshot = replace(self._snapshot, jobs=self._history.refresh(self._snapshot.jobs),
+                               api_requests=self._counts(),
+                               rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
         return snapshot
 
     def _publish_failure(self, failure: PollFailure, started: float,
@@ -404,13 +520,14 @@ class ClusterPoller:
             self._log.warning("poll failed" if self._failing else "cluster started failing",
                         extra={"fields": fields})
         self._failing = True
-        snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
-                           last_error_reason=failure.reason, last_error=str(failure),
-                           poll_errors=dict(self._poll_errors),
-                           api_requests=dict(self._api_requests),
-                           rate_limit_wait=self._rate_limit_wait())
-        self._snapshot = snapshot
-        self._board.publish(snapshot, self._current)
+        with self._publish_lock:
+            snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
+                               last_error_reason=failure.reason, last_error=str(failure),
+                               poll_errors=dict(self._poll_errors),
+                               api_requests=self._counts(),
+                               rate_limit_wait=self._rate_limit_wait())
+            self._snapshot = snapshot
+            self._board.publish(snapshot, self._current)
         return snapshot
 
     def _describe_jobs(self) -> bool:
@@ -422,13 +539,20 @@ class ClusterPoller:
         every job alike), so a broken endpoint costs one request per poll; the rest
         wait for the next poll.
         """
-        plan = self._history.describe_plan()
+        with self._listing_lock:
+            plan = self._history.describe_plan()
+            self._plan_of = self._listings
         answered = False
-        for job_id in plan:
+        for done, job_id in enumerate(plan):
+            if done and self._listings != self._plan_of:
+                break               # a newer listing's plan comes next
+            self._describing = job_id
             job_log = self._log.bind(job_id=job_id)
             try:
                 details = with_retries(lambda: self._describe(job_id), self.cluster.settings,
                                        wait=self._wait, rng=self._rng, logger=job_log)
+            except PlanReplaced:        # it left the listing: the newer one's plan comes next
+                break
             except PollFailure as failure:
                 if self._stop.is_set():
                     raise Stopped() from None
@@ -448,7 +572,7 @@ class ClusterPoller:
 
     def _describe(self, job_id: str) -> JobDetails:
         try:
-            return describe_import_job(self._session, self.cluster, job_id,
+            return describe_import_job(self._details_session, self.cluster, job_id,
                                        get_progress=self._get_progress,
                                        observe=self._observe)
         except HttpFailure as failure:
@@ -457,8 +581,8 @@ class ClusterPoller:
         self._get_progress = True
         self._log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) "
                        "from now on")
-        return describe_import_job(self._session, self.cluster, job_id, get_progress=True,
-                                   observe=self._observe)
+        return describe_import_job(self._details_session, self.cluster, job_id,
+                                   get_progress=True, observe=self._observe)
 
 
 class PollerGroup:
@@ -466,7 +590,7 @@ class PollerGroup:
 
     def __init__(self, board: SnapshotBoard, *, store: HistoryStore | None = None,
                  shard: int = 0, clock: Callable[[], float] = time.time,
-                 session_factory: Callable[[ClusterConfig], ApiSession] = make_session,
+                 session_factory: Callable[[ClusterConfig], requests.Session] = make_session,
                  ) -> None:
         self._board = board
         self._store = store
@@ -487,39 +611,48 @@ class PollerGroup:
         """The rate limits every poller of this group shares."""
         return self._limits
 
-    def apply(self, clusters: tuple[ClusterConfig, ...], start: bool = True) -> dict[str, str]:
+    def apply(self, clusters: tuple[ClusterConfig, ...], start: bool = True, *,
+              paced: Iterable[ClusterConfig] = (), relearn: bool = True) -> dict[str, str]:
         """Start added, stop removed and restart changed clusters; keep the rest.
 
-        Returns what happened to each cluster name, for the log.
+        ``paced`` are the other users of the rate limits (discovery sources' control
+        planes). ``relearn`` makes the unchanged pollers forget what they learnt about
+        their servers (a reload: they may have been upgraded; not a discovery refresh).
+        A cluster's job history goes with its ``history`` key, not its name: a
+        discovered cluster renamed in the console keeps it. Returns what happened to
+        each cluster name, for the log.
         """
         changes: dict[str, str] = {}
         with self._lock:
             wanted = {c.name: c for c in clusters}
             self._limits.configure((c.host, c.api_key, c.settings.requests_per_second)
-                                   for c in clusters)
+                                   for c in (*clusters, *paced))
             for name, poller in list(self._pollers.items()):
                 if name not in wanted:
                     poller.stop()
                     self._board.remove(name)
                     del self._pollers[name]
-                    self._histories.pop(name, None)
-                    if self._store is not None:
-                        self._store.forget(name)
                     changes[name] = "removed"
+            kept = {c.history for c in clusters}
+            for key in [k for k in self._histories if k not in kept]:
+                del self._histories[key]
+                if self._store is not None:
+                    self._store.forget(key)
             for name, cluster in wanted.items():
                 old = self._pollers.get(name)
                 if old is not None and old.cluster == cluster:
-                    old.reset_fallbacks()
+                    if relearn:
+                        old.reset_fallbacks()
                     continue
                 if old is not None:
                     old.stop()
                     changes[name] = "changed"
                 else:
                     changes[name] = "added"
-                history = self._histories.get(name)
+                history = self._histories.get(cluster.history)
                 if history is None:
-                    history = self._histories[name] = JobHistory(name, self._store,
-                                                                 self._clock)
+                    history = self._histories[cluster.history] = JobHistory(
+                        cluster.history, self._store, self._clock)
                 poller = ClusterPoller(cluster, self._board, history, shard=self._shard,
                                        clock=self._clock,
                                        session_factory=self._session_factory,

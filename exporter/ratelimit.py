@@ -13,9 +13,10 @@ lower than ours), the bucket halves its rate for everyone sharing it and recover
 linearly to the configured rate over ``RECOVERY_SECONDS``: the adaptive client-side
 limiter cloud SDKs use, on top of the Retry-After wait the poller already honours.
 
-``Pacer`` applies a bucket to every request of a ``transport.ApiSession``, so every
-call (the listing and job details alike) is paced without the API client knowing;
-closing the session interrupts a request waiting for its token.
+``Pacer`` applies a bucket to every request of a session (through its
+``deadline.DeadlineAdapter``), so every call (the listing and job details alike) is
+paced without the API client knowing; closing the session interrupts a request waiting
+for its token.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import time
 from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from exporter.transport import ApiSession, Interrupted, Reply
+import requests
+
+from exporter.deadline import DeadlineAdapter, Interrupted
 
 RECOVERY_SECONDS = 60.0
 
@@ -179,7 +182,7 @@ class RateLimits:
 
 class Pacer:
     """Waits for a token of the (host, key, endpoint) bucket before each request of a
-    session (``transport.ApiSession.pacer``).
+    session (``deadline.DeadlineAdapter.pacer``).
 
     ``waited`` is the cumulative time this session's requests spent waiting, for
     ``zilliz_import_rate_limit_wait_seconds_total``.
@@ -199,7 +202,8 @@ class Pacer:
         self._buckets: dict[str, TokenBucket] = {}
         self.waited = 0.0
 
-    def paced(self, path: str, send: Callable[[], Reply]) -> Reply:
+    def paced(self, path: str,
+              send: Callable[[], requests.Response]) -> requests.Response:
         """Wait for the turn of the endpoint ``path`` calls, then ``send``; a 429 slows
         the bucket down."""
         endpoint = endpoint_of(path)
@@ -228,10 +232,10 @@ class Pacer:
             paced = max(0.0, self._clock() - started)
             with self._lock:
                 self.waited += paced
-        reply = send()
-        if reply.status == 429:
+        response = send()
+        if response.status_code == 429:
             bucket.throttled(sent)
-        return reply
+        return response
 
     def close(self) -> None:
         self._closed.set()
@@ -239,8 +243,9 @@ class Pacer:
             self._ticket.turn.set()           # wake a request queued behind others
 
 
-def pace(session: ApiSession, limits: RateLimits, host: str, key: str,
-         rate: float) -> Pacer:
-    """Pace every request of ``session``; returns the pacer."""
-    pacer = session.pacer = Pacer(limits, host, key, rate)
+def pace(session: requests.Session, pacer: Pacer) -> Pacer:
+    """Pace every request of ``session`` (made by ``client.make_session``) by ``pacer``."""
+    for adapter in session.adapters.values():
+        if isinstance(adapter, DeadlineAdapter):
+            adapter.pacer = pacer
     return pacer

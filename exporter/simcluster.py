@@ -31,6 +31,39 @@ FAULTS = ("auth_body", "auth_http", "429", "500", "503", "malformed", "bad_shape
 
 
 @dataclass
+class FaultSwitch:
+    """How a simulated endpoint misbehaves: ``mode`` (one of FAULTS) on the next ``left``
+    requests (forever when None) from page ``from_page`` on."""
+
+    mode: str = ""
+    left: int | None = None
+    from_page: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def set(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault {mode!r}")
+        with self._lock:
+            self.mode, self.left, self.from_page = mode, times, from_page
+
+    def clear(self) -> None:
+        with self._lock:
+            self.mode, self.left = "", None
+
+    def take(self, page: int) -> str:
+        """The fault this request of ``page`` meets, "" for none; counts it down."""
+        with self._lock:
+            if not self.mode or page < self.from_page:
+                return ""
+            fault = self.mode
+            if self.left is not None:
+                self.left -= 1
+                if self.left <= 0:
+                    self.mode, self.left = "", None
+            return fault
+
+
+@dataclass
 class SimJob:
     job_id: str
     collection: str
@@ -94,6 +127,7 @@ class SimCluster:
     shuffle: bool = False         # Milvus: a new random order on every request
     v2_success_code: int = 0      # Milvus 2.4.0-2.4.4 answered 200 in v2 bodies
     latency: float = 0.0
+    describe_latency: float = 0.0   # on top of latency, for describes only
     retry_after: str = "1"
     jobs: dict[str, SimJob] = field(default_factory=dict)
     requests: int = 0
@@ -105,9 +139,13 @@ class SimCluster:
     unknown_describes: int = 0
     report_create_time: bool = False   # describe answers createTime (newest Milvus)
     clock: Callable[[], float] = time.time
-    _fault: str = ""
-    _fault_left: int | None = None
-    _fault_from_page: int = 1
+    # What the control plane lists about it (v2 only): clusterName ("" for the name)...
+    display_name: str = ""
+    status: str = "RUNNING"
+    region_id: str = "aws-us-west-2"
+    project_id: str = "proj-0123456789"
+    plan: str = "Enterprise"
+    _faults: FaultSwitch = field(default_factory=FaultSwitch, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ids: Any = field(default_factory=lambda: itertools.count(1), repr=False)
 
@@ -177,14 +215,30 @@ class SimCluster:
 
     def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
         """Misbehave on the next ``times`` requests (forever when None) from a page on."""
-        if mode not in FAULTS:
-            raise ValueError(f"unknown fault {mode!r}")
-        with self._lock:
-            self._fault, self._fault_left, self._fault_from_page = mode, times, from_page
+        self._faults.set(mode, times, from_page)
 
     def heal(self) -> None:
+        self._faults.clear()
+
+    def rename(self, display_name: str) -> None:
+        """Rename it in the console: its clusterName changes, its clusterId stays."""
         with self._lock:
-            self._fault, self._fault_left = "", None
+            self.display_name = display_name
+
+    def set_status(self, status: str) -> None:
+        """STOPPED, RUNNING, ...: what the control plane says (it still answers)."""
+        with self._lock:
+            self.status = status
+
+    def cloud_record(self) -> dict[str, Any]:
+        """The cluster as GET /v2/clusters lists it."""
+        with self._lock:
+            return {"clusterId": self.cluster_id, "clusterName": self.display_name or self.name,
+                    "description": "", "regionId": self.region_id, "plan": self.plan,
+                    "cuType": "Performance-optimized", "cuSize": 1, "status": self.status,
+                    "connectAddress": f"https://{self.cluster_id}.{self.region_id}.zilliz.test",
+                    "privateLinkAddress": "", "projectId": self.project_id,
+                    "createTime": "2024-06-01T10:00:00Z"}
 
     def truth(self) -> Counter[tuple[str, str]]:
         """Jobs by (collection, canonical state): what /metrics must show."""
@@ -200,17 +254,6 @@ class SimCluster:
         return jobs
 
     # ---- serving -----------------------------------------------------------------
-    def _take_fault(self, page: int) -> str:
-        with self._lock:
-            if not self._fault or page < self._fault_from_page:
-                return ""
-            fault = self._fault
-            if self._fault_left is not None:
-                self._fault_left -= 1
-                if self._fault_left <= 0:
-                    self._fault, self._fault_left = "", None
-            return fault
-
     def _page(self, page: int, size: int) -> tuple[list[dict[str, Any]], int]:
         with self._lock:
             jobs = self._settled()

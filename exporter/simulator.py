@@ -13,6 +13,13 @@ hangs, code 200 on v2 (Milvus 2.4.0-2.4.4), and Zilliz's per-user rate limit
 Every request is logged with its arrival time (``Simulator.log``) so tests can
 measure the rate the server saw.
 
+Zilliz Cloud's control plane is served too: ``GET /v2/clusters?pageSize=&currentPage=``
+lists the v2 clusters of the key asking (``SimCluster.api_key``), paged, each with its
+``clusterName`` (``display_name``), region, project, plan and ``status``; a key with no
+cluster gets HTTP 401 and code 21119, as the real one answers. Clusters come, go
+(``Simulator.remove_cluster``), are renamed and change status at run time, and the
+key's ``SimControlPlane`` misbehaves on demand like a cluster does.
+
 Describe answers follow API-NOTES.md: v1 ``readyPercentage``/``errorMessage`` (no
 state, no rows); v2 ``state``, ``progress``, ``importedRows``, ``totalRows`` and
 ``reason`` (Milvus leaves ``reason`` out when empty and reports progress 0 and rows 0
@@ -38,12 +45,53 @@ import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from exporter.simcluster import SimCluster
+from exporter.simcluster import FaultSwitch, SimCluster
+
+
+@dataclass
+class SimControlPlane:
+    """Zilliz Cloud's control plane as one API key sees it (``Simulator.control_plane``):
+    how it answers GET /v2/clusters, which lists the key's v2 clusters."""
+
+    api_key: str
+    bare_array: bool = False      # ``data`` as a bare array (the schema) instead of an object
+    latency: float = 0.0
+    requests: int = 0
+    pages_served: list[int] = field(default_factory=list)
+    _faults: FaultSwitch = field(default_factory=FaultSwitch, repr=False)
+
+    def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
+        """Misbehave on the next ``times`` requests (forever when None) from a page on;
+        ``auth_http`` and ``auth_body`` both answer what a revoked key gets (401, 21119)."""
+        self._faults.set(mode, times, from_page)
+
+    def heal(self) -> None:
+        self._faults.clear()
+
+
+def _paging(params: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(currentPage, pageSize) of a request, 1 and 10 (the documented default) when
+    absent; None when not numbers."""
+    try:
+        return int(params.get("currentPage") or 1), int(params.get("pageSize") or 10)
+    except (TypeError, ValueError):
+        return None
+
+
+def _arrive(endpoint: SimCluster | SimControlPlane, page: int, lock: threading.Lock) -> str:
+    """A request for ``page`` arrives: count it, wait out the latency, and return the
+    fault it meets ("" for none)."""
+    with lock:
+        endpoint.requests += 1
+        endpoint.pages_served.append(page)
+    if endpoint.latency:
+        time.sleep(endpoint.latency)
+    return endpoint._faults.take(page)
 
 
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
@@ -61,6 +109,11 @@ class _QuietServer(ThreadingHTTPServer):
     traceback on stderr, as the stdlib server would print."""
 
     daemon_threads = True
+    connections = 0      # accepted so far: a client that keeps them alive opens few
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -86,6 +139,7 @@ class Simulator:
         """``clock`` times the jobs (creation, completion, timed jobs' moves)."""
         self.clock = clock
         self.clusters: dict[str, SimCluster] = {}
+        self.planes: dict[str, SimControlPlane] = {}     # by API key
         # Zilliz Cloud's limit: at most rate_limit requests in any one second per API key
         # and endpoint (0: none); a refused request is a 429, with Retry-After if set.
         self.rate_limit = 0
@@ -107,6 +161,11 @@ class Simulator:
         text = host.decode() if isinstance(host, bytes) else str(host)
         return f"{self._scheme}://{text}:{self._server.server_port}"
 
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far."""
+        return self._server.connections
+
     def add_cluster(self, name: str, flavour: str = "v2", api_key: str = "",
                     **settings: Any) -> SimCluster:
         if flavour not in ("v1", "v2", "milvus"):
@@ -122,9 +181,22 @@ class Simulator:
         self.clusters[name] = cluster
         return cluster
 
+    def remove_cluster(self, name: str) -> None:
+        """Delete a cluster: it leaves the control plane's listing and stops answering."""
+        self.clusters.pop(name, None)
+
+    def control_plane(self, api_key: str) -> SimControlPlane:
+        """The control plane as ``api_key`` sees it (made on first use)."""
+        return self.planes.setdefault(api_key, SimControlPlane(api_key))
+
     def url_for(self, name: str) -> str:
         cluster = self.clusters[name]
         return self.base_url + (f"/milvus/{name}" if cluster.flavour == "milvus" else "")
+
+    def discovery_config(self, name: str, api_key: str, **extra: Any) -> dict[str, Any]:
+        """The exporter's YAML entry for a discovery source asking this simulator's
+        control plane with ``api_key``."""
+        return {"name": name, "url": self.base_url, "api_key": api_key, **extra}
 
     def cluster_config(self, name: str, **extra: Any) -> dict[str, Any]:
         """The exporter's YAML entry for a simulated cluster."""
@@ -205,6 +277,8 @@ class Simulator:
 
     def _answer(self, method: str, path: str, query: dict[str, str], body: dict[str, Any],
                 auth: str, cluster: SimCluster | None) -> tuple[int, dict[str, str], bytes]:
+        if path.endswith("/v2/clusters") and method == "GET":
+            return self._clusters_answer(query, auth)
         v1 = path.endswith("/v1/vector/collections/import/list")
         v2 = path.endswith("/v2/vectordb/jobs/import/list")
         v1_get = path.endswith("/v1/vector/collections/import/get")
@@ -218,34 +292,68 @@ class Simulator:
             return 200, {}, b'{"code": 100, "message": "cluster not found"}'
         if v1_get or v2_describe:
             return self._describe_answer(cluster, path, str(params.get("jobId") or ""), auth)
-        try:
-            page = int(params.get("currentPage") or 1)
-            size = int(params.get("pageSize") or 10)
-        except (TypeError, ValueError):
+        paging = _paging(params)
+        if paging is None:
             return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
-        with cluster._lock:
-            cluster.requests += 1
-            cluster.pages_served.append(page)
-        if cluster.latency:
-            time.sleep(cluster.latency)
-        fault = cluster._take_fault(page)
-        if fault == "hang":
-            self._closing.wait(3600)
-            return 504, {}, b""
+        page, size = paging
+        fault = _arrive(cluster, page, cluster._lock)
         if fault == "auth_http":
             return 401, {}, b'{"code": 401, "message": "Unauthorized"}'
-        if fault in ("429", "500", "503"):
-            headers = {"Retry-After": cluster.retry_after} if fault == "429" else {}
-            return int(fault), headers, b'{"message": "try later"}'
-        if fault == "malformed":
-            return 200, {}, b'{"code": 0, "data": {"records": [{"jobId": '
-        if fault == "bad_shape":
-            return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}}}'
-        if fault == "api_error":
-            return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
+        misbehaving = self._fault_answer(fault, cluster.retry_after)
+        if misbehaving is not None:
+            return misbehaving
         if fault == "auth_body" or not self._authorised(cluster, auth):
             return self._refusal(cluster)
         return 200, {}, self._page_answer(cluster, page, size)
+
+    def _fault_answer(self, fault: str, retry_after: str
+                      ) -> tuple[int, dict[str, str], bytes] | None:
+        """The answer of a fault every endpoint has in common; None for the others."""
+        if fault == "hang":
+            self._closing.wait(3600)
+            return 504, {}, b""
+        if fault in ("429", "500", "503"):
+            headers = {"Retry-After": retry_after} if fault == "429" else {}
+            return int(fault), headers, b'{"message": "try later"}'
+        if fault == "malformed":
+            return 200, {}, b'{"code": 0, "data": {"records": [{"jobId": '
+        if fault == "bad_shape":    # not a list, where a job list or cluster list should be
+            return 200, {}, b'{"code": 0, "data": {"records": {"not": "a list"}, ' \
+                b'"clusters": {"not": "a list"}}}'
+        if fault == "api_error":
+            return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
+        return None
+
+    @staticmethod
+    def _illegal_key() -> tuple[int, dict[str, str], bytes]:
+        """The reply Zilliz Cloud's control plane gives a bad key (API-NOTES.md)."""
+        return 401, {}, b'{"code": 21119, "message": "The apikey is illegal."}'
+
+    def _clusters_answer(self, query: dict[str, str], auth: str
+                         ) -> tuple[int, dict[str, str], bytes]:
+        """GET /v2/clusters: the v2 clusters of the key asking, paged."""
+        key = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        members = [c for c in list(self.clusters.values())
+                   if c.flavour == "v2" and c.api_key == key]
+        if not members and key not in self.planes:
+            return self._illegal_key()
+        plane = self.control_plane(key)
+        paging = _paging(query)
+        if paging is None:
+            return 200, {}, b'{"code": 1100, "message": "invalid paging"}'
+        page, size = paging
+        if not 1 <= size <= 100:
+            return 200, {}, b'{"code": 96008, "message": "pageSize must be 1 to 100"}'
+        fault = _arrive(plane, page, self._log_lock)
+        if fault in ("auth_http", "auth_body"):
+            return self._illegal_key()
+        misbehaving = self._fault_answer(fault, "1")
+        if misbehaving is not None:
+            return misbehaving
+        records = [c.cloud_record() for c in members[(page - 1) * size: page * size]]
+        data: Any = records if plane.bare_array else {
+            "count": len(members), "currentPage": page, "pageSize": size, "clusters": records}
+        return 200, {}, json.dumps({"code": 0, "data": data}).encode()
 
     @staticmethod
     def _authorised(cluster: SimCluster, auth: str) -> bool:
@@ -264,8 +372,8 @@ class Simulator:
             return 404, {}, b'404 page not found'
         if not self._authorised(cluster, auth):
             return self._refusal(cluster)
-        if cluster.latency:
-            time.sleep(cluster.latency)
+        if cluster.latency or cluster.describe_latency:
+            time.sleep(cluster.latency + cluster.describe_latency)
         fault = cluster.describe_fault
         if fault == "hang":
             self._closing.wait(3600)

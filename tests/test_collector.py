@@ -7,11 +7,11 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from conftest import GOLDEN_NOW, FakeClock, golden_board
+from conftest import GOLDEN_NOW, FakeClock, golden_board, golden_discovery
 from exporter import __version__
 from exporter.jobs import JobRecord
 from exporter.collector import FAMILIES, RENDER_ERRORS, ImportCollector
-from exporter.web import ExpositionCache
+from exporter.exposition import ExpositionCache
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.jobs import Listing
@@ -195,7 +195,8 @@ _BUILD = re.compile(r'(zilliz_import_exporter_build_info)\{python_version="[^"]*
 def golden_exposition() -> str:
     """/metrics as the real collector and scrape cache render conftest's golden_board."""
     registry = CollectorRegistry()
-    registry.register(ImportCollector(golden_board(), clock=lambda: GOLDEN_NOW))
+    registry.register(ImportCollector(golden_board(), clock=lambda: GOLDEN_NOW,
+                                      discovery=golden_discovery()))
     cache = ExpositionCache(registry, SnapshotBoard(), lambda: GOLDEN_NOW)
     body = cache.body(generate_latest, CONTENT_TYPE_LATEST, False).decode()
     return _BUILD.sub(r'\1{python_version="PYTHON",version="VERSION"}', body)
@@ -227,4 +228,5 @@ def test_every_family_is_declared_once_and_documented() -> None:
         assert set(family.labels) <= {"cluster_name", "collection", "state", "job_id",
                                       "reason", "kind", "endpoint", "code", "cluster_id",
                                       "api", "host", "shard", "version", "python_version",
-                                      "outcome"}
+                                      "source", "cluster_display_name", "region_id",
+                                      "project_id", "plan", "status", "polled", "outcome"}

@@ -173,6 +173,11 @@ def test_env_and_key_file(tmp_path: Path) -> None:
 ])
 def test_each_rule_is_one_line_naming_file_cluster_and_key(
         tmp_path: Path, doc: dict, expected: str) -> None:
+    one_line_naming(tmp_path, doc, expected)
+
+
+def one_line_naming(tmp_path: Path, doc: dict, expected: str) -> None:
+    """The file is refused, with ``expected`` in one of its lines, each naming the file."""
     lines = errors(tmp_path, doc)
     assert any(expected in line for line in lines), lines
     assert all(line.startswith(str(tmp_path / "config.yaml") + ": ") for line in lines)
@@ -246,6 +251,9 @@ def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     assert [(c.name, c.api) for c in config.clusters] == \
         [("prod-search", "v1"), ("prod-recs", "v2"), ("onprem-milvus", "v2")]
     assert config.clusters[2].api_key == "u:p" and config.clusters[1].settings.interval == 120
+    (prod,) = config.discovery
+    assert (prod.name, prod.api_key, prod.exclude, prod.settings.interval) == \
+        ("prod", "a", ".*-scratch", 120)
 
 
 @pytest.mark.parametrize("text,size", [
@@ -274,6 +282,7 @@ def test_every_key_reads_back_from_check_config_output() -> None:
                 "max_stuck_job_series": 3, "max_describes_per_poll": 0, "max_job_series": 4,
                 "max_failed_job_series": 5, "failed_job_window": "1d",
                 "requests_per_second": 2.5, "max_response_bytes": "512KiB",
+                "proxy_url": "http://proxy.internal:3128", "proxy_from_environment": False,
                 "duration_buckets": ["0.5s", "1m30s", "2h", "365d"]}
     assert set(settings) == set(SETTING_KEYS)
     config = parse_config({"defaults": settings, "clusters": [
@@ -313,3 +322,145 @@ def test_bad_max_response_bytes_names_the_file_and_key(value: object, message: s
         load_size(value)
     line = str(error.value)
     assert line.startswith("x.yaml:") and "'max_response_bytes'" in line and message in line
+
+
+# ---- discovery sources -------------------------------------------------------------
+
+def source(**over: object) -> dict:
+    base = {"name": "prod", "api_key": SECRET}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_the_smallest_discovery_config_needs_no_cluster(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"defaults": {"interval": "30s"},
+                                          "discovery": [source()]}), environ={})
+    (prod,) = config.discovery
+    assert config.clusters == ()
+    assert (prod.name, prod.url, prod.api_key, prod.refresh_interval) == \
+        ("prod", "https://api.cloud.zilliz.com", SECRET, 300)
+    assert (prod.include, prod.exclude, prod.projects, prod.regions, prod.poll_statuses) == \
+        ("", "", (), (), ("RUNNING",))
+    assert prod.settings.interval == 30 and prod.settings.page_size == 100
+    plane = prod.control_plane        # what the client and the session factory see
+    assert (plane.url, plane.api, plane.api_key, plane.host) == \
+        (prod.url, "v2", SECRET, "api.cloud.zilliz.com")
+    assert SECRET not in repr(config)
+
+
+def test_a_source_takes_every_key_and_settings_over_defaults(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text(SECRET + "\n")
+    config = load_config(write(tmp_path, {
+        "defaults": {"interval": "30s", "stuck_after": "1h"},
+        "discovery": [source(name="cn", url="api.cloud.zilliz.com.cn", api_key=None,
+                             api_key_file="key", refresh_interval="1m",
+                             include="prod-.*", exclude=".*-tmp", projects=["proj-1"],
+                             regions=["ali-cn-hangzhou"], poll_statuses=["RUNNING", "RESUMING"],
+                             settings={"interval": "2m", "requests_per_second": 5})],
+        "clusters": [cluster()]}), environ={})
+    (cn,) = config.discovery
+    assert (cn.url, cn.api_key, cn.refresh_interval, cn.include, cn.exclude) == \
+        ("https://api.cloud.zilliz.com.cn", SECRET, 60, "prod-.*", ".*-tmp")
+    assert (cn.projects, cn.regions, cn.poll_statuses) == \
+        (("proj-1",), ("ali-cn-hangzhou",), ("RUNNING", "RESUMING"))
+    assert (cn.settings.interval, cn.settings.stuck_after, cn.settings.requests_per_second) \
+        == (120, 3600, 5)
+
+
+@pytest.mark.parametrize("doc,expected", [
+    ({"discovery": [source(name=None)]}, "discovery source #1: key 'name': is required"),
+    ({"discovery": [source(colour="blue")]},
+     "discovery source 'prod': key 'colour': unknown key"),
+    ({"discovery": [source(), source()]},
+     "discovery source 'prod': key 'name': is used by another discovery source"),
+    ({"discovery": [source(api_key=None)]},
+     "discovery source 'prod': key 'api_key': is required (or api_key_file)"),
+    ({"discovery": [source(api_key="${NOPE}")]},
+     "discovery source 'prod': key 'api_key': environment variable ${NOPE} is not set"),
+    ({"discovery": [source(include="prod-(")]},
+     "discovery source 'prod': key 'include': 'prod-(' is not a regular expression"),
+    ({"discovery": [source(projects="proj-1")]},
+     "discovery source 'prod': key 'projects': must be a list of strings"),
+    ({"discovery": [source(poll_statuses=[["RUNNING"]])]},
+     "discovery source 'prod': key 'poll_statuses': must be a string"),
+    ({"discovery": [source(refresh_interval="often")]},
+     "discovery source 'prod': key 'refresh_interval': bad duration"),
+    ({"discovery": [source(settings={"interval": "5x"})]},
+     "discovery source 'prod': key 'settings.interval': bad duration"),
+    ({"discovery": [source(settings={"colour": 1})]},
+     "discovery source 'prod': key 'settings.colour': unknown key"),
+    ({"discovery": [source(settings=[1])]},
+     "discovery source 'prod': key 'settings': must be a mapping"),
+    ({"discovery": [source(interval="1m")]},
+     "discovery source 'prod': key 'interval': unknown key"),
+    ({"discovery": [source(url="ftp://x")]},
+     "discovery source 'prod': key 'url': 'ftp://x' is not an http(s) URL"),
+    ({"discovery": [source(api_key="k\r\nX-Evil: 1")]},
+     "discovery source 'prod': key 'api_key': must be one line of printable ASCII"),
+    ({"discovery": {"name": "prod"}}, "key 'discovery': must be a list"),
+    ({"discovery": ["prod"]}, "discovery source #1: key 'discovery': each discovery source"),
+    ({"discovery": []}, "key 'clusters': must be a non-empty list"),
+])
+def test_each_source_rule_is_one_line_naming_file_source_and_key(
+        tmp_path: Path, doc: dict, expected: str) -> None:
+    one_line_naming(tmp_path, doc, expected)
+
+
+def test_check_config_shows_sources_with_their_keys_redacted(tmp_path: Path) -> None:
+    path = write(tmp_path, {"discovery": [source(settings={"interval": "90s"},
+                                                 projects=["p"])],
+                            "clusters": [cluster()]})
+    result = run_cli("--check-config", "-c", path)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    (shown,) = yaml.safe_load(result.stdout)["discovery"]
+    assert shown["api_key"] == "<secret>" and shown["projects"] == ["p"]
+    assert shown["poll_statuses"] == ["RUNNING"] and shown["refresh_interval"] == "5m"
+    assert shown["settings"]["interval"] == "1m30s"
+    config = load_config(path, environ={})
+    shown["api_key"] = SECRET                     # the shown source reads back as itself
+    for item in (again := redacted(config))["clusters"]:
+        item["api_key"] = SECRET
+    again["discovery"] = [shown]
+    assert parse_config(again, path, environ={}) == config
+
+
+def test_sources_count_in_the_shared_rate_note(tmp_path: Path) -> None:
+    config = parse_config({"discovery": [source(settings={"requests_per_second": 2})],
+                           "clusters": [cluster(name="a", url="https://api.cloud.zilliz.com",
+                                                api="v2")]}, "x.yaml", environ={})
+    (note,) = shared_rate_notes(config)
+    assert "'a', 'prod'" in note and "(2)" in note and SECRET not in note
+
+
+# ---- proxy_url: the "proxy" kind, whose password is a secret ---------------------------
+
+PROXY_PASSWORD = "pr0xy-s3cret-77"
+
+
+def test_a_proxy_password_is_redacted_and_the_rest_of_the_url_shown() -> None:
+    raw = {"defaults": {"proxy_url": "http://ops:${PROXY_PASSWORD}@proxy.corp:3128"},
+           "clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2",
+                         "proxy_from_environment": False}]}
+    config = parse_config(raw, "x.yaml", environ={"PROXY_PASSWORD": PROXY_PASSWORD})
+    assert config.defaults.proxy_url == f"http://ops:{PROXY_PASSWORD}@proxy.corp:3128"
+    assert config.clusters[0].settings.proxy_url.endswith("@proxy.corp:3128")
+    shown = redacted(config)
+    assert shown["clusters"][0]["proxy_url"] == "http://ops:<secret>@proxy.corp:3128"
+    assert shown["clusters"][0]["proxy_from_environment"] is False
+    assert PROXY_PASSWORD not in str(shown) and PROXY_PASSWORD not in repr(config)
+
+
+@pytest.mark.parametrize("value,message", [
+    (f"socks5://u:{PROXY_PASSWORD}@h:1080", "must be an http:// or https:// URL"),
+    (f"http://u:{PROXY_PASSWORD}@h:99999", "valid host and port"),
+    ("proxy.corp:3128", "must be an http:// or https:// URL"), (3128, "must be a string")])
+def test_a_bad_proxy_url_is_one_line_that_never_echoes_it(value: object,
+                                                          message: str) -> None:
+    raw = {"clusters": [{"name": "a", "url": "http://127.0.0.1:9", "api": "v2",
+                         "proxy_url": value}]}
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, "x.yaml", environ={})
+    (line,) = error.value.lines
+    assert line.startswith("x.yaml: cluster 'a': key 'proxy_url': ") and message in line
+    assert PROXY_PASSWORD not in line

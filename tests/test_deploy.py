@@ -27,7 +27,8 @@ DASHBOARD = DEPLOY / "grafana" / "zilliz-import-exporter.json"
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
 CONTRACT_ALERTS = {"ZillizImportJobStuck", "ZillizImportJobFailed", "ZillizImportJobsFailing",
                    "ZillizImportPollFailing", "ZillizImportDataStale",
-                   "ZillizImportPendingBacklog", "ZillizImportJobsSlow"}
+                   "ZillizImportPendingBacklog", "ZillizImportJobsSlow",
+                   "ZillizImportDiscoveryFailing"}
 # The slow-import threshold, written once in the rule (STYLE: one place to edit).
 SLOW_THRESHOLD = "4 * 3600"
 
@@ -135,9 +136,11 @@ def test_compose_stack() -> None:
     config = parse_config(load(DEPLOY / "compose" / "exporter.yaml"), "exporter.yaml",
                           environ={"MILVUS_DEMO_KEY": "root:Milvus-demo-pass"})
     assert {c.host for c in config.clusters} == {"simulator:8080"}
-    from exporter.demo import DEMO_CLUSTERS
+    from exporter.demo import DEMO_CLUSTERS, DEMO_DISCOVERY_KEY
     assert {(c.name, c.api_key) for c in config.clusters} == \
         {(name, key) for name, _, key, _ in DEMO_CLUSTERS}
+    assert [(s.control_plane.host, s.api_key) for s in config.discovery] == \
+        [("simulator:8080", DEMO_DISCOVERY_KEY)]
 
 
 def test_compose_prometheus_config_passes_promtool() -> None:
@@ -220,7 +223,8 @@ def test_dashboard_shape() -> None:
                    "zilliz_import_poll_errors_total", "zilliz_import_api_requests_total",
                    "zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
                    "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info",
-                   "zilliz_import_rows_imported_total",
+                   "zilliz_import_rows_imported_total", "zilliz_import_discovery_up",
+                   "zilliz_import_discovered_cluster_info",
                    "zilliz_import_job_duration_seconds_bucket",
                    "zilliz_import_job_wait_seconds_bucket",
                    "zilliz_import_job_duration_seconds_count"):
@@ -382,11 +386,16 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
     mover = v2.add_jobs(1, "images", "importing", progress=10)[0]
     v2.add_jobs(2, "images", "pending")
     simulator.add_cluster("locked-out", "v2", api_key="other").add_jobs(1)
+    # a discovery source whose key sees a cluster it polls and a stopped one
+    simulator.add_cluster("found", "v2", api_key="discovery-key").add_jobs(2, "docs")
+    simulator.add_cluster("asleep", "v2", api_key="discovery-key", status="STOPPED")
     clusters = [simulator.cluster_config("main"),
                 simulator.cluster_config("second", stuck_after="1h"),
                 {**simulator.cluster_config("locked-out"), "api_key": "wrong-key"}]
     proc = exporter({"defaults": fast_defaults(stuck_after="3s", stall_after=0,
                                                duration_buckets=[1, 2, 3, 5, 10]),
+                     "discovery": [simulator.discovery_config(
+                         "prod", "discovery-key", settings={"stuck_after": "1h"})],
                      "clusters": clusters})
     proc.wait_for_metrics(lambda m: ("zilliz_import_up", (("cluster_name", "second"),)) in m)
     prom = prometheus_for(f"127.0.0.1:{proc.port}")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -24,12 +25,23 @@ from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.jobs import Listing
 from exporter.poller import ClusterPoller, SnapshotBoard, fetch_listing
-from exporter.ratelimit import RateLimits, pace
+from exporter.ratelimit import Pacer, RateLimits, pace
 
-from conftest import QuietHTTPServer, StubServer
+from conftest import StubApi
 
 Writer = Callable[[BaseHTTPRequestHandler], None]
 LIST = "/v2/vectordb/jobs/import/list"
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A test server whose client hung up (the API client drops a connection it will
+    not read to the end) prints no traceback: only a real error does."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class HostileServer:
@@ -153,7 +165,7 @@ def test_trickled_headers_are_bounded_by_the_whole_timeout(paced: bool) -> None:
         cluster = server.cluster(timeout=0.5)
         session = make_session(cluster)
         if paced:
-            pace(session, RateLimits(), cluster.host, cluster.api_key, 100)
+            pace(session, Pacer(RateLimits(), cluster.host, cluster.api_key, 100))
         started = time.monotonic()
         with pytest.raises(TimeoutFailure):
             list_import_jobs(session, cluster, 1)
@@ -198,7 +210,7 @@ def test_a_gzip_bomb_is_capped_after_inflating() -> None:
             list_import_jobs(make_session(cluster), cluster, 1)
 
 
-def test_a_later_page_larger_than_asked_is_pagination(stub: StubServer) -> None:
+def test_a_later_page_larger_than_asked_is_pagination(stub: StubApi) -> None:
     cluster = ClusterConfig(name="c", url=stub.url, api="v2",
                             settings=PollSettings(page_size=2, retries=0))
     page1 = {"code": 0, "data": {"records": [
@@ -342,7 +354,7 @@ class BrokenHistory(JobHistory):
 
 
 def test_a_bug_in_a_poll_publishes_a_failed_snapshot_and_logs_once(
-        stub: StubServer, caplog: pytest.LogCaptureFixture) -> None:
+        stub: StubApi, caplog: pytest.LogCaptureFixture) -> None:
     cluster = ClusterConfig(name="c", url=stub.url, api="v2",
                             settings=PollSettings(retries=0, max_describes_per_poll=0))
     stub.add("POST", LIST, body=listing_of({"jobId": "1", "state": "Pending"}))
@@ -366,7 +378,7 @@ def test_a_lone_surrogate_from_a_server_leaves_every_cluster_served() -> None:
     from conftest import FakeClock, parse_metrics
     from exporter.collector import ImportCollector
     from exporter.simulator import Simulator
-    from exporter.web import ExpositionCache
+    from exporter.exposition import ExpositionCache
 
     board, clock = SnapshotBoard(), FakeClock()
     with Simulator() as sim:

@@ -80,20 +80,27 @@ def check_workload(docs: list[dict[str, Any]], tmp_path: Path) -> dict[str, Any]
     source = volume.get("configMap") or volume["secret"]
     source_name = source.get("name") or source.get("secretName")
     assert any(m["mountPath"] == STATE_DIR for m in mounts)
-    # the shipped config parses, once its key file exists (the chart's default has no
-    # clusters yet: the exporter refuses it with a clear error until they are set)
+    # the shipped config parses, once its key files exist (the chart's default has no
+    # clusters yet: the exporter refuses it with a clear error until they are set), and
+    # every key file it names (a cluster's or a discovery source's) is in a Secret's
+    # volume
     configmaps = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
     if source_name in configmaps:
         raw = yaml.safe_load(configmaps[source_name]["data"][posixpath.basename(config_file)])
         assert raw["state_file"].startswith(STATE_DIR + "/")
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        secret_dirs = {m["mountPath"] for m in mounts if "secret" in volumes.get(m["name"], {})}
         key = tmp_path / "key"
         key.write_text("not-a-real-key\n")
-        for cluster in raw["clusters"]:
-            if "api_key_file" in cluster:
-                cluster["api_key_file"] = str(key)
+        entries = (raw.get("clusters") or []) + (raw.get("discovery") or [])
+        for entry in entries:
+            if "api_key_file" in entry:
+                assert posixpath.dirname(entry["api_key_file"]) in secret_dirs, entry
+                entry["api_key_file"] = str(key)
         from exporter.config import parse_config
-        if raw["clusters"]:
-            assert parse_config(raw, config_file, environ={}).clusters
+        if entries:
+            parsed = parse_config(raw, config_file, environ={})
+            assert len(parsed.clusters) + len(parsed.discovery) == len(entries)
     return workload
 
 
@@ -127,8 +134,9 @@ def test_example_secret_holds_the_key_file_the_config_names() -> None:
     validate_strictly([secret])
     config = yaml.safe_load(yaml.safe_load((base / "configmap.yaml").read_text())
                             ["data"]["config.yaml"])
-    key_files = {posixpath.basename(c["api_key_file"]) for c in config["clusters"]}
-    assert key_files <= set(secret["stringData"])
+    key_files = {posixpath.basename(c["api_key_file"])
+                 for c in config["clusters"] + config["discovery"]}
+    assert key_files and key_files <= set(secret["stringData"])
 
 
 def test_prometheusrule_is_generated_from_alerts_yml() -> None:
@@ -166,6 +174,9 @@ def test_kustomize_overlays_render_and_validate(overlay: str, kind: str,
 # ---- Helm ---------------------------------------------------------------------------------
 
 CHART = ROOT / "deploy" / "helm" / "zilliz-import-exporter"
+# The smallest discovery config: one key, from a Secret, and no cluster listed.
+DISCOVERY = [{"name": "prod",
+              "api_key_file": "/etc/zilliz-import-exporter/secrets/zilliz-api-key"}]
 CLUSTERS = [{"name": "prod-search", "url": "https://controller.api.gcp-us-west1.zillizcloud.com",
              "cluster_id": "in01-0123456789abcdef",
              "api_key_file": "/etc/zilliz-import-exporter/secrets/zilliz-api-key"}]
@@ -214,7 +225,10 @@ def test_helm_chart_lints_strictly(values: dict[str, Any]) -> None:
     ({"shards": 3, "config": {"inline": {"clusters": CLUSTERS}},
       "apiKeys": {"existingSecret": "zie-keys"}}, "StatefulSet"),
     (EVERY_TOGGLE, "Deployment"),
-], ids=["defaults", "sharded", "every-toggle"])
+    ({"config": {"inline": {"discovery": DISCOVERY, "clusters": [],
+                            "state_file": STATE_DIR + "/state.db"}},
+      "apiKeys": {"existingSecret": "zie-keys"}}, "Deployment"),
+], ids=["defaults", "sharded", "every-toggle", "discovery"])
 def test_helm_template_renders_and_validates(values: dict[str, Any], kind: str,
                                              tmp_path: Path) -> None:
     docs = helm_render(values)
@@ -240,6 +254,11 @@ def test_helm_template_renders_and_validates(values: dict[str, Any], kind: str,
         assert volumes["secrets"]["secret"]["secretName"] == "zie-keys"
         # basic auth on every endpoint: a probe cannot send the password, so it checks TCP
         assert container["livenessProbe"] == {"tcpSocket": {"port": "metrics"}}
+    elif "discovery" in values.get("config", {}).get("inline", {}):
+        (configmap,) = by_kind(docs, "ConfigMap")
+        config = yaml.safe_load(configmap["data"]["config.yaml"])
+        assert config["discovery"] == DISCOVERY and config["clusters"] == []
+        assert volumes["secrets"]["secret"]["secretName"] == "zie-keys"
     elif kind == "StatefulSet":
         assert workload["spec"]["replicas"] == 3
         env = {e["name"]: e for e in container["env"]}

@@ -15,20 +15,22 @@ from exporter.client import make_session
 from exporter.jobs import MAX_UNKNOWN_STATES, OTHER_STATE
 from exporter.simulator import Simulator
 
-from conftest import FakeClock, StubServer
+from exporter.ratelimit import RateLimits
+
+from conftest import FakeClock, StubApi, wait_until
 
 LIST = "/v2/vectordb/jobs/import/list"
 DESCRIBE = "/v2/vectordb/jobs/import/describe"
 V1_LIST = "/v1/vector/collections/import/list"
 
 
-def v2(stub: StubServer, page_size: int = 2, **settings: object) -> ClusterConfig:
+def v2(stub: StubApi, page_size: int = 2, **settings: object) -> ClusterConfig:
     return ClusterConfig(name="c", url=stub.url, api="v2", cluster_id="x",
                          api_key="k", settings=PollSettings(page_size=page_size,
                                                             **settings))  # type: ignore[arg-type]
 
 
-def v1(stub: StubServer, page_size: int = 2, **settings: object) -> ClusterConfig:
+def v1(stub: StubApi, page_size: int = 2, **settings: object) -> ClusterConfig:
     return ClusterConfig(name="c", url=stub.url, api="v1",
                          cluster_id="x", api_key="k",
                          settings=PollSettings(page_size=page_size,
@@ -39,7 +41,7 @@ def job(job_id: str, state: str = "Importing", collection: str = "c") -> dict:
     return {"collectionName": collection, "jobId": job_id, "state": state, "progress": 0}
 
 
-def v2_pages(stub: StubServer, *pages: list[dict]) -> None:
+def v2_pages(stub: StubApi, *pages: list[dict]) -> None:
     for records in pages:
         stub.add("POST", LIST, json={"code": 0, "data": {"records": records}})
 
@@ -51,27 +53,27 @@ def run(cluster: ClusterConfig):
     return listing, delays
 
 
-def test_stops_on_short_page(stub: StubServer) -> None:
+def test_stops_on_short_page(stub: StubApi) -> None:
     v2_pages(stub, [job("a"), job("b")], [job("c")])
     listing, _ = run(v2(stub))
     assert sorted(r.job_id for r in listing) == ["a", "b", "c"] and listing.pages == 2
     assert len(stub.calls) == 2
 
 
-def test_stops_on_empty_page_when_no_total(stub: StubServer) -> None:
+def test_stops_on_empty_page_when_no_total(stub: StubApi) -> None:
     v2_pages(stub, [job("a"), job("b")], [job("c"), job("d")], [])
     listing, _ = run(v2(stub))
     assert len(listing) == 4 and len(stub.calls) == 3
 
 
-def test_stops_when_v1_total_is_reached(stub: StubServer) -> None:
+def test_stops_when_v1_total_is_reached(stub: StubApi) -> None:
     for tasks in ([job("a"), job("b")], [job("c"), job("d")]):
         stub.add("GET", V1_LIST, json={"code": 200, "data": {"tasks": tasks, "count": 4}})
     listing, _ = run(v1(stub))
     assert len(listing) == 4 and len(stub.calls) == 2  # no empty third page
 
 
-def test_v1_count_as_page_length_is_not_taken_for_a_total(stub: StubServer) -> None:
+def test_v1_count_as_page_length_is_not_taken_for_a_total(stub: StubApi) -> None:
     for tasks in ([job("a"), job("b")], [job("c"), job("d")], [job("e")]):
         stub.add("GET", V1_LIST, json={"code": 200, "data": {"tasks": tasks,
                                                          "count": len(tasks)}})
@@ -79,7 +81,7 @@ def test_v1_count_as_page_length_is_not_taken_for_a_total(stub: StubServer) -> N
     assert len(listing) == 5 and len(stub.calls) == 3
 
 
-def test_first_page_larger_than_asked_is_the_whole_listing(stub: StubServer) -> None:
+def test_first_page_larger_than_asked_is_the_whole_listing(stub: StubApi) -> None:
     """Milvus ignores paging: one request per poll, no second page."""
     everything = [job("a"), job("b"), job("c")]
     for _ in range(5):
@@ -88,7 +90,7 @@ def test_first_page_larger_than_asked_is_the_whole_listing(stub: StubServer) -> 
     assert len(listing) == 3 and len(stub.calls) == 1
 
 
-def test_server_repeating_a_full_page_is_listed_once(stub: StubServer) -> None:
+def test_server_repeating_a_full_page_is_listed_once(stub: StubApi) -> None:
     """Exactly page_size jobs on a server that ignores paging: a page of no new id ends it."""
     everything = [job("a"), job("b")]
     for _ in range(5):
@@ -97,20 +99,20 @@ def test_server_repeating_a_full_page_is_listed_once(stub: StubServer) -> None:
     assert len(listing) == 2 and len(stub.calls) == 2
 
 
-def test_later_page_wins_for_a_repeated_id(stub: StubServer) -> None:
+def test_later_page_wins_for_a_repeated_id(stub: StubApi) -> None:
     v2_pages(stub, [job("a", "Pending"), job("b")], [job("a", "Completed")])
     listing, _ = run(v2(stub))
     assert {r.job_id: r.state for r in listing}["a"] == "completed" and len(listing) == 2
     assert [r.job_id for r in listing] == ["a", "b"]
 
 
-def test_max_pages_is_an_error(stub: StubServer) -> None:
+def test_max_pages_is_an_error(stub: StubApi) -> None:
     v2_pages(stub, [job("a"), job("b")], [job("c"), job("d")], [job("e"), job("f")])
     with pytest.raises(PaginationFailure):
         run(v2(stub, max_pages=2))
 
 
-def test_retries_with_backoff_then_succeeds(stub: StubServer) -> None:
+def test_retries_with_backoff_then_succeeds(stub: StubApi) -> None:
     stub.add("POST", LIST, status=503)
     stub.add("POST", LIST, status=429, headers={"Retry-After": "3"})
     v2_pages(stub, [job("a")])
@@ -119,7 +121,7 @@ def test_retries_with_backoff_then_succeeds(stub: StubServer) -> None:
     assert 0 <= delays[0] <= 0.5 and delays[1] == 3  # Retry-After honoured
 
 
-def test_gives_up_after_retries_and_never_retries_auth(stub: StubServer) -> None:
+def test_gives_up_after_retries_and_never_retries_auth(stub: StubApi) -> None:
     for _ in range(3):
         stub.add("POST", LIST, status=500)
     with pytest.raises(HttpFailure):
@@ -139,7 +141,7 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert backoff_delay(0, 3600, 60, rng) == 60
 
 
-def test_failed_page_publishes_nothing_new(stub: StubServer) -> None:
+def test_failed_page_publishes_nothing_new(stub: StubApi) -> None:
     board = SnapshotBoard()
     cluster = v2(stub, retries=0, max_describes_per_poll=0)
     poller = ClusterPoller(cluster, board, JobHistory("c"))
@@ -155,7 +157,7 @@ def test_failed_page_publishes_nothing_new(stub: StubServer) -> None:
     assert second.api_requests == {("list", "200"): 3, ("list", "500"): 1}
 
 
-def test_poller_backs_off_through_its_wait_seam(stub: StubServer) -> None:
+def test_poller_backs_off_through_its_wait_seam(stub: StubApi) -> None:
     """Retries of a poll and of its describes wait through the injected ``wait``."""
     delays: list[float] = []
     poller = ClusterPoller(v2(stub, retries=2, max_describes_per_poll=1), SnapshotBoard(),
@@ -175,7 +177,7 @@ def test_poller_backs_off_through_its_wait_seam(stub: StubServer) -> None:
 
 
 def test_a_crash_while_describing_leaves_the_published_listing_up(
-        stub: StubServer, caplog, monkeypatch) -> None:
+        stub: StubApi, caplog, monkeypatch) -> None:
     """Describes never fail a poll: not even an exception nobody expected."""
     history = JobHistory("c")
     poller = ClusterPoller(v2(stub, max_describes_per_poll=1), SnapshotBoard(), history,
@@ -195,7 +197,7 @@ def test_a_crash_while_describing_leaves_the_published_listing_up(
 
 
 def test_a_poller_retired_during_its_listing_leaves_the_history_alone(
-        stub: StubServer) -> None:
+        stub: StubApi) -> None:
     """A changed cluster's new poller shares the history: the old one must not fold a
     listing it fetched after it was told to stop."""
     history = JobHistory("c")
@@ -210,7 +212,7 @@ def test_a_poller_retired_during_its_listing_leaves_the_history_alone(
     assert len(history) == 0 and len(stub.calls) == 1
 
 
-def test_stale_series_are_withdrawn_after_stale_after(stub: StubServer) -> None:
+def test_stale_series_are_withdrawn_after_stale_after(stub: StubApi) -> None:
     board = SnapshotBoard()
     cluster = v2(stub, stale_after=60, max_describes_per_poll=0)
     poller = ClusterPoller(cluster, board, JobHistory("c"), clock=lambda: 1000.0,
@@ -223,7 +225,7 @@ def test_stale_series_are_withdrawn_after_stale_after(stub: StubServer) -> None:
     assert not failed.is_stale(1059) and failed.is_stale(1061)
 
 
-def test_retired_poller_never_publishes(stub: StubServer) -> None:
+def test_retired_poller_never_publishes(stub: StubApi) -> None:
     board = SnapshotBoard()
     poller = ClusterPoller(v2(stub), board, JobHistory("c"))
     poller.stop()
@@ -407,10 +409,11 @@ def test_old_milvus_falls_back_to_get_progress_until_reload() -> None:
         assert snap.api_requests[("describe", "404")] == 2
 
 
-def test_unknown_states_are_logged_once_each_and_boundedly(stub: StubServer, caplog) -> None:
+def test_unknown_states_are_logged_once_each_and_boundedly(stub: StubApi, caplog) -> None:
     """Each unknown state is logged once; past MAX_UNKNOWN_STATES one line says the
     rest go under OTHER_STATE, and nothing more is remembered or logged."""
-    cluster = v2(stub, page_size=100)
+    # unknown states are active: describing them is not what this test is about
+    cluster = v2(stub, page_size=100, max_describes_per_poll=0)
     states = [f"Weird{i}" for i in range(MAX_UNKNOWN_STATES + 20)]
     for _ in range(2):
         v2_pages(stub, [job(f"j{i}", state) for i, state in enumerate(states)])
@@ -425,3 +428,55 @@ def test_unknown_states_are_logged_once_each_and_boundedly(stub: StubServer, cap
     assert [r.getMessage() for r in caplog.records].count(
         f"too many distinct job states; new ones are counted under {OTHER_STATE!r} and not "
         "logged") == 1
+
+
+def test_a_cluster_keeps_one_connection_alive_per_lane_across_pages_and_polls(
+        simulator) -> None:
+    """One for the listings' pages, one for the describes beside them; none more."""
+    sim_cluster = simulator.add_cluster("c", "v2")
+    sim_cluster.add_jobs(450, "docs", "completed")
+    sim_cluster.add_jobs(5, "docs", "importing", progress=40)
+    cluster = ClusterConfig(name="c", url=simulator.url_for("c"), api="v2",
+                            cluster_id=sim_cluster.cluster_id, api_key=sim_cluster.api_key,
+                            settings=PollSettings(page_size=100, max_describes_per_poll=5))
+    poller = ClusterPoller(cluster, SnapshotBoard(), JobHistory("c"))
+    for _ in range(3):
+        snapshot = poller.poll_once()
+    assert snapshot.up and snapshot.api_requests[("list", "200")] == 15
+    assert snapshot.api_requests[("describe", "200")] >= 5
+    assert simulator.connections == 2
+
+
+def test_describes_run_beside_the_listings_from_the_latest_listings_plan(simulator) -> None:
+    """Describes that take 0.5 s each (a plan of 10 takes 5 s, so six polls one after
+    the other would take 25 s) hold no listing back; a new listing replaces an
+    unfinished plan; once a listing without some jobs is
+    published, no describe is sent for them (one already in flight may still land).
+    v1: its active jobs are described after every listing (its listing has no progress)."""
+    sim_cluster = simulator.add_cluster("c", "v1", describe_latency=0.5)
+    leaving = sim_cluster.add_jobs(5, "docs", "importing", progress=40)
+    sim_cluster.add_jobs(5, "docs", "importing", progress=40)
+    cluster = ClusterConfig(name="c", url=simulator.url_for("c"), api="v1",
+                            cluster_id=sim_cluster.cluster_id, api_key=sim_cluster.api_key,
+                            settings=PollSettings(interval=0.1, retries=0,
+                                                  max_describes_per_poll=10))
+    board = SnapshotBoard()
+    poller = ClusterPoller(cluster, board, JobHistory("c"), limits=RateLimits())
+    poller.start()
+    try:
+        wait_until(lambda: len(sim_cluster.pages_served) >= 6 and sim_cluster.described,
+                   timeout=5, what="six listings while the first describes are slow")
+        sim_cluster.remove_jobs(leaving)
+
+        def published_without_them() -> bool:
+            snap = board.get("c")
+            return bool(snap and snap.jobs and snap.jobs.total == 5)
+        wait_until(published_without_them, timeout=3, what="a listing without them")
+        seen = len(sim_cluster.described)
+        wait_until(lambda: len(sim_cluster.described) >= seen + 3, timeout=10,
+                   what="more describes")
+        late = [job for job in sim_cluster.described[seen:] if job in leaving]
+        assert len(late) <= 1 and sim_cluster.unknown_describes <= 1
+    finally:
+        poller.stop()
+        poller.join(2)

@@ -136,12 +136,12 @@ def test_paced_session_waits_on_a_fake_clock_and_counts_the_wait(simulator) -> N
         clock.advance(seconds)
         return False
     session = make_session(cluster)
-    pacer = session.pacer = Pacer(RateLimits(clock), cluster.host, cluster.api_key, 4, clock,
-                                  sleep)
+    pacer = pace(session, Pacer(RateLimits(clock), cluster.host, cluster.api_key, 4, clock,
+                                sleep))
     for _ in range(5):
-        reply = session.exchange("POST", "/v2/vectordb/jobs/import/list", timeout=5,
-                                 body=b'{"clusterId": "%s"}' % cluster.cluster_id.encode())
-        assert reply.status == 200
+        reply = session.post(cluster.url + "/v2/vectordb/jobs/import/list", timeout=5,
+                             json={"clusterId": cluster.cluster_id})
+        assert reply.status_code == 200
     assert sleeps == [0.25] * 4 and pacer.waited == pytest.approx(1.0)
     assert simulator.clusters["c"].requests == 5
 
@@ -150,14 +150,14 @@ def test_closing_the_session_interrupts_a_request_waiting_for_its_token(simulato
     simulator.add_cluster("c", "v2")
     cluster = cluster_on(simulator, "c")
     session = make_session(cluster)
-    pace(session, RateLimits(), cluster.host, cluster.api_key, 0.01)   # 100 s apart
-    path = "/v2/vectordb/jobs/import/list"
-    session.exchange("POST", path, body=b"{}", timeout=5)
+    pace(session, Pacer(RateLimits(), cluster.host, cluster.api_key, 0.01))   # 100 s apart
+    path = cluster.url + "/v2/vectordb/jobs/import/list"
+    session.post(path, json={}, timeout=5)
     outcome: list[BaseException] = []
 
     def second() -> None:
         try:
-            session.exchange("POST", path, body=b"{}", timeout=5)
+            session.post(path, json={}, timeout=5)
         except OSError as exc:
             outcome.append(exc)
     thread = threading.Thread(target=second)

@@ -3,10 +3,12 @@ bad series left out and counted, bad requests answered at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import socket
 import threading
 import time
+import zlib
 from typing import Iterator
 
 import pytest
@@ -15,12 +17,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from conftest import FakeClock, parse_metrics
+from conftest import GOLDEN_NOW, FakeClock, golden_board, parse_metrics
+from exporter.collector import ImportCollector
 from exporter import web
 from exporter.cli import ConfigRuntime, _run_once, build_registry
 from exporter.config import ClusterConfig, Config, ConfigError, parse_config
 from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
-from exporter.web import ExpositionCache, WebApp, create_server
+from exporter.exposition import ExpositionCache
+from exporter.web import WebApp, create_server
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -231,3 +235,52 @@ def test_once_renders_like_metrics_leaving_out_what_cannot_be_encoded(
         metrics = parse_metrics(body)
         assert metrics[("zilliz_import_render_errors_total", ())] == 1
         assert len([k for k in metrics if k[0] == "zilliz_import_jobs"]) == 2
+
+
+# ---- piece by piece: each cluster's series encoded once per publish ----------------------
+
+def pieces_cache(board: SnapshotBoard, clock: FakeClock) -> ExpositionCache:
+    """As the exporter serves: the import collector beside the registry, not in it."""
+    imports = ImportCollector(board, clock=clock)
+    return ExpositionCache(CollectorRegistry(), board, clock, imports=imports)
+
+
+def whole_cache(board: SnapshotBoard, clock: FakeClock) -> ExpositionCache:
+    """The same series rendered whole on every render (the collector in the registry)."""
+    registry = CollectorRegistry()
+    registry.register(ImportCollector(board, clock=clock))
+    return ExpositionCache(registry, board, clock, enabled=False)
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS])
+def test_pieces_join_into_the_same_bytes_as_a_whole_render(accept: str) -> None:
+    board, clock = golden_board(), FakeClock(GOLDEN_NOW)
+    pieces, whole = pieces_cache(board, clock), whole_cache(board, clock)
+    for _ in range(3):                     # cached pieces, then ages re-made each second
+        assert text(pieces, accept) == text(whole, accept)
+        assert text(pieces, accept, gzipped=True) == text(whole, accept)
+        clock.advance(1)
+    raw = pieces.body(*choose_encoder(accept), True)
+    assert zlib.decompress(raw, 16 + zlib.MAX_WBITS) == pieces.body(*choose_encoder(accept),
+                                                                     False)
+
+
+def test_a_publish_re_encodes_only_that_clusters_pieces() -> None:
+    board, clock = golden_board(), FakeClock(GOLDEN_NOW)
+    cache = pieces_cache(board, clock)
+    encoded: list[str] = []
+    encoder, content_type = choose_encoder("")
+
+    def spying(collector: Collector) -> bytes:
+        for family in collector.collect():
+            encoded.extend(s.labels.get("cluster_name", "") for s in family.samples)
+        return encoder(collector)
+    first = cache.body(spying, content_type, False)
+    assert {"prod-search", "milvus-a"} <= set(encoded)
+    changed = board.get("prod-search")
+    assert changed is not None
+    encoded.clear()
+    board.publish(dataclasses.replace(changed, poll_duration=changed.poll_duration + 1))
+    second = cache.body(spying, content_type, False).decode()
+    assert "prod-search" in encoded and not {"milvus-a", "new-one"} & set(encoded)
+    assert second != first.decode() and second == text(whole_cache(board, clock))

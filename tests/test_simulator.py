@@ -149,3 +149,42 @@ def test_timed_jobs_move_by_the_clock_and_answers_carry_their_times() -> None:
         (1_700_000_000.0, 1_700_000_030.0)
     assert "createTime" not in failed and failed["completeTime"].endswith("Z")
     assert timestamp(failed["completeTime"]) == 1_700_000_030.0
+def list_clusters_raw(sim: Simulator, key: str, **query: int) -> tuple[int, dict]:
+    """(HTTP status, body) of one GET /v2/clusters, errors included."""
+    request = urllib.request.Request(
+        f"{sim.base_url}/v2/clusters?" + "&".join(f"{k}={v}" for k, v in query.items()),
+        headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_control_plane_lists_a_keys_clusters_paged_and_changeable(simulator) -> None:
+    for name in ("a", "b", "c"):
+        simulator.add_cluster(name, "v2", api_key="k1")
+    simulator.add_cluster("other", "v2", api_key="k2")
+    status, body = list_clusters_raw(simulator, "k1", pageSize=2, currentPage=1)
+    assert status == 200 and body["code"] == 0
+    data = body["data"]
+    assert (data["count"], data["currentPage"], data["pageSize"]) == (3, 1, 2)
+    assert [c["clusterId"] for c in data["clusters"]] == ["in01-a", "in01-b"]
+    assert {"clusterId", "clusterName", "regionId", "projectId", "plan", "status", "cuType",
+            "cuSize", "connectAddress", "createTime"} <= set(data["clusters"][0])
+    # renamed, stopped and removed at run time
+    simulator.clusters["a"].rename("alpha")
+    simulator.clusters["b"].set_status("STOPPED")
+    simulator.remove_cluster("c")
+    _, body = list_clusters_raw(simulator, "k1", pageSize=100)
+    assert [(c["clusterId"], c["clusterName"], c["status"]) for c in body["data"]["clusters"]] \
+        == [("in01-a", "alpha", "RUNNING"), ("in01-b", "b", "STOPPED")]
+    # a key nobody holds, and one revoked, get what Zilliz Cloud answers
+    assert list_clusters_raw(simulator, "nobody") == \
+        (401, {"code": 21119, "message": "The apikey is illegal."})
+    simulator.control_plane("k1").fail("auth_http", times=1)
+    assert list_clusters_raw(simulator, "k1")[0] == 401
+    assert list_clusters_raw(simulator, "k1", pageSize=101)[1]["code"] == 96008
+    simulator.control_plane("k1").bare_array = True
+    _, body = list_clusters_raw(simulator, "k1")
+    assert [c["clusterId"] for c in body["data"]] == ["in01-a", "in01-b"]

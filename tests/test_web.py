@@ -23,7 +23,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from conftest import (
-    GOLDEN_NOW, ROOT, fast_defaults, golden_board, job_counts, require_tool, run_cli, wait_until,
+    GOLDEN_NOW, ROOT, fast_defaults, golden_board, golden_discovery, job_counts, require_tool,
+    run_cli, wait_until,
 )
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
@@ -373,3 +374,25 @@ def test_status_page_in_headless_chromium(simulator, exporter) -> None:
         shot.unlink()
     result = chromium(f"--screenshot={shot}", "--window-size=1280,1100", proc.url + "/")
     assert result.returncode == 0 and shot.stat().st_size > 5000, result.stderr[-2000:]
+
+
+def test_status_page_shows_each_source_and_what_became_of_its_clusters() -> None:
+    from exporter.web import render_status_page
+    app = WebApp(registry=CollectorRegistry(), board=golden_board(), clock=lambda: GOLDEN_NOW,
+                 discovery=golden_discovery())
+    page = render_status_page(app)
+    assert table_rows(page, "sources") == [
+        ["prod", "api.cloud.zilliz.com", "up", "40s ago", "", "3", "1", "300s"],
+        ["staging", "api.cloud.zilliz.com.cn", "down", "never",
+         "auth: HTTP 401 from api.cloud.zilliz.com.cn: credentials refused", "0", "0", "300s"]]
+    assert table_rows(page, "discovered") == [
+        ["prod", "search-eu", "search eu", "in01-search", "aws-eu-central-1", "proj-1",
+         "RUNNING", "yes"],
+        ["prod", "old", "old", "in01-old", "aws-eu-central-1", "proj-2", "STOPPED",
+         "no: status STOPPED not in poll_statuses"],
+        ["prod", "prod-search", "prod search", "in01-0123456789abcdef", "gcp-us-west1",
+         "proj-1", "RUNNING", "no: configured as prod-search"]]
+    assert "golden-secret" not in page
+    # without sources, no section
+    assert "Discovery" not in render_status_page(WebApp(
+        registry=CollectorRegistry(), board=golden_board(), clock=lambda: GOLDEN_NOW))

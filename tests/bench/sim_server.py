@@ -5,7 +5,8 @@
 Each cluster: {"name", "flavour", "jobs", "collections", "latency", "count_mode", "api_key",
 "states": [...] (cycled over jobs), "active": n (the first n jobs importing with rows),
 "moving": true (the active jobs' progress and rows move every 20 ms)}. Prints the base
-URL, then serves until stdin closes.
+URL, then serves until stdin closes; a line "connections" on stdin is answered with the
+number of TCP connections accepted so far.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def main() -> None:
             cluster.add_jobs(item["jobs"] - made, "collection_00000", states[0], progress=10)
     sim.start()
     print(sim.base_url, flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:
+        if line.strip() == "connections":
+            print(sim.connections, flush=True)
     sim.stop()
 
 

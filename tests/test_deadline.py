@@ -1,11 +1,12 @@
-"""The HTTP/1.1 connection under the API client, against a loopback server whose every
-byte on the wire is scripted: keep-alive, the one retry of a connection the server had
-closed, framing and encodings, and close() from another thread."""
+"""The API client's HTTP (requests, with deadline.DeadlineAdapter mounted) against a
+loopback server whose every byte on the wire is scripted: keep-alive, the one retry of a
+connection the server had closed, framing and encodings, one deadline for the whole
+request, and close() from another thread."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
-import http.client
 import socket
 import struct
 import threading
@@ -14,9 +15,13 @@ from typing import Callable, Iterator, Union
 
 import pytest
 
-from exporter.transport import (
-    DRAIN_BYTES, AnswerTooLarge, ApiSession, BadEncoding, Interrupted,
+import requests
+
+from exporter.client import (
+    DRAIN_BYTES, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure, _request,
+    make_session,
 )
+from exporter.config import ClusterConfig, PollSettings
 
 # What the server does for one request: answer these bytes, then keep the connection,
 # or "close" right after answering (no header says so), or "reset" it, or "trickle"
@@ -133,12 +138,40 @@ def wait(check: Callable[[], bool], seconds: float = 5) -> bool:
     return True
 
 
-def session(server: ScriptedServer, **kwargs: int) -> ApiSession:
-    return ApiSession(server.url + "/base", {"Authorization": "Bearer k"}, **kwargs)
+@dataclasses.dataclass
+class Api:
+    """A cluster's session and config, as the poller holds them."""
+
+    session: requests.Session
+    cluster: ClusterConfig
+
+    def call(self, path: str = "/list", *, body: dict[str, str] | None = None,
+             timeout: float = 5, heard: list[str] | None = None) -> bytes:
+        def observe(endpoint: str, code: str) -> None:
+            if heard is not None:
+                heard.append(code)
+        cluster = dataclasses.replace(self.cluster, settings=dataclasses.replace(
+            self.cluster.settings, timeout=timeout))
+        return bytes(_request(self.session, cluster, "list", path, observe,
+                              params=None if body is not None else {"page": 1}, body=body))
+
+    def close(self) -> None:
+        self.session.close()
 
 
-def get(api: ApiSession, path: str = "/list") -> bytes:
-    return bytes(api.exchange("GET", path, query="page=1", timeout=5).body)
+def api_at(url: str, *, verify: bool = True, **settings: int) -> Api:
+    cluster = ClusterConfig(name="t", url=url, api="v2", api_key="k",
+                            tls_insecure_skip_verify=not verify,
+                            settings=PollSettings(**settings))  # type: ignore[arg-type]
+    return Api(make_session(cluster), cluster)
+
+
+def session(server: ScriptedServer, **settings: int) -> Api:
+    return api_at(server.url + "/base", **settings)
+
+
+def get(api: Api, path: str = "/list") -> bytes:
+    return api.call(path)
 
 
 def test_requests_share_one_kept_alive_connection_and_name_the_path(scripted) -> None:
@@ -154,9 +187,10 @@ def test_requests_share_one_kept_alive_connection_and_name_the_path(scripted) ->
 
 def test_a_post_sends_its_json_body_with_its_length(scripted) -> None:
     server = scripted([answer(b"{}")])
-    session(server).exchange("POST", "/describe", body=b'{"jobId": "j"}', timeout=5)
+    session(server).call("/describe", body={"jobId": "j"})
     request = server.requests[0]
-    assert b"Content-Type: application/json\r\nContent-Length: 14\r\n\r\n" in request
+    assert b"\r\nContent-Type: application/json\r\n" in request
+    assert b"\r\nContent-Length: 14\r\n" in request
     assert request.endswith(b'\r\n\r\n{"jobId": "j"}')
 
 
@@ -170,13 +204,13 @@ def test_a_connection_the_server_closed_while_idle_is_reopened_once(scripted) ->
 
 def test_only_a_kept_alive_connection_is_retried_and_only_once(scripted) -> None:
     fresh = scripted(["drop"])
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionFailure):
         get(session(fresh))
     assert len(fresh.requests) == 1             # a new connection failing: no retry
     kept = scripted([answer(b"one"), "drop"])
     api = session(kept)
     get(api)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionFailure):
         get(api)
     assert len(kept.requests) == 3 and kept.connections == 2
 
@@ -210,19 +244,18 @@ def test_an_encoding_nobody_asked_for_or_a_broken_one_is_refused(scripted, body,
                                                                  headers) -> None:
     server = scripted([answer(body, *headers), answer(b"next")])
     api = session(server)
-    with pytest.raises(BadEncoding):
+    with pytest.raises(DecodeFailure):
         get(api)
     assert get(api) == b"next"                   # on a new connection
     assert server.connections == 2
 
 
 def test_the_status_is_heard_before_a_body_over_the_cap(scripted) -> None:
-    server = scripted([answer(b"x" * 101)])
-    heard: list[int] = []
-    with pytest.raises(AnswerTooLarge) as failure:
-        session(server, max_body_bytes=100).exchange("GET", "/list", timeout=5,
-                                                     heard=heard.append)
-    assert heard == [200]
+    server = scripted([answer(b"x" * 1025)])
+    heard: list[str] = []
+    with pytest.raises(DecodeFailure) as failure:
+        session(server, max_response_bytes=1024).call(heard=heard)
+    assert heard == ["200"]
     # the connection is closed at once, not when the failure is garbage (it is alive)
     assert failure.value is not None and wait(lambda: server.hangups == 1)
 
@@ -235,16 +268,19 @@ def test_an_error_answer_is_its_status_and_headers_whatever_its_body(scripted) -
                        answer(b"x" * (DRAIN_BYTES + 1), status="502 Bad Gateway"),
                        answer(b"last")])
     api = session(server)
-    reply = api.exchange("GET", "/list", timeout=5)
-    assert (reply.status, reply.headers["Retry-After"], bytes(reply.body)) == (503, "7", b"")
+    with pytest.raises(HttpFailure) as busy:
+        get(api)
+    assert (busy.value.status, busy.value.retry_after, busy.value.retryable) == (503, 7, True)
     assert get(api) == b"next" and server.connections == 1    # read away: kept
-    assert api.exchange("GET", "/list", timeout=5).status == 502
+    with pytest.raises(HttpFailure) as bad:
+        get(api)
+    assert bad.value.status == 502
     assert get(api) == b"last" and server.connections == 2    # dropped
 
 
 def test_a_body_cut_short_is_a_broken_answer_not_a_short_one(scripted) -> None:
     server = scripted([(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcd", "close")])
-    with pytest.raises(http.client.IncompleteRead):
+    with pytest.raises(ConnectionFailure, match="broke off its answer"):
         get(session(server))
 
 
@@ -254,13 +290,13 @@ def test_a_connection_lost_mid_answer_is_not_sent_again(scripted, then: str) -> 
                        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab", then)])
     api = session(server)
     get(api)
-    heard: list[int] = []
-    with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
-        api.exchange("GET", "/list", timeout=5, heard=heard.append)
-    assert heard == [200] and len(server.requests) == 2
+    heard: list[str] = []
+    with pytest.raises(ConnectionFailure):
+        api.call(heard=heard)
+    assert heard == ["200"] and len(server.requests) == 2
 
 
-def closed_mid_request(api: ApiSession, begun: Callable[[], bool],
+def closed_mid_request(api: Api, begun: Callable[[], bool],
                        settle: float = 0.0) -> BaseException:
     """Close ``api`` from here once its request in flight has ``begun`` (and ``settle``
     seconds more); what that request raised, within a few seconds."""
@@ -268,22 +304,27 @@ def closed_mid_request(api: ApiSession, begun: Callable[[], bool],
 
     def request() -> None:
         try:
-            api.exchange("GET", "/list", timeout=30)
+            api.call(timeout=30)
         except BaseException as exc:  # noqa: BLE001 - the test reads it
             outcome.append(exc)
     thread = threading.Thread(target=request)
     thread.start()
     assert wait(begun)
     time.sleep(settle)
+    started = time.monotonic()
     api.close()
     thread.join(5)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and time.monotonic() - started < 1
     return outcome[0]
+
+
+def interrupted(failure: BaseException) -> bool:
+    return isinstance(failure, ConnectionFailure) and "session was closed" in str(failure)
 
 
 def test_close_from_another_thread_ends_a_request_in_flight(scripted) -> None:
     server = scripted(["hang"])
-    assert isinstance(closed_mid_request(session(server), server.seen.is_set), Interrupted)
+    assert interrupted(closed_mid_request(session(server), server.seen.is_set))
 
 
 def test_a_stalled_tls_handshake_ends_by_the_timeout_or_by_close(scripted) -> None:
@@ -292,25 +333,27 @@ def test_a_stalled_tls_handshake_ends_by_the_timeout_or_by_close(scripted) -> No
     server = scripted(["hang"])
     tls_url = server.url.replace("http://", "https://")
     started = time.monotonic()
-    with pytest.raises(TimeoutError):
-        ApiSession(tls_url, {}).exchange("GET", "/list", timeout=0.3)
+    with pytest.raises(TimeoutFailure):
+        api_at(tls_url).call(timeout=0.3)
     assert time.monotonic() - started < 3
-    failure = closed_mid_request(ApiSession(tls_url, {}), lambda: server.connections == 2,
+    failure = closed_mid_request(api_at(tls_url), lambda: server.connections == 2,
                                  settle=0.05)       # into the handshake
-    assert isinstance(failure, Interrupted)
+    assert interrupted(failure)
 
 
 def test_an_answer_trickling_in_ends_at_the_timeout_whatever_part_it_is_in(
         scripted) -> None:
-    """Each read gets what is left of the timeout, but a chunk-size line is read with
-    many: only the watchdog bounds an answer dripping in a byte at a time."""
+    """Each read gets its own socket timeout, but headers, a chunk-size line and
+    trailers are read with many: only the deadline bounds an answer dripping in a byte
+    at a time."""
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    for step in ((head, "trickle"), (head + b"1" * 400, "trickle-body")):   # a size line
+    for step in ((head, "trickle"), (head + b"1" * 400, "trickle-body"),     # a size line
+                 (head + b"2\r\n{}\r\n0\r\n" + b"X-T: 1\r\n" * 40, "trickle-body")):
         server = scripted([step])
         started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            session(server).exchange("GET", "/list", timeout=0.5)
-        assert time.monotonic() - started < 5        # 20 s and more without it
+        with pytest.raises(TimeoutFailure):
+            session(server).call(timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 1        # 20 s and more without it
 
 
 def test_connecting_and_tls_count_against_the_timeout(pki) -> None:
@@ -329,10 +372,10 @@ def test_connecting_and_tls_count_against_the_timeout(pki) -> None:
             time.sleep(0.2)
             tls.sendall(answer(b"late"))
     threading.Thread(target=serve, daemon=True).start()
-    api = ApiSession(f"https://127.0.0.1:{listener.getsockname()[1]}", {}, verify=False)
+    api = api_at(f"https://127.0.0.1:{listener.getsockname()[1]}", verify=False)
     try:
-        with pytest.raises(TimeoutError):
-            api.exchange("GET", "/list", timeout=0.3)
+        with pytest.raises(TimeoutFailure):
+            api.call(timeout=0.3)
     finally:
         listener.close()
 
@@ -342,6 +385,6 @@ def test_a_closed_session_sends_nothing(scripted) -> None:
     api = session(server)
     get(api)
     api.close()
-    with pytest.raises(Interrupted):
+    with pytest.raises(ConnectionFailure, match="session was closed"):
         get(api)
     assert len(server.requests) == 1
