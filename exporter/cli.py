@@ -21,17 +21,19 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter import __version__
+from exporter.board import SnapshotBoard
 from exporter.collector import ImportCollector
 from exporter.config import (
-    Config, ConfigError, load_config, parse_config, parse_duration, redacted, shared_rate_notes,
+    Config, ConfigError, load_config, parse_config, redacted, shared_rate_notes,
 )
 from exporter.discovery import Discovery, DiscoveryBoard, SourceSnapshot
-from exporter.store import HistoryStore, StateFileInUse
+from exporter.exposition import ExpositionCache, FamilyList
+from exporter.kinds import parse_duration
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import MemoryReturner, limit_malloc_arenas
-from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.poller import PollerGroup
 from exporter.sharding import parse_shard_index
-from exporter.exposition import ExpositionCache, FamilyList
+from exporter.store import HistoryStore, StateFileInUse
 from exporter.web import WebApp, create_server
 from exporter.webconfig import WebConfig, load_web_config
 

@@ -19,7 +19,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from exporter.client import JobDetails
+from exporter.answers import JobDetails
 from exporter.store import DetailRow
 from exporter.summary import FailedJob, RunningJob, StuckJob
 

@@ -102,8 +102,8 @@ class DurationBook:
             0 <= started - last.at <= 2 * max(self.rules.interval, last.seconds)
 
     def end(self, now: float) -> None:
-        """The listing begun last is in (again, after its describes) at ``now``: it is
-        the last successful listing, as long as the poll took so far."""
+        """The listing begun last is folded in at ``now``: it is the last successful
+        listing, and took this long."""
         if self._started is not None:
             self.last_listing = Listed(self._started, max(0.0, now - self._started))
 

@@ -29,7 +29,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.collector import RENDER_ERRORS, ImportCollector
-from exporter.poller import SnapshotBoard
+from exporter.board import SnapshotBoard
 
 log = logging.getLogger("exporter.web")
 

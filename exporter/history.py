@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
-from exporter.client import JobDetails
+from exporter.answers import JobDetails
 from exporter.details import ActiveJobs, DetailRules, Details, DetailsBook
 from exporter.durations import DurationBook, TimingRules
 from exporter.jobs import (
@@ -333,10 +333,8 @@ class JobHistory:
                                listed=self._timer.last_listing)
 
     def refresh(self, summary: JobSummary) -> JobSummary:
-        """``summary`` with the details learnt since it was made; persists them. The
-        describes count in the poll's duration, so in the listing's."""
+        """``summary`` with the details learnt since it was made; persists them."""
         with self._lock:
-            self._timer.end(self._clock())
             self._persist(self._records.take_changed(), [], baseline=False)
             return self._with_details(summary)
 

@@ -94,6 +94,36 @@ def _arrive(endpoint: SimCluster | SimControlPlane, page: int, lock: threading.L
     return endpoint._faults.take(page)
 
 
+def _authorised(cluster: SimCluster, auth: str) -> bool:
+    return not cluster.api_key or auth == f"Bearer {cluster.api_key}"
+
+
+def _refusal(cluster: SimCluster) -> tuple[int, dict[str, str], bytes]:
+    code, message = {"v1": (80001, "Invalid token"),
+                     "v2": (21119, "The apikey is illegal."),
+                     "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
+    return 200, {}, json.dumps({"code": code, "message": message}).encode()
+
+
+def _illegal_key() -> tuple[int, dict[str, str], bytes]:
+    """The reply Zilliz Cloud's control plane gives a bad key (API-NOTES.md)."""
+    return 401, {}, b'{"code": 21119, "message": "The apikey is illegal."}'
+
+
+def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:
+    items, total = cluster._page(page, size)
+    if cluster.flavour == "v1":
+        data: dict[str, Any] = {"tasks": items, "currentPage": page, "pageSize": size}
+        if cluster.count_mode != "none":
+            data["count"] = total if cluster.count_mode == "total" else len(items)
+        return json.dumps({"code": 200, "data": data}).encode()
+    data = {"records": items}
+    if cluster.flavour == "v2" and cluster.count_mode != "none":
+        data.update(count=total if cluster.count_mode == "total" else len(items),
+                    currentPage=page, pageSize=size)
+    return json.dumps({"code": cluster.v2_success_code, "data": data}).encode()
+
+
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
     """The most of ``times`` that fall within any half-open window ``width`` long."""
     ordered, busiest, first = sorted(times), 0, 0
@@ -302,9 +332,9 @@ class Simulator:
         misbehaving = self._fault_answer(fault, cluster.retry_after)
         if misbehaving is not None:
             return misbehaving
-        if fault == "auth_body" or not self._authorised(cluster, auth):
-            return self._refusal(cluster)
-        return 200, {}, self._page_answer(cluster, page, size)
+        if fault == "auth_body" or not _authorised(cluster, auth):
+            return _refusal(cluster)
+        return 200, {}, _page_answer(cluster, page, size)
 
     def _fault_answer(self, fault: str, retry_after: str
                       ) -> tuple[int, dict[str, str], bytes] | None:
@@ -324,11 +354,6 @@ class Simulator:
             return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
         return None
 
-    @staticmethod
-    def _illegal_key() -> tuple[int, dict[str, str], bytes]:
-        """The reply Zilliz Cloud's control plane gives a bad key (API-NOTES.md)."""
-        return 401, {}, b'{"code": 21119, "message": "The apikey is illegal."}'
-
     def _clusters_answer(self, query: dict[str, str], auth: str
                          ) -> tuple[int, dict[str, str], bytes]:
         """GET /v2/clusters: the v2 clusters of the key asking, paged."""
@@ -336,7 +361,7 @@ class Simulator:
         members = [c for c in list(self.clusters.values())
                    if c.flavour == "v2" and c.api_key == key]
         if not members and key not in self.planes:
-            return self._illegal_key()
+            return _illegal_key()
         plane = self.control_plane(key)
         paging = _paging(query)
         if paging is None:
@@ -346,7 +371,7 @@ class Simulator:
             return 200, {}, b'{"code": 96008, "message": "pageSize must be 1 to 100"}'
         fault = _arrive(plane, page, self._log_lock)
         if fault in ("auth_http", "auth_body"):
-            return self._illegal_key()
+            return _illegal_key()
         misbehaving = self._fault_answer(fault, "1")
         if misbehaving is not None:
             return misbehaving
@@ -355,23 +380,12 @@ class Simulator:
             "count": len(members), "currentPage": page, "pageSize": size, "clusters": records}
         return 200, {}, json.dumps({"code": 0, "data": data}).encode()
 
-    @staticmethod
-    def _authorised(cluster: SimCluster, auth: str) -> bool:
-        return not cluster.api_key or auth == f"Bearer {cluster.api_key}"
-
-    @staticmethod
-    def _refusal(cluster: SimCluster) -> tuple[int, dict[str, str], bytes]:
-        code, message = {"v1": (80001, "Invalid token"),
-                         "v2": (21119, "The apikey is illegal."),
-                         "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
-        return 200, {}, json.dumps({"code": code, "message": message}).encode()
-
     def _describe_answer(self, cluster: SimCluster, path: str, job_id: str,
                          auth: str) -> tuple[int, dict[str, str], bytes]:
         if cluster.legacy_describe and path.endswith("/describe"):
             return 404, {}, b'404 page not found'
-        if not self._authorised(cluster, auth):
-            return self._refusal(cluster)
+        if not _authorised(cluster, auth):
+            return _refusal(cluster)
         if cluster.latency or cluster.describe_latency:
             time.sleep(cluster.latency + cluster.describe_latency)
         fault = cluster.describe_fault
@@ -390,20 +404,6 @@ class Simulator:
                                         f"jobID={job_id}"}).encode()
         success = 200 if cluster.flavour == "v1" else cluster.v2_success_code
         return 200, {}, json.dumps({"code": success, "data": data}).encode()
-
-    @staticmethod
-    def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:
-        items, total = cluster._page(page, size)
-        if cluster.flavour == "v1":
-            data: dict[str, Any] = {"tasks": items, "currentPage": page, "pageSize": size}
-            if cluster.count_mode != "none":
-                data["count"] = total if cluster.count_mode == "total" else len(items)
-            return json.dumps({"code": 200, "data": data}).encode()
-        data = {"records": items}
-        if cluster.flavour == "v2" and cluster.count_mode != "none":
-            data.update(count=total if cluster.count_mode == "total" else len(items),
-                        currentPage=page, pageSize=size)
-        return json.dumps({"code": cluster.v2_success_code, "data": data}).encode()
 
 
 def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:

@@ -36,7 +36,7 @@ from exporter.exposition import ExpositionCache
 from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.board import ClusterSnapshot, SnapshotBoard
 
 log = logging.getLogger("exporter.web")
 

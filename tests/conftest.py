@@ -34,10 +34,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import build_registry
-from exporter.client import CloudCluster
+from exporter.answers import CloudCluster
 from exporter.config import ClusterConfig, Config, DiscoveryConfig, PollSettings, parse_config
 from exporter.discovery import Discovery, DiscoveryBoard, DiscoveredCluster, SourceSnapshot
-from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
+from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.poller import PollerGroup
 from exporter.store import HistoryStore
 from exporter.summary import FailedJob, FinishedJob, Histogram, JobSummary, RunningJob, StuckJob
 from exporter.simulator import Simulator

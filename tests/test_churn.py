@@ -12,7 +12,8 @@ from conftest import FakeClock, parse_metrics
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterPoller, SnapshotBoard
+from exporter.board import SnapshotBoard
+from exporter.poller import ClusterPoller
 from exporter.store import HistoryStore
 from exporter.simulator import Simulator
 

@@ -9,11 +9,13 @@ import json
 import pytest
 import requests
 
+from exporter.answers import CloudCluster, JobDetails
 from exporter.client import (
-    MAX_REASON_CHARS,
-    ApiFailure, AuthFailure, CloudCluster, ConnectionFailure, DecodeFailure, HttpFailure,
-    JobDetails, PollFailure, TimeoutFailure, describe_import_job, failure_text, list_clusters,
-    list_import_jobs, make_session, parse_retry_after,
+    describe_import_job, list_clusters, list_import_jobs, make_session, parse_retry_after,
+)
+from exporter.errors import (
+    MAX_REASON_CHARS, ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure,
+    HttpFailure, PollFailure, TimeoutFailure, failure_text,
 )
 from exporter.jobs import normalise_state
 from exporter.config import ClusterConfig, DiscoveryConfig, PollSettings
@@ -297,12 +299,12 @@ def test_a_key_echoed_across_the_200_character_cut_never_leaves_a_prefix(
     ("2024-13-01T10:00:00Z", None), ("0001-01-01T00:00:00Z", None),   # Go's zero time
     ("0001-01-01T00:00:00+08:00", None)])
 def test_times_are_read_only_with_their_zone(raw: object, seconds: float | None) -> None:
-    from exporter.client import timestamp
+    from exporter.answers import timestamp
     assert timestamp(raw) == seconds
 
 
 def test_describe_reads_create_and_complete_times() -> None:
-    from exporter.client import parse_describe_answer
+    from exporter.answers import parse_describe_answer
     answer = {"code": 0, "data": {"jobId": "j", "state": "Completed", "progress": 100,
                                   "createTime": "2024-06-01T17:00:00+08:00",
                                   "completeTime": "2024-06-01T18:00:00+08:00"}}

@@ -15,7 +15,7 @@ from exporter.exposition import ExpositionCache
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.jobs import Listing
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.board import ClusterSnapshot, SnapshotBoard
 
 CLUSTER = ClusterConfig(name="prod", url="https://api.cloud.zilliz.com", api="v2",
                         cluster_id="in01-a", api_key="k",

@@ -8,9 +8,9 @@ import yaml
 from conftest import ROOT, run_cli
 from exporter import __version__
 from exporter.config import (
-    SETTING_KEYS, ConfigError, format_duration, format_size, load_config, parse_config, parse_duration,
-    parse_size, redacted, shared_rate_notes,
+    SETTING_KEYS, ConfigError, load_config, parse_config, redacted, shared_rate_notes,
 )
+from exporter.kinds import format_duration, format_size, parse_duration, parse_size
 
 SECRET = "sk-config-test-7f3a9c2e1d"
 

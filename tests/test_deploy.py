@@ -164,7 +164,7 @@ def test_readme_states_when_the_compose_stacks_stuck_alert_fires() -> None:
     exporter = load(DEPLOY / "compose" / "exporter.yaml")["defaults"]
     prometheus = load(DEPLOY / "compose" / "prometheus.yml")["global"]
     stuck = next(r for r in rules() if r["alert"] == "ZillizImportJobStuck")
-    from exporter.config import parse_duration
+    from exporter.kinds import parse_duration
     seconds = sum(parse_duration(v) for v in (
         exporter["stuck_after"], stuck.get("for", 0), exporter["interval"],
         prometheus["scrape_interval"], prometheus["evaluation_interval"]))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import FakeClock, InProcessExporter, samples
-from exporter.client import JobDetails
+from exporter.answers import JobDetails
 from exporter.details import DetailRules
 from exporter.durations import MAX_COLLECTIONS, OTHER_COLLECTION, DurationBook, TimingRules
 from exporter.history import JobHistory

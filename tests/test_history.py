@@ -261,7 +261,7 @@ def test_corrupt_state_file_does_not_stop_the_exporter(simulator, exporter,
 
 # ---- job details -------------------------------------------------------------------------
 
-from exporter.client import JobDetails  # noqa: E402
+from exporter.answers import JobDetails  # noqa: E402
 from exporter.details import DetailRules  # noqa: E402
 
 

@@ -124,7 +124,7 @@ def test_rate_limit_per_key_and_endpoint_with_and_without_retry_after(simulator)
 
 def test_timed_jobs_move_by_the_clock_and_answers_carry_their_times() -> None:
     from conftest import FakeClock
-    from exporter.client import timestamp
+    from exporter.answers import timestamp
     clock = FakeClock(1_700_000_000.0)
     with Simulator(clock=clock) as sim:
         milvus = sim.add_cluster("m", "milvus", report_create_time=True)

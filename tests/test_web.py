@@ -29,7 +29,9 @@ from conftest import (
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterPoller, ClusterSnapshot, SnapshotBoard, Stopped
+from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.paging import Stopped
+from exporter.poller import ClusterPoller
 from exporter.web import WebApp, create_server, respond
 from exporter.webconfig import WebConfig
 
