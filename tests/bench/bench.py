@@ -810,11 +810,10 @@ def collection_churn(polls: int) -> None:
            f"{early['rss'] / 2**20:.1f} MiB", late["rss"] / early["rss"], "~ 1.00 (flat)")
 
 
-def tls_burst(tmp: Path, connections: int) -> None:
-    print(f"{connections} TLS connections opened at once, then closed")
+def tls_exporter(tmp: Path, tag: str) -> tuple[ExporterProcess, SimProcess, str]:
+    """A running exporter serving /metrics over TLS (a CA of its own, whose file is
+    returned) in front of a small simulated cluster."""
     import datetime  # noqa: F401 - conftest's certificate helpers need cryptography
-    import socket
-    import ssl
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from conftest import _cert, _name, _write
@@ -822,18 +821,26 @@ def tls_burst(tmp: Path, connections: int) -> None:
     ca = _cert("bench ca", ca_key, _name("bench ca"), ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _cert("server", key, ca.subject, ca_key, server=True)
-    ca_file = _write(tmp / "ca.pem", ca)
-    web = tmp / "web.yml"
+    web = tmp / f"web-{tag}.yml"
     web.write_text(json.dumps({"tls_server_config": {
-        "cert_file": _write(tmp / "server.pem", cert), "key_file": _write(tmp / "server.key",
-                                                                         key=key)}}))
+        "cert_file": _write(tmp / f"{tag}.pem", cert),
+        "key_file": _write(tmp / f"{tag}.key", key=key)}}))
     sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 100, "collections": 5}])
+    directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
+    exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
+                               ["--web.config.file", str(web)],
+                               env={"PYTHONPATH": str(ROOT)})
+    exporter.start()
+    return exporter, sim, _write(tmp / f"{tag}-ca.pem", ca)
+
+
+def tls_burst(tmp: Path, connections: int) -> None:
+    print(f"{connections} TLS connections opened at once, then closed")
+    import socket
+    import ssl
+
+    exporter, sim, ca_file = tls_exporter(tmp, "burst-full")
     try:
-        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
-        exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
-                                   ["--web.config.file", str(web)],
-                                   env={"PYTHONPATH": str(ROOT)})
-        exporter.start()
         port = exporter.port
         ctx = ssl.create_default_context(cafile=ca_file)
         time.sleep(3)
@@ -883,24 +890,9 @@ def half_open_bursts(tmp: Path, connections: int, bursts: int = 3) -> None:
     print(f"{bursts} bursts of {connections} half-open TLS handshakes, held 5 s, then closed")
     import socket
 
-    from conftest import _cert, _name, _write
-    from cryptography.hazmat.primitives.asymmetric import ec
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("bench ca", ca_key, _name("bench ca"), ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _cert("server", key, ca.subject, ca_key, server=True)
-    web = tmp / "web-burst.yml"
-    web.write_text(json.dumps({"tls_server_config": {
-        "cert_file": _write(tmp / "burst.pem", cert),
-        "key_file": _write(tmp / "burst.key", key=key)}}))
     hello = client_hello()
-    sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 100, "collections": 5}])
+    exporter, sim, _ = tls_exporter(tmp, "burst-half")
     try:
-        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
-        exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
-                                   ["--web.config.file", str(web)],
-                                   env={"PYTHONPATH": str(ROOT)})
-        exporter.start()
         assert exporter.proc is not None
         status = Path(f"/proc/{exporter.proc.pid}/status")
         rss = lambda: int(re.search(r"VmRSS:\s+(\d+) kB",  # noqa: E731
