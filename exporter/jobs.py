@@ -118,8 +118,9 @@ class Listing:
 
     def __init__(self) -> None:
         self.pages = 0
-        self._ids: list[str] = []
-        self._seen: set[str] = set()
+        # The ids in the order they came (a dict keeps it): one table, not a list and a
+        # set, costs about 30 bytes a job less while the pages arrive.
+        self._ids: dict[str, None] = {}
         self._positions: dict[str, int] | None = None   # only once a server repeats ids
         self._names = NameIndex()
         self._collection = array("I")
@@ -132,7 +133,7 @@ class Listing:
         """Add one page of jobs; returns how many of their ids were new."""
         if reasons:
             self.reasons.update(reasons)
-        seen, ids, names = self._seen, self._ids, self._names.index
+        ids, names = self._ids, self._names.index
         add_collection, add_state = self._collection.append, self._state.append
         add_progress = self._progress.append
         new = 0
@@ -143,13 +144,12 @@ class Listing:
             state = names.get(state_name)
             if state is None:
                 state = self._names(state_name)
-            if job_id in seen:
+            if job_id in ids:
                 self._overwrite(job_id, collection, state, progress)
                 continue
-            seen.add(job_id)
             if self._positions is not None:
                 self._positions[job_id] = len(ids)
-            ids.append(job_id)
+            ids[job_id] = None
             add_collection(collection)
             add_state(state)
             add_progress(progress)
@@ -172,7 +172,7 @@ class Listing:
         return len(self._ids)
 
     def __contains__(self, job_id: object) -> bool:
-        return job_id in self._seen
+        return job_id in self._ids
 
     def __iter__(self) -> Iterator[JobRecord]:
         names = self._names.names

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -311,8 +312,8 @@ def paced_round() -> None:
         sim.close()
 
 
-def fleet_trial(tmp: Path, minutes: float) -> None:
-    """The issue's acceptance trial: 20 clusters x 2,000 jobs on one key, as a user runs it."""
+def limits_trial(tmp: Path, minutes: float) -> None:
+    """Issue 9's trial: 20 clusters x 2,000 jobs on one key under the server's limit."""
     for server_limit in (20, 5):
         print(f"Fleet trial: 20 clusters x 2,000 jobs on one key, page size 100, interval "
               f"30s, requests_per_second 18; the server allows {server_limit}/s per key and "
@@ -369,6 +370,107 @@ def fleet_trial(tmp: Path, minutes: float) -> None:
         report(f"published listings per cluster, fewest (limit {server_limit}/s)",
                str(min(len(v) for v in successes.values())), "-", None, "> 0, all exact")
         print(f"  every published count exact: {exact}; failed polls: {failed_polls:.0f}")
+
+
+def fleet(tmp: Path, seconds: float) -> None:
+    """Issue 19's trial, as a new user runs it: 20 v2 clusters x 5,000 jobs on one key,
+    requests_per_second 10, interval 60s, 50 describes per poll (100 jobs of each
+    cluster importing, their progress moving), the simulator refusing more than 20
+    requests per second per key and endpoint. Everything is measured from outside: the
+    simulator's request log and timed scrapes."""
+    clusters, jobs, active, rate = 20, 5000, 100, 10.0
+    print(f"Fleet: {clusters} clusters x {jobs:,} jobs on one key, requests_per_second "
+          f"{rate:g}, interval 60s, 50 describes per poll; server limit 20/s; {seconds:g} s")
+    names = [f"g{i:02d}" for i in range(clusters)]
+    settings = {"interval": "60s", "page_size": 100, "requests_per_second": rate,
+                "max_describes_per_poll": 50, "timeout": "30s"}
+
+    def fleet_sim(jobs_each: int) -> Simulator:
+        sim = Simulator()
+        sim.rate_limit = 20
+        for name in names:
+            cluster = sim.add_cluster(name, "v2", api_key="fleet-key")
+            if jobs_each:
+                cluster.add_jobs(jobs_each - active, "docs", "completed", 100)
+                cluster.add_jobs(active, "docs", "importing", 40)
+        return sim.start()
+
+    # The same exporter with no jobs: the floor of its resident memory.
+    empty_sim = fleet_sim(0)
+    empty = Exporter({"defaults": settings,
+                      "clusters": [empty_sim.cluster_config(n) for n in names]}, tmp)
+    empty.wait_ready(60)
+    time.sleep(5)
+    empty_rss = empty.rss()
+    empty.stop()
+    empty_sim.stop()
+
+    sim = fleet_sim(jobs)
+    stop = threading.Event()
+
+    def move() -> None:            # every running job moves: each is due a describe
+        step = 0
+        while not stop.wait(1.0):
+            step += 1
+            for cluster in sim.clusters.values():
+                for job in [j for j in cluster.jobs.values() if j.state == "importing"]:
+                    cluster.set_progress(job.job_id, 41 + step % 58)
+    threading.Thread(target=move, daemon=True).start()
+    exporter = Exporter({"defaults": settings,
+                         "clusters": [sim.cluster_config(n) for n in names]}, tmp)
+    started = time.monotonic()
+    published: dict[str, list[float]] = {n: [] for n in names}
+    latencies: list[float] = []
+    last: dict[str, float] = {}
+    while time.monotonic() - started < seconds:
+        t0 = time.perf_counter()
+        body = exporter.fetch("/metrics").text
+        latencies.append(time.perf_counter() - t0)
+        for line in body.splitlines():
+            if line.startswith("zilliz_import_last_success_timestamp_seconds{"):
+                name = line.split('cluster_name="', 1)[1].split('"', 1)[0]
+                when = float(line.rsplit(" ", 1)[1])
+                if last.get(name) != when:
+                    last[name] = when
+                    published[name].append(time.monotonic())
+        time.sleep(0.2)
+    metrics = parse_metrics(exporter.fetch("/metrics").text)
+    rss = exporter.rss()
+    exporter.stop()
+    stop.set()
+    sim.stop()
+    exact = all(job_counts(metrics, n) == {("docs", "completed"): float(jobs - active),
+                                           ("docs", "importing"): float(active)}
+                for n in names)
+    floor = clusters * math.ceil(jobs / 100) / rate
+    gaps = [b - a for times in published.values() for a, b in zip(times, times[1:])]
+    log = list(sim.log)
+    window = [r for r in log if r.at - log[0].at >= 20]       # past the start's burst
+    span = window[-1].at - window[0].at if len(window) > 1 else 1.0
+    list_rate = sum(r.endpoint == "list" for r in window) / span
+    describe_rate = sum(r.endpoint == "describe" for r in window) / span
+    throttled = sum(r.status == 429 for r in log)
+    if gaps:
+        report("time between a cluster's listings, longest (floor: pages / rate)",
+               f"{max(gaps):.0f} s", f"{floor:.0f} s", max(gaps) / floor, "<= 1.10")
+        report("time between a cluster's listings, median", f"{statistics.median(gaps):.0f} s",
+               f"{floor:.0f} s", statistics.median(gaps) / floor, "")
+    else:
+        report("time between a cluster's listings", "fewer than 2 listings", f"{floor:.0f} s",
+               None, "run longer")
+    report("list bucket, requests per second", f"{list_rate:.2f}", f"{rate:g}",
+           list_rate / rate, ">= 0.95")
+    report("describe bucket's use, requests per second", f"{describe_rate:.2f}", f"{rate:g}",
+           describe_rate / rate, "> 0 (in parallel)")
+    report("throttled requests (429)", f"{throttled} of {len(log)}", "0", None, "= 0")
+    report("scrape p50 / p99 while polls publish",
+           f"{statistics.median(latencies) * 1000:.1f} / "
+           f"{statistics.quantiles(latencies, n=100)[98] * 1000:.1f} ms", "25 ms (p99)",
+           statistics.quantiles(latencies, n=100)[98] / 0.025, "< 1.00")
+    per_job = (rss - empty_rss) / (clusters * jobs)
+    report("resident memory per job over the same exporter with none",
+           f"{per_job:.0f} B", f"{empty_rss / 2**20:.1f} MiB empty", per_job / 300, "<= 1.00")
+    print(f"  counts exact at the end: {exact}")
 
 
 class Exporter(ExporterProcess):
@@ -711,11 +813,10 @@ def collection_churn(polls: int) -> None:
            f"{early['rss'] / 2**20:.1f} MiB", late["rss"] / early["rss"], "~ 1.00 (flat)")
 
 
-def tls_burst(tmp: Path, connections: int) -> None:
-    print(f"{connections} TLS connections opened at once, then closed")
+def tls_exporter(tmp: Path, tag: str) -> tuple[ExporterProcess, SimProcess, str]:
+    """A running exporter serving /metrics over TLS (a CA of its own, whose file is
+    returned) in front of a small simulated cluster."""
     import datetime  # noqa: F401 - conftest's certificate helpers need cryptography
-    import socket
-    import ssl
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from conftest import _cert, _name, _write
@@ -723,18 +824,26 @@ def tls_burst(tmp: Path, connections: int) -> None:
     ca = _cert("bench ca", ca_key, _name("bench ca"), ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _cert("server", key, ca.subject, ca_key, server=True)
-    ca_file = _write(tmp / "ca.pem", ca)
-    web = tmp / "web.yml"
+    web = tmp / f"web-{tag}.yml"
     web.write_text(json.dumps({"tls_server_config": {
-        "cert_file": _write(tmp / "server.pem", cert), "key_file": _write(tmp / "server.key",
-                                                                         key=key)}}))
+        "cert_file": _write(tmp / f"{tag}.pem", cert),
+        "key_file": _write(tmp / f"{tag}.key", key=key)}}))
     sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 100, "collections": 5}])
+    directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
+    exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
+                               ["--web.config.file", str(web)],
+                               env={"PYTHONPATH": str(ROOT)})
+    exporter.start()
+    return exporter, sim, _write(tmp / f"{tag}-ca.pem", ca)
+
+
+def tls_burst(tmp: Path, connections: int) -> None:
+    print(f"{connections} TLS connections opened at once, then closed")
+    import socket
+    import ssl
+
+    exporter, sim, ca_file = tls_exporter(tmp, "burst-full")
     try:
-        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
-        exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
-                                   ["--web.config.file", str(web)],
-                                   env={"PYTHONPATH": str(ROOT)})
-        exporter.start()
         port = exporter.port
         ctx = ssl.create_default_context(cafile=ca_file)
         time.sleep(3)
@@ -784,24 +893,9 @@ def half_open_bursts(tmp: Path, connections: int, bursts: int = 3) -> None:
     print(f"{bursts} bursts of {connections} half-open TLS handshakes, held 5 s, then closed")
     import socket
 
-    from conftest import _cert, _name, _write
-    from cryptography.hazmat.primitives.asymmetric import ec
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("bench ca", ca_key, _name("bench ca"), ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _cert("server", key, ca.subject, ca_key, server=True)
-    web = tmp / "web-burst.yml"
-    web.write_text(json.dumps({"tls_server_config": {
-        "cert_file": _write(tmp / "burst.pem", cert),
-        "key_file": _write(tmp / "burst.key", key=key)}}))
     hello = client_hello()
-    sim = SimProcess([{"name": "c", "flavour": "v2", "jobs": 100, "collections": 5}])
+    exporter, sim, _ = tls_exporter(tmp, "burst-half")
     try:
-        directory = Path(tempfile.mkdtemp(prefix="exporter-", dir=tmp))
-        exporter = ExporterProcess(directory, {"clusters": [sim.yaml_entry("c")]},
-                                   ["--web.config.file", str(web)],
-                                   env={"PYTHONPATH": str(ROOT)})
-        exporter.start()
         assert exporter.proc is not None
         status = Path(f"/proc/{exporter.proc.pid}/status")
         rss = lambda: int(re.search(r"VmRSS:\s+(\d+) kB",  # noqa: E731
@@ -925,9 +1019,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and scrapes")
     sections = ["requests", "poll", "round", "limiter", "paced", "details", "scrape", "memory",
                 "hostile", "churn", "tls", "burst", "scrapers"]
-    parser.add_argument("--only", choices=sections + ["fleet"], action="append",
-                        help="run only these sections (fleet, the 6-minute rate-limit trial, "
-                        "runs only when named)")
+    parser.add_argument("--only", choices=sections + ["fleet", "limits"], action="append",
+                        help="run only these sections (fleet, issue 19's 5-minute trial, and "
+                        "limits, the 6-minute rate-limit trial, run only when named)")
     args = parser.parse_args()
     wanted = set(args.only or sections)
     repeats = 3 if args.quick else 7
@@ -946,8 +1040,10 @@ def main() -> None:
             limiter_cost(repeats)
         if "paced" in wanted:
             paced_round()
+        if "limits" in wanted:
+            limits_trial(Path(tmp), 1.5 if args.quick else 3)
         if "fleet" in wanted:
-            fleet_trial(Path(tmp), 1.5 if args.quick else 3)
+            fleet(Path(tmp), 150 if args.quick else 270)
         if "details" in wanted:
             job_details(repeats * 3)
         if "scrape" in wanted:
