@@ -24,8 +24,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from exporter import __version__
-from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.summary import Histogram
 
 # ``le`` as prometheus_client's own histograms write it ("30.0", "+Inf", "1e+06").
