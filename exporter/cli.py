@@ -21,17 +21,19 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter import __version__
+from exporter.board import SnapshotBoard
 from exporter.collector import ImportCollector
 from exporter.config import (
-    Config, ConfigError, load_config, parse_config, parse_duration, redacted, shared_rate_notes,
+    Config, ConfigError, load_config, parse_config, redacted, shared_rate_notes,
 )
 from exporter.discovery import Discovery, DiscoveryBoard, SourceSnapshot
-from exporter.history import HistoryStore, StateFileInUse
+from exporter.exposition import ExpositionCache, FamilyList
+from exporter.kinds import parse_duration
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import MemoryReturner, limit_malloc_arenas
-from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.poller import PollerGroup
 from exporter.sharding import parse_shard_index
-from exporter.exposition import ExpositionCache, FamilyList
+from exporter.store import HistoryStore, StateFileInUse
 from exporter.web import WebApp, create_server
 from exporter.webconfig import WebConfig, load_web_config
 
@@ -129,10 +131,13 @@ def resolve_shard(args: argparse.Namespace, environ: dict[str, str]) -> tuple[in
 def demo_config(sim: Simulator) -> Config:
     """The --demo configuration: the simulator's demo clusters, and one discovery source
     whose key sees two more (one STOPPED, so not polled); short intervals so everything
-    shows within a minute."""
-    from exporter.simulator import DEMO_CLUSTERS, DEMO_DISCOVERY_KEY
+    shows within a minute, and buckets for the demo's imports, which take seconds, not
+    hours."""
+    from exporter.demo import DEMO_CLUSTERS, DEMO_DISCOVERY_KEY
     raw = {"defaults": {"interval": "5s", "stuck_after": "30s", "stall_after": "10s",
-                        "stale_after": "30s"},
+                        "stale_after": "30s",
+                        "duration_buckets": ["5s", "10s", "20s", "30s", "45s", "1m", "90s",
+                                             "2m", "5m"]},
            "discovery": [sim.discovery_config("demo", DEMO_DISCOVERY_KEY,
                                               refresh_interval="30s")],
            "clusters": [sim.cluster_config(name) for name, *_ in DEMO_CLUSTERS]}
@@ -304,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     stoppers: list[Callable[[], None]] = []
     watcher: ConfigWatcher | None = None
     if args.demo:
-        from exporter.simulator import DemoDirector, Simulator
+        from exporter.demo import DemoDirector
+        from exporter.simulator import Simulator
         sim = Simulator().start()
         director = DemoDirector(sim).start()
         stoppers += [director.stop, sim.stop]

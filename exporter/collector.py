@@ -15,15 +15,21 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, cast
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from exporter import __version__
+from exporter.board import ClusterSnapshot, SnapshotBoard
 from exporter.discovery import DiscoveryBoard, SourceSnapshot
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.summary import Histogram
 
+# ``le`` as prometheus_client's own histograms write it ("30.0", "+Inf", "1e+06").
+float_label = cast(Callable[[float], str], _untyped_go_float)
 POLL_ERROR_REASONS = ("auth", "timeout", "connection", "http", "api", "decode", "pagination")
 _FROM_POLL = " Served from the last poll, not fetched at scrape time."
 
@@ -33,15 +39,27 @@ class Family:
     """One metric family's descriptor: what /metrics says about it besides values."""
 
     name: str
-    kind: str                   # "gauge" or "counter"
+    kind: str                   # "gauge", "counter" or "histogram"
     help: str
     labels: tuple[str, ...] = ()
 
-    def new(self) -> GaugeMetricFamily | CounterMetricFamily:
+    def new(self) -> GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily:
         """An empty family to fill (a counter's name keeps its ``_total``)."""
         if self.kind == "counter":
             return CounterMetricFamily(self.name, self.help, labels=self.labels)
+        if self.kind == "histogram":
+            return HistogramMetricFamily(self.name, self.help, labels=self.labels)
         return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+    def fill(self, family: Metric, labels: Sequence[str], value: float | Histogram) -> None:
+        """Add one series: a histogram's cumulative buckets (``le``), count and sum."""
+        if isinstance(value, Histogram):
+            assert isinstance(family, HistogramMetricFamily)
+            family.add_metric(labels, [(float_label(bound), n)
+                                       for bound, n in value.cumulative()], value.total)
+        else:
+            assert isinstance(family, (GaugeMetricFamily, CounterMetricFamily))
+            family.add_metric(labels, value)
 
 
 _JOB = ("cluster_name", "collection")
@@ -80,6 +98,14 @@ FAILED_JOB_INFO = Family("zilliz_import_failed_job_info", "gauge",
 ROWS_IMPORTED = Family("zilliz_import_rows_imported_total", "counter",
                        "Rows of jobs seen reaching completed after the cluster's first "
                        "listing (v2 describe totalRows)." + _FROM_POLL, _JOB)
+_TIMED = (" Each job once, if the exporter knows its start (createTime, or it saw the "
+          "job appear)." + _FROM_POLL)
+DURATION = Family("zilliz_import_job_duration_seconds", "histogram",
+                  "How long finished import jobs took, from their start to completed or "
+                  "failed (outcome)." + _TIMED, (*_JOB, "outcome"))
+WAIT = Family("zilliz_import_job_wait_seconds", "histogram",
+              "How long import jobs waited in pending, observed when first seen past "
+              "pending." + _TIMED, _JOB)
 UP = Family("zilliz_import_up", "gauge",
             "1 when the cluster's last poll succeeded, else 0.", _CLUSTER)
 LAST_SUCCESS = Family("zilliz_import_last_success_timestamp_seconds", "gauge",
@@ -123,12 +149,13 @@ RENDER_ERRORS = Family("zilliz_import_render_errors_total", "counter",
 
 # What ImportCollector renders, in this order.
 FAMILIES = (JOBS, JOBS_STUCK, OLDEST_ACTIVE_AGE, STUCK_JOB_INFO, TRANSITIONS, PROGRESS, ROWS,
-            ETA, FAILED_JOB_INFO, ROWS_IMPORTED, UP, LAST_SUCCESS, POLL_DURATION, POLL_ERRORS,
-            API_REQUESTS, RATE_LIMIT_WAIT, CLUSTER_INFO, BUILD_INFO, RELOAD_OK, DISCOVERY_UP,
-            DISCOVERY_LAST_SUCCESS, DISCOVERY_ERRORS, DISCOVERED_CLUSTER_INFO)
+            ETA, FAILED_JOB_INFO, ROWS_IMPORTED, DURATION, WAIT, UP, LAST_SUCCESS,
+            POLL_DURATION, POLL_ERRORS, API_REQUESTS, RATE_LIMIT_WAIT, CLUSTER_INFO,
+            BUILD_INFO, RELOAD_OK, DISCOVERY_UP, DISCOVERY_LAST_SUCCESS, DISCOVERY_ERRORS,
+            DISCOVERED_CLUSTER_INFO)
 
 # (family, label values, value): one series
-Sample = tuple[Family, Sequence[str], float]
+Sample = tuple[Family, Sequence[str], "float | Histogram"]
 
 
 class ImportCollector(Collector):
@@ -148,7 +175,7 @@ class ImportCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         families = {family: family.new() for family in FAMILIES}
         for family, labels, value in self._samples(self._clock()):
-            families[family].add_metric(labels, value)
+            family.fill(families[family], labels, value)
         yield from families.values()
 
     def parts(self) -> Iterator[Metric]:
@@ -210,13 +237,13 @@ def _source_samples(snap: SourceSnapshot) -> Iterator[Sample]:
 
 def _families(samples: Iterable[Sample]) -> dict[Family, Metric]:
     """Samples into families, each family made when its first sample comes."""
-    families: dict[Family, GaugeMetricFamily | CounterMetricFamily] = {}
+    families: dict[Family, Metric] = {}
     for family, labels, value in samples:
         found = families.get(family)
         if found is None:
             found = families[family] = family.new()
-        found.add_metric(labels, value)
-    return dict(families)
+        family.fill(found, labels, value)
+    return families
 
 
 def _age_samples(snap: ClusterSnapshot, now: float) -> Iterator[Sample]:
@@ -276,3 +303,7 @@ def _cluster_samples(snap: ClusterSnapshot, now: float,
         yield FAILED_JOB_INFO, (name, failed.collection, failed.job_id, failed.reason), 1
     for collection, count in summary.rows_imported.items():
         yield ROWS_IMPORTED, (name, collection), count
+    for (collection, outcome), histogram in summary.durations.items():
+        yield DURATION, (name, collection, outcome), histogram
+    for collection, histogram in summary.waits.items():
+        yield WAIT, (name, collection), histogram

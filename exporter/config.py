@@ -12,21 +12,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
 
-REDACTED = "<secret>"
+from exporter.kinds import HEADER_VALUE, expand_env, read_value, shown_value, url_problem
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-# Binary units only, as the contract says: "32MB" is refused rather than guessed at.
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?")
-_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
-_URL_PATH = re.compile(r"[\x21-\x7e]*")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# The duration and wait histograms' buckets: 30s to 24h, since a small import waits
+# seconds and runs minutes, a large one hours.
+DEFAULT_DURATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+                            7200.0, 14400.0, 28800.0, 57600.0, 86400.0)
 
 
 class ConfigError(Exception):
@@ -42,7 +38,8 @@ def key(kind: str, default: Any = dataclasses.MISSING, low: float = 0, high: flo
     """One config key, declared once as a dataclass field: its parsing, range check,
     secrecy and redaction all follow from ``kind`` and the rest of this metadata.
 
-    kinds: "duration" (seconds), "size" (bytes), "int", "number", "string", "bool",
+    kinds: "duration" (seconds), "durations" (a list of seconds, strictly increasing,
+    each within the range), "size" (bytes), "int", "number", "string", "bool",
     "proxy" (an http(s) URL whose password is a secret), "strings" (a list of strings,
     held as a tuple), "regex" (a string that compiles).
     ``from_file``: the key may instead be read from the file named by ``<key>_file``.
@@ -83,6 +80,8 @@ class PollSettings:
     # "" = the environment's HTTPS_PROXY / HTTP_PROXY / NO_PROXY; its password is a secret.
     proxy_url: str = key("proxy", "")
     proxy_from_environment: bool = key("bool", True)
+    duration_buckets: tuple[float, ...] = key("durations", DEFAULT_DURATION_BUCKETS, 0.001,
+                                              365 * 86400)
 
 
 SETTING_KEYS = _keys(PollSettings)
@@ -183,60 +182,6 @@ _DISCOVERY_YAML_KEYS = {**DISCOVERY_KEYS,
                         **{k: DISCOVERY_KEYS[v] for k, v in _DISCOVERY_FILE_KEYS.items()}}
 
 
-def parse_duration(value: Any) -> float:
-    """Parse "30s", "5m", "1h30m", "250ms" or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("not a duration")
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"bad duration {text!r} (use 30s, 5m, 1h30m or seconds)")
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    if seconds and seconds == int(seconds):
-        s = int(seconds)
-        parts = [(s // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
-        return "".join(f"{n}{u}" for n, u in parts if n)
-    return f"{seconds:g}s"
-
-
-def parse_size(value: Any) -> int:
-    """Parse "512KiB", "32MiB", "1GiB" or a plain number of bytes."""
-    if isinstance(value, bool):
-        raise ValueError("not a size")
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    match = _SIZE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"bad size {text!r} (use 512KiB, 32MiB, 1GiB or bytes)")
-    number = float(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"]
-    if number != int(number):
-        raise ValueError(f"bad size {text!r} (not a whole number of bytes)")
-    return int(number)
-
-
-def format_size(size: int) -> str:
-    """The largest binary unit that divides ``size`` exactly: 33554432 -> "32MiB"."""
-    for unit in ("GiB", "MiB", "KiB"):
-        if size and size % _SIZE_UNITS[unit] == 0:
-            return f"{size // _SIZE_UNITS[unit]}{unit}"
-    return str(size)
-
-
 class Problems:
     """Collects one-line errors that all start with the file name (every problem of a
     file is reported at once)."""
@@ -255,102 +200,6 @@ class Problems:
         return Problems(self.path, self.lines, f"{self._prefix}{mapping}.")
 
 
-def _expand_env(value: Any, environ: Mapping[str, str]) -> Any:
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in environ:
-            raise KeyError(name)
-        return environ[name]
-
-    return _ENV_REF.sub(substitute, value)
-
-
-def _value(f: dataclasses.Field[Any], raw: Any, environ: Mapping[str, str]) -> Any:
-    """One key's value by its kind; ValueError says what is wrong with it, without
-    echoing the value of a secret."""
-    kind = f.metadata["kind"]
-    if kind in ("string", "regex"):
-        value: Any = _string(raw, environ, f.metadata["secret"])
-        choices = f.metadata["choices"]
-        if value and choices and value not in choices:
-            raise ValueError(f"{value!r} must be {' or '.join(choices)}")
-        if kind == "regex":
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
-        return value
-    if kind == "strings":
-        if not isinstance(raw, list):
-            raise ValueError(f"must be a list of strings, got {raw!r}")
-        return tuple(_string(item, environ, False) for item in raw)
-    if kind == "proxy":
-        if not isinstance(raw, str):
-            raise ValueError("must be a string")
-        try:
-            return _proxy_url(_expand_env(raw, environ))
-        except KeyError as missing:
-            raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
-                from None
-    if kind == "bool":
-        if not isinstance(raw, bool):
-            raise ValueError("must be true or false")
-        return raw
-    if kind == "duration":
-        value = parse_duration(raw)
-    elif kind == "size":
-        value = parse_size(raw)
-    elif kind == "number":
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ValueError(f"must be a number, got {raw!r}")
-        value = float(raw)
-    else:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ValueError(f"must be a whole number, got {raw!r}")
-        value = raw
-    low, high = f.metadata["range"]
-    if not low <= value <= high:
-        raise ValueError(f"{raw!r} is out of range ({low:g} to {high:g})")
-    return value
-
-
-def _string(raw: Any, environ: Mapping[str, str], secret: bool) -> str:
-    """A scalar as a string, ``${VAR}`` expanded; a secret's value is never echoed."""
-    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-        raise ValueError("must be a string" + ("" if secret else f", got {raw!r}"))
-    try:
-        return str(_expand_env(str(raw), environ))
-    except KeyError as missing:
-        raise ValueError(f"environment variable ${{{missing.args[0]}}} is not set") \
-            from None
-
-
-def _proxy_password(url: str) -> str:
-    """The password in a proxy URL, or ""."""
-    try:
-        return urlsplit(url).password or ""
-    except ValueError:
-        return ""
-
-
-def _proxy_url(raw: str) -> str:
-    """``http://`` or ``https://``, a host, an optional port and ``user:password@``; the
-    errors never echo the URL, which may hold a password."""
-    if not raw:
-        return raw
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if _url_problem(parts._replace(path=parts.path.rstrip("/"))):
-        raise ValueError("must be an http(s) URL with a valid host and port")
-    if not _HEADER_VALUE.fullmatch(raw):
-        raise ValueError("must be printable ASCII")
-    return raw
-
-
 def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any]],
                 environ: Mapping[str, str], where: str,
                 problems: Problems) -> dict[str, Any]:
@@ -361,7 +210,7 @@ def _parse_keys(raw: Mapping[str, Any], keys: Mapping[str, dataclasses.Field[Any
         if name not in raw or raw[name] is None and f.metadata["kind"] == "string":
             continue
         try:
-            values[name] = _value(f, raw[name], environ)
+            values[name] = read_value(f, raw[name], environ)
         except ValueError as exc:
             problems.add(where, name, str(exc))
     return values
@@ -446,10 +295,10 @@ def _name_and_url_rules(values: dict[str, Any], raw: Mapping[str, Any], where: s
             problems.add(where, "url", f"{values['url']!r} is not an http(s) URL")
         elif parts.username or parts.password:
             problems.add(where, "url", "must not hold credentials; use api_key")
-        elif problem := _url_problem(parts):
+        elif problem := url_problem(parts):
             problems.add(where, "url", f"{values['url']!r} {problem}")
         values["url"] = url = url.rstrip("/")
-    if not _HEADER_VALUE.fullmatch(values.get("api_key") or ""):   # sent as a header value
+    if not HEADER_VALUE.fullmatch(values.get("api_key") or ""):   # sent as a header value
         problems.add(where, "api_key", "must be one line of printable ASCII characters")
     return str(url)
 
@@ -475,28 +324,11 @@ def _cluster_rules(values: dict[str, Any], raw: Mapping[str, Any], settings: Pol
         for v2_only in ("db_name", "project_id", "region_id"):
             if values.get(v2_only):
                 problems.add(where, v2_only, "is only used by api v2")
-    if not _HEADER_VALUE.fullmatch(values.get("db_name") or ""):    # the DB-Name header
+    if not HEADER_VALUE.fullmatch(values.get("db_name") or ""):    # the DB-Name header
         problems.add(where, "db_name", "must be one line of printable ASCII characters")
     if bool(values.get("project_id")) != bool(values.get("region_id")):
         problems.add(where, "project_id" if not values.get("project_id") else "region_id",
                      "project_id and region_id go together")
-
-
-def _url_problem(parts: SplitResult) -> str:
-    """Why the client could not send to this URL, or ""."""
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        return "has a port that is not a number from 1 to 65535"
-    try:
-        (parts.hostname or "").encode("idna")
-    except UnicodeError:
-        return "has a host name that is not a valid (internationalised) domain name"
-    if not _URL_PATH.fullmatch(parts.path) or parts.query or parts.fragment:
-        return "may have a path of printable ASCII without spaces, and no query"
-    return ""
 
 
 def _where(raw: Any, index: int, kind: str, list_key: str, problems: Problems) -> str | None:
@@ -592,7 +424,7 @@ def parse_config(raw: Any, path: str, environ: Mapping[str, str] | None = None) 
         state_file = ""
     else:
         try:
-            state_file = _expand_env(state_file, env)
+            state_file = expand_env(state_file, env)
         except KeyError as missing:
             problems.add("", "state_file",
                          f"environment variable ${{{missing.args[0]}}} is not set")
@@ -631,35 +463,15 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     return parse_config(raw, path, environ)
 
 
-def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
-    """A key's value as --check-config prints it (and as the file could say it)."""
-    kind = f.metadata["kind"]
-    if f.metadata["secret"]:
-        return REDACTED if value else ""
-    if kind == "proxy" and _proxy_password(value):
-        parts = urlsplit(value)
-        return parts._replace(netloc=parts.netloc.replace(
-            f":{parts.password}@", f":{REDACTED}@", 1)).geturl()
-    if kind == "duration":
-        return format_duration(value)
-    if kind == "size":
-        return format_size(value)
-    if kind == "number" and value == int(value):
-        return int(value)        # 10, not 10.0
-    if kind == "strings":
-        return list(value)
-    return value
-
-
 def redacted(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, secrets replaced. Empty optional
     strings and false flags are left out; secrets and settings are always shown."""
     def settings(s: PollSettings) -> dict[str, Any]:
-        return {name: _shown(f, getattr(s, name)) for name, f in SETTING_KEYS.items()}
+        return {name: shown_value(f, getattr(s, name)) for name, f in SETTING_KEYS.items()}
 
     def shown(item: ClusterConfig | DiscoveryConfig,
               keys: Mapping[str, dataclasses.Field[Any]]) -> dict[str, Any]:
-        return {name: _shown(f, getattr(item, name)) for name, f in keys.items()
+        return {name: shown_value(f, getattr(item, name)) for name, f in keys.items()
                 if getattr(item, name) or f.metadata["secret"]
                 or f.default is dataclasses.MISSING}
 

@@ -30,12 +30,12 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 import requests
 
-from exporter.client import (
-    ClustersPage, CloudCluster, DecodeFailure, PollFailure, list_clusters, make_session,
-)
+from exporter.answers import CloudCluster, ClustersPage
+from exporter.client import list_clusters, make_session
 from exporter.config import ClusterConfig, Config, DiscoveryConfig
+from exporter.errors import DecodeFailure, PollFailure
 from exporter.logs import bind
-from exporter.poller import Stopped, page_through, with_retries
+from exporter.paging import Stopped, page_through, with_retries
 from exporter.ratelimit import Pacer, RateLimits, pace
 from exporter.sharding import select_shard, shard_of
 

@@ -29,7 +29,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.collector import RENDER_ERRORS, ImportCollector
-from exporter.poller import SnapshotBoard
+from exporter.board import SnapshotBoard
 
 log = logging.getLogger("exporter.web")
 
@@ -193,7 +193,7 @@ class ExpositionCache:
 
     def _render_errors_family(self) -> Metric:
         counter = RENDER_ERRORS.new()
-        counter.add_metric((), self.render_errors)
+        RENDER_ERRORS.fill(counter, (), self.render_errors)
         return counter
 
     def _count_errors(self) -> None:

@@ -1,5 +1,5 @@
-"""The job model: a listed job, its states, and the compact name index both the
-listing and the history store jobs with.
+"""The job model: a listed job, its states, the compact name index both the listing
+and the history store jobs with, and a complete listing held compactly (``Listing``).
 
 States are normalised as the contract says: lowercase, an ``Import`` prefix dropped,
 the other names servers use for the four canonical states read as them (Zilliz's v2 list
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import NamedTuple
+from array import array
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 CANONICAL_STATES = ("pending", "importing", "completed", "failed")
 ACTIVE_STATES = frozenset({"pending", "importing"})
@@ -104,3 +105,80 @@ class NameIndex:
 def state_index() -> NameIndex:
     """A cluster's index of state names, bounded by MAX_STATE_NAMES."""
     return NameIndex(CANONICAL_STATES, limit=MAX_STATE_NAMES)
+
+
+class Listing:
+    """The jobs of one listing, held compactly while its pages arrive.
+
+    A listing of 100,000 jobs must not cost 100,000 objects on top of the job ids:
+    collection and state names are stored once and referred to by index, and the
+    records are rebuilt one at a time when the listing is read. A repeated job id
+    overwrites the earlier one (the later page wins).
+    """
+
+    def __init__(self) -> None:
+        self.pages = 0
+        # The ids in the order they came (a dict keeps it): one table, not a list and a
+        # set, costs about 30 bytes a job less while the pages arrive.
+        self._ids: dict[str, None] = {}
+        self._positions: dict[str, int] | None = None   # only once a server repeats ids
+        self._names = NameIndex()
+        self._collection = array("I")
+        self._state = array("I")
+        self._progress = array("i")
+        self.reasons: dict[str, str] = {}    # failure texts the records carried
+
+    def extend(self, records: Iterable[JobRecord],
+               reasons: Mapping[str, str] | None = None) -> int:
+        """Add one page of jobs; returns how many of their ids were new."""
+        if reasons:
+            self.reasons.update(reasons)
+        ids, names = self._ids, self._names.index
+        add_collection, add_state = self._collection.append, self._state.append
+        add_progress = self._progress.append
+        new = 0
+        for job_id, collection_name, state_name, progress in records:
+            collection = names.get(collection_name)
+            if collection is None:
+                collection = self._names(collection_name)
+            state = names.get(state_name)
+            if state is None:
+                state = self._names(state_name)
+            if job_id in ids:
+                self._overwrite(job_id, collection, state, progress)
+                continue
+            if self._positions is not None:
+                self._positions[job_id] = len(ids)
+            ids[job_id] = None
+            add_collection(collection)
+            add_state(state)
+            add_progress(progress)
+            new += 1
+        return new
+
+    def _overwrite(self, job_id: str, collection: int, state: int, progress: int) -> None:
+        if self._positions is None:
+            self._positions = {j: i for i, j in enumerate(self._ids)}
+        i = self._positions[job_id]
+        self._collection[i], self._state[i], self._progress[i] = collection, state, progress
+
+    @classmethod
+    def of(cls, records: Iterable[JobRecord]) -> "Listing":
+        listing = cls()
+        listing.extend(records)
+        return listing
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._ids
+
+    def __iter__(self) -> Iterator[JobRecord]:
+        names = self._names.names
+        for job_id, collection, state, progress in zip(
+                self._ids, self._collection, self._state, self._progress, strict=True):
+            yield JobRecord(job_id, names[collection], names[state], progress)
+
+    def states(self) -> set[str]:
+        return {self._names.names[i] for i in set(self._state)}

@@ -1,7 +1,7 @@
-"""Paging, retries and schedules: each cluster's listings become immutable snapshots.
+"""Schedules: each cluster's listings become immutable snapshots.
 
-``fetch_listing`` pages through one listing without trusting the server to page
-well; ``ClusterPoller`` runs it on the cluster's own schedule in its own thread
+``ClusterPoller`` runs ``fetch_listing`` (exporter.paging) on the cluster's own
+schedule in its own thread
 and publishes a fresh ``ClusterSnapshot`` to the ``SnapshotBoard`` after every
 poll, success or not. A scrape only reads the board, so it never waits on a
 poll, and a slow cluster delays nobody but itself.
@@ -19,278 +19,37 @@ import logging
 import random
 import threading
 import time
-from array import array
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from dataclasses import replace
+from typing import Callable, Iterable
 
 import requests
 
-from exporter.client import (
-    DecodeFailure, HttpFailure, JobDetails, ListingPage, PaginationFailure, PollFailure,
-    describe_import_job, list_import_jobs, make_session,
-)
-from exporter.config import ClusterConfig, PollSettings
-from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord, NameIndex
-from exporter.history import DetailRules, HistoryStore, JobHistory, JobSummary
+from exporter.answers import JobDetails
+from exporter.client import describe_import_job, make_session
+from exporter.config import ClusterConfig
+from exporter.errors import DecodeFailure, HttpFailure, PollFailure
+from exporter.details import DetailRules
+from exporter.durations import TimingRules
+from exporter.history import JobHistory
+from exporter.jobs import CANONICAL_STATES, MAX_UNKNOWN_STATES, OTHER_STATE
+from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.deadline import DeadlineAdapter
 from exporter.logs import FieldsAdapter, bind
 from exporter.memory import release_free_memory
-from exporter.deadline import DeadlineAdapter
+from exporter.paging import Stopped, fetch_listing, with_retries
 from exporter.ratelimit import Pacer, RateLimits, pace
+from exporter.store import HistoryStore
+from exporter.summary import JobSummary
 
 log = logging.getLogger("exporter.poller")
-
-MAX_BACKOFF = 30.0
-
-T = TypeVar("T")
-
 
 # After a listing this large, hand the pages it used back (see exporter.memory).
 TRIM_AFTER_JOBS = 10_000
 
 
-class Stopped(Exception):
-    """The poller was told to stop while it waited."""
-
-
 class PlanReplaced(Exception):
     """The job left the listing while its describe waited for its turn: the plan it
     came from is over (never a describe for an id the latest listing does not hold)."""
-
-
-class Listing:
-    """The jobs of one listing, held compactly while its pages arrive.
-
-    A listing of 100,000 jobs must not cost 100,000 objects on top of the job ids:
-    collection and state names are stored once and referred to by index, and the
-    records are rebuilt one at a time when the listing is read. A repeated job id
-    overwrites the earlier one (the later page wins).
-    """
-
-    def __init__(self) -> None:
-        self.pages = 0
-        # The ids in the order they came (a dict keeps it): one table, not a list and a
-        # set, costs about 30 bytes a job less while the pages arrive.
-        self._ids: dict[str, None] = {}
-        self._positions: dict[str, int] | None = None   # only once a server repeats ids
-        self._names = NameIndex()
-        self._collection = array("I")
-        self._state = array("I")
-        self._progress = array("i")
-        self.reasons: dict[str, str] = {}    # failure texts the records carried
-
-    def extend(self, records: Iterable[JobRecord],
-               reasons: Mapping[str, str] | None = None) -> int:
-        """Add one page of jobs; returns how many of their ids were new."""
-        if reasons:
-            self.reasons.update(reasons)
-        ids, names = self._ids, self._names.index
-        add_collection, add_state = self._collection.append, self._state.append
-        add_progress = self._progress.append
-        new = 0
-        for job_id, collection_name, state_name, progress in records:
-            collection = names.get(collection_name)
-            if collection is None:
-                collection = self._names(collection_name)
-            state = names.get(state_name)
-            if state is None:
-                state = self._names(state_name)
-            if job_id in ids:
-                self._overwrite(job_id, collection, state, progress)
-                continue
-            if self._positions is not None:
-                self._positions[job_id] = len(ids)
-            ids[job_id] = None
-            add_collection(collection)
-            add_state(state)
-            add_progress(progress)
-            new += 1
-        return new
-
-    def _overwrite(self, job_id: str, collection: int, state: int, progress: int) -> None:
-        if self._positions is None:
-            self._positions = {j: i for i, j in enumerate(self._ids)}
-        i = self._positions[job_id]
-        self._collection[i], self._state[i], self._progress[i] = collection, state, progress
-
-    @classmethod
-    def of(cls, records: Iterable[JobRecord]) -> "Listing":
-        listing = cls()
-        listing.extend(records)
-        return listing
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, job_id: object) -> bool:
-        return job_id in self._ids
-
-    def __iter__(self) -> Iterator[JobRecord]:
-        names = self._names.names
-        for job_id, collection, state, progress in zip(
-                self._ids, self._collection, self._state, self._progress, strict=True):
-            yield JobRecord(job_id, names[collection], names[state], progress)
-
-    def states(self) -> set[str]:
-        return {self._names.names[i] for i in set(self._state)}
-
-
-@dataclass(frozen=True)
-class ClusterSnapshot:
-    """Everything the collector and the status page know about one cluster."""
-
-    cluster: ClusterConfig
-    shard: int = 0
-    polled: bool = False
-    up: bool = False
-    last_success: float | None = None
-    poll_duration: float = 0.0
-    last_error_reason: str = ""
-    last_error: str = ""
-    jobs: JobSummary | None = None
-    poll_errors: Mapping[str, int] = field(default_factory=dict)
-    api_requests: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, code)
-    rate_limit_wait: float = 0.0      # seconds, cumulative
-
-    def is_stale(self, now: float) -> bool:
-        """Job series are withdrawn once stale_after has passed without a success."""
-        return (self.last_success is None
-                or now - self.last_success > self.cluster.settings.stale_after and not self.up)
-
-
-class SnapshotBoard:
-    """The latest snapshot of every cluster; readers never take a lock."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._snapshots: dict[str, ClusterSnapshot] = {}
-        self.version = 0      # changes with every publish and removal: a cache key
-
-    def snapshots(self) -> tuple[ClusterSnapshot, ...]:
-        return tuple(self._snapshots.values())
-
-    def get(self, name: str) -> ClusterSnapshot | None:
-        return self._snapshots.get(name)
-
-    def publish(self, snapshot: ClusterSnapshot,
-                current: Callable[[], bool] = lambda: True) -> None:
-        """Swap in a snapshot unless its poller has been retired meanwhile."""
-        with self._lock:
-            if current():
-                self._snapshots = {**self._snapshots, snapshot.cluster.name: snapshot}
-                self.version += 1
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            self._snapshots = {k: v for k, v in self._snapshots.items() if k != name}
-            self.version += 1
-
-
-def backoff_delay(attempt: int, retry_after: float | None, cap: float,
-                  rng: random.Random) -> float:
-    """Exponential backoff with full jitter; a server's Retry-After wins if longer."""
-    delay = rng.uniform(0, min(MAX_BACKOFF, 0.5 * 2 ** attempt))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, cap)
-
-
-def with_retries(call: Callable[[], T], settings: PollSettings, *,
-                 wait: Callable[[float], bool], rng: random.Random,
-                 logger: FieldsAdapter) -> T:
-    """One API call, retried after timeouts, connection errors, 429 and 5xx.
-
-    Backs off exponentially with jitter (Retry-After honoured); ``wait`` sleeps and
-    returns True when the poller must stop, which raises Stopped.
-    """
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except PollFailure as failure:
-            if not failure.retryable or attempt >= settings.retries:
-                raise
-            delay = backoff_delay(attempt, failure.retry_after,
-                                  max(settings.interval, settings.timeout), rng)
-            logger.debug("retrying request", extra={"fields": {
-                "reason": failure.reason, "delay_seconds": round(delay, 3)}})
-            attempt += 1
-            if wait(delay):
-                raise Stopped() from None
-
-
-class Page(Protocol):
-    """One page of a listing as the API client returns it."""
-
-    @property
-    def records(self) -> Sequence[object]: ...
-
-    @property
-    def count(self) -> int | None: ...
-
-
-P = TypeVar("P", bound=Page)
-
-
-def page_through(fetch: Callable[[int], P], add: Callable[[P], int], held: Callable[[], int],
-                 *, page_size: int, max_pages: int, noun: str = "jobs") -> int:
-    """Page through a listing from page 1 without trusting the server to page well;
-    returns how many pages it took, or raises PollFailure.
-
-    ``fetch`` gets a page, ``add`` takes it in and says how many of its ids were new,
-    ``held`` says how many ids are in. Stops on a short or empty page, on a reached
-    total, on a page that brings no new id (servers that ignore paging), and fails
-    past max_pages. A first page holding more than were asked for is a server that
-    ignores paging (Milvus): it is the whole listing, and no second request is sent;
-    a later page doing so is refused (pagination).
-    """
-    total: int | None = None
-    page = 0
-    while True:
-        page += 1
-        if page > max_pages:
-            raise PaginationFailure(f"listing did not end within max_pages={max_pages} "
-                                    f"pages ({held()} {noun} so far)")
-        result = fetch(page)
-        held_here = len(result.records)
-        oversized = held_here > page_size
-        if oversized and page > 1:
-            raise PaginationFailure(f"page {page} held {held_here} {noun}, more than the "
-                                    f"page_size={page_size} asked for")
-        new_ids = add(result)
-        if oversized:           # page 1 of a server that ignores paging: the whole listing
-            return page
-        if result.count is not None and result.count > held_here:
-            total = result.count        # a count larger than its page is a total
-        if not held_here or held_here < page_size:
-            return page
-        if total is not None and held() >= total:
-            return page
-        if new_ids == 0:
-            return page
-
-
-def fetch_listing(session: requests.Session, cluster: ClusterConfig, *,
-                  observe: Callable[[str, str], None] = lambda endpoint, code: None,
-                  wait: Callable[[float], bool] | None = None,
-                  rng: random.Random | None = None) -> Listing:
-    """Page through one listing (``page_through``); raise PollFailure (never return
-    half a listing). ``wait`` sleeps between retries and returns True when the poller
-    must stop.
-    """
-    settings = cluster.settings
-    chosen_rng = rng or random.Random()
-    chosen_wait = wait or threading.Event().wait
-    listing = Listing()
-    cluster_log = bind(log, cluster_name=cluster.name)
-
-    def fetch(page: int) -> ListingPage:
-        return with_retries(lambda: list_import_jobs(session, cluster, page, observe),
-                            settings, wait=chosen_wait, rng=chosen_rng,
-                            logger=cluster_log.bind(page=page))
-    listing.pages = page_through(fetch, lambda page: listing.extend(page.records, page.reasons),
-                                 lambda: len(listing), page_size=settings.page_size,
-                                 max_pages=settings.max_pages)
-    return listing
 
 
 def next_poll_delay(interval: float, elapsed: float) -> float:
@@ -311,6 +70,143 @@ def detail_rules(cluster: ClusterConfig) -> DetailRules:
                        api=cluster.api)
 
 
+def timing_rules(cluster: ClusterConfig) -> TimingRules:
+    settings = cluster.settings
+    return TimingRules(interval=settings.interval, buckets=settings.duration_buckets,
+                       max_finished=settings.max_job_series)
+
+
+class UnknownStates:
+    """Logs each unknown state name once, up to MAX_UNKNOWN_STATES of them (beyond, the
+    history counts new names under OTHER_STATE): a server inventing names grows neither
+    this set nor the log without bound."""
+
+    def __init__(self, logger: FieldsAdapter) -> None:
+        self._log = logger
+        self._seen: set[str] = set()
+        self._capped = False
+
+    def log(self, states: set[str]) -> None:
+        for state in sorted(states - self._seen):
+            if state in CANONICAL_STATES or self._capped:
+                continue
+            if len(self._seen) >= MAX_UNKNOWN_STATES:
+                self._capped = True
+                self._log.warning("too many distinct job states; new ones are counted "
+                                  f"under {OTHER_STATE!r} and not logged",
+                                  extra={"fields": {"state": state}})
+                continue
+            self._seen.add(state)
+            self._log.warning("unknown job state; counted under its own name",
+                              extra={"fields": {"state": state}})
+
+
+class Describer:
+    """Describes one job on the details lane's session; once ``describe`` answers HTTP
+    404 (Milvus 2.4.0 to 2.4.12) it uses ``get_progress`` instead, until ``reset``."""
+
+    def __init__(self, session: requests.Session, cluster: ClusterConfig,
+                 observe: Callable[[str, str], None], logger: FieldsAdapter) -> None:
+        self.session = session
+        self._cluster = cluster
+        self._observe = observe
+        self._log = logger
+        self.get_progress = False
+
+    def reset(self) -> None:
+        """Forget what was learnt about the server (on reload: it may be upgraded)."""
+        self.get_progress = False
+
+    def __call__(self, job_id: str) -> JobDetails:
+        cluster = self._cluster
+        try:
+            return describe_import_job(self.session, cluster, job_id,
+                                       get_progress=self.get_progress, observe=self._observe)
+        except HttpFailure as failure:
+            if failure.status != 404 or cluster.api != "v2" or self.get_progress:
+                raise
+        self.get_progress = True
+        self._log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) "
+                       "from now on")
+        return describe_import_job(self.session, cluster, job_id, get_progress=True,
+                                   observe=self._observe)
+
+
+class ClusterReport:
+    """One cluster's latest snapshot and what it counts (polls failed by reason, API
+    requests by endpoint and code), published to the board by both lanes under one
+    lock; it logs the cluster starting to fail and recovering."""
+
+    def __init__(self, cluster: ClusterConfig, board: SnapshotBoard, shard: int,
+                 clock: Callable[[], float], current: Callable[[], bool],
+                 waited: Callable[[], float], logger: FieldsAdapter) -> None:
+        self._board = board
+        self._clock = clock
+        self._current = current
+        self._waited = waited           # seconds waited for the rate limiter
+        self._log = logger
+        self._publish_lock = threading.Lock()     # the snapshot, from both lanes
+        self._counts_lock = threading.Lock()      # api requests, from both lanes
+        self._poll_errors: dict[str, int] = {}
+        self._api_requests: dict[tuple[str, str], int] = {}
+        self._failing = False
+        self.snapshot = ClusterSnapshot(cluster=cluster, shard=shard)
+        board.publish(self.snapshot, current)
+
+    def observe(self, endpoint: str, code: str) -> None:
+        key = (endpoint, code)
+        with self._counts_lock:
+            self._api_requests[key] = self._api_requests.get(key, 0) + 1
+
+    def _publish(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        """``snapshot`` with the counts as they are, published (the lock held)."""
+        with self._counts_lock:
+            requests_sent = dict(self._api_requests)
+        snapshot = replace(snapshot, poll_errors=dict(self._poll_errors),
+                           api_requests=requests_sent, rate_limit_wait=self._waited())
+        self.snapshot = snapshot
+        self._board.publish(snapshot, self._current)
+        return snapshot
+
+    def listing(self, summary: JobSummary, duration: float,
+                fields: dict[str, object]) -> ClusterSnapshot:
+        """A listing folded in after ``duration`` seconds (``fields`` for the log)."""
+        if self._failing:
+            self._log.info("cluster recovered", extra={"fields": fields})
+        else:
+            self._log.debug("poll succeeded", extra={"fields": fields})
+        self._failing = False
+        with self._publish_lock:
+            return self._publish(replace(self.snapshot, polled=True, up=True,
+                                         poll_duration=duration, last_success=self._clock(),
+                                         jobs=summary))
+
+    def failure(self, failure: PollFailure, duration: float,
+                log_it: bool = True) -> ClusterSnapshot:
+        """A failed poll: up 0, the reason counted, job series kept until stale."""
+        self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
+        if log_it:
+            fields = {"reason": failure.reason, "error": str(failure),
+                      "duration_seconds": round(duration, 3)}
+            self._log.warning("poll failed" if self._failing else "cluster started failing",
+                              extra={"fields": fields})
+        self._failing = True
+        with self._publish_lock:
+            return self._publish(replace(self.snapshot, polled=True, up=False,
+                                         poll_duration=duration,
+                                         last_error_reason=failure.reason,
+                                         last_error=str(failure)))
+
+    def details(self, refresh: Callable[[JobSummary], JobSummary],
+                stopped: Callable[[], bool]) -> ClusterSnapshot:
+        """The latest snapshot's jobs refreshed with what describes taught."""
+        with self._publish_lock:
+            jobs = self.snapshot.jobs
+            if jobs is None or stopped():
+                return self.snapshot
+            return self._publish(replace(self.snapshot, jobs=refresh(jobs)))
+
+
 class ClusterPoller:
     """Polls one cluster on its own schedule and publishes its snapshots."""
 
@@ -325,7 +221,6 @@ class ClusterPoller:
         the backoff instead of sleeping through it)."""
         self.cluster = cluster
         self._log = bind(log, cluster_name=cluster.name)
-        self._board = board
         self._history = history
         self._clock = clock
         self._rng = rng or random.Random()
@@ -343,6 +238,11 @@ class ClusterPoller:
                 adapter.guard = self._listing_stands
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
+        self._report = ClusterReport(cluster, board, shard, clock, self._current,
+                                     lambda: sum(pacer.waited for pacer in self._pacers),
+                                     self._log)
+        self._describe = Describer(self._details_session, cluster, self._report.observe,
+                                   self._log)
         self._threads: list[threading.Thread] = []
         # The listing lane sets it when a listing is published (and stop() does).
         self._planned = threading.Event()
@@ -352,36 +252,15 @@ class ClusterPoller:
         self._listings = 0
         self._plan_of = -1        # the listing the describe lane's plan came from
         self._describing = ""     # the job id of the describe being sent
-        self._publish_lock = threading.Lock()     # _snapshot, from both lanes
-        self._counts_lock = threading.Lock()      # _api_requests, from both lanes
-        self._poll_errors: dict[str, int] = {}
-        self._api_requests: dict[tuple[str, str], int] = {}
-        self._unknown_states: set[str] = set()    # at most MAX_UNKNOWN_STATES
-        self._states_capped = False
-        self._get_progress = False    # describe answered 404: an old Milvus
-        self._failing = False
+        self._unknown_states = UnknownStates(self._log)
         self._crashes: set[type[BaseException]] = set()   # logged with a traceback once
-        self._snapshot = ClusterSnapshot(cluster=cluster, shard=shard)
-        board.publish(self._snapshot, self._current)
 
     @property
     def snapshot_polled(self) -> bool:
-        return self._snapshot.polled
+        return self._report.snapshot.polled
 
     def _current(self) -> bool:
         return not self._stop.is_set()
-
-    def _rate_limit_wait(self) -> float:
-        return sum(pacer.waited for pacer in self._pacers)
-
-    def _observe(self, endpoint: str, code: str) -> None:
-        key = (endpoint, code)
-        with self._counts_lock:
-            self._api_requests[key] = self._api_requests.get(key, 0) + 1
-
-    def _counts(self) -> dict[tuple[str, str], int]:
-        with self._counts_lock:
-            return dict(self._api_requests)
 
     def _listing_stands(self) -> Callable[[], None]:
         """Before each describe is written, after its turn: the latest published
@@ -402,7 +281,7 @@ class ClusterPoller:
 
     def reset_fallbacks(self) -> None:
         """Forget what was learnt about the server (on reload: it may be upgraded)."""
-        self._get_progress = False
+        self._describe.reset()
 
     def start(self) -> None:
         name = self.cluster.name
@@ -467,7 +346,7 @@ class ClusterPoller:
         except Stopped:
             raise
         except PollFailure as failure:     # not from the listing: still a failed poll
-            return self._publish_failure(failure, started)
+            return self._report.failure(failure, time.monotonic() - started)
         except Exception as exc:
             # A bug must neither kill the cluster's schedule nor leave it silently
             # stale: the poll fails like any other, and the traceback is logged once.
@@ -478,20 +357,20 @@ class ClusterPoller:
             if first:
                 self._log.error("poll crashed; counted as a failed poll (reason decode)",
                                 exc_info=True)
-            return self._publish_failure(
+            return self._report.failure(
                 DecodeFailure(f"internal error handling the answer: {type(exc).__name__}"),
-                started, log_it=not first)
+                time.monotonic() - started, log_it=not first)
 
     def _poll(self, started: float) -> ClusterSnapshot:
-        cluster = self.cluster
+        cluster, listed_at = self.cluster, self._clock()    # the listing's start
         try:
-            listing = fetch_listing(self._session, cluster, observe=self._observe,
+            listing = fetch_listing(self._session, cluster, observe=self._report.observe,
                                     wait=self._wait, rng=self._rng)
         except PollFailure as failure:
             if self._stop.is_set():
                 raise Stopped() from None
-            return self._publish_failure(failure, started)
-        self._log_unknown_states(listing.states())
+            return self._report.failure(failure, time.monotonic() - started)
+        self._unknown_states.log(listing.states())
         settings = cluster.settings
         if self._stop.is_set():     # retired meanwhile: a newer poller owns the history
             raise Stopped()
@@ -500,29 +379,17 @@ class ClusterPoller:
                 listing, stuck_after=settings.stuck_after,
                 stall_after=settings.stall_after,
                 max_stuck_series=settings.max_stuck_job_series,
-                rules=detail_rules(cluster))
+                rules=detail_rules(cluster), timing=timing_rules(cluster), started=listed_at)
             self._listings += 1
         duration = time.monotonic() - started
         if self._stop.is_set():
             raise Stopped()
-        fields = {"duration_seconds": round(duration, 3), "pages": listing.pages,
-                  "jobs": len(listing)}
-        if self._failing:
-            self._log.info("cluster recovered", extra={"fields": fields})
-        else:
-            self._log.debug("poll succeeded", extra={"fields": fields})
-        self._failing = False
+        fields: dict[str, object] = {"duration_seconds": round(duration, 3),
+                                     "pages": listing.pages, "jobs": len(listing)}
         if len(listing) >= TRIM_AFTER_JOBS:
             del listing
             release_free_memory()
-        with self._publish_lock:
-            snapshot = replace(self._snapshot, polled=True, up=True, poll_duration=duration,
-                               last_success=self._clock(), jobs=summary,
-                               poll_errors=dict(self._poll_errors),
-                               api_requests=self._counts(),
-                               rate_limit_wait=self._rate_limit_wait())
-            self._snapshot = snapshot
-            self._board.publish(snapshot, self._current)
+        snapshot = self._report.listing(summary, duration, fields)
         # The listing is out; details follow in a second snapshot, from the describe
         # lane, so a slow or failing describe endpoint never holds the listing back,
         # and nothing going wrong while describing turns this poll into a failed one.
@@ -534,7 +401,7 @@ class ClusterPoller:
         snapshot is the latest by then."""
         try:
             if not self._describe_jobs():
-                return self._snapshot
+                return self._report.snapshot
         except Stopped:
             raise
         except Exception as exc:
@@ -542,54 +409,8 @@ class ClusterPoller:
                 self._crashes.add(type(exc))
                 self._log.error("describing jobs crashed; the listing stands, its jobs "
                                 "keep their last known details", exc_info=True)
-            return self._snapshot
-        with self._publish_lock:
-            if self._snapshot.jobs is None or self._stop.is_set():
-                return self._snapshot
-            snapshot = replace(self._snapshot, jobs=self._history.refresh(self._snapshot.jobs),
-                               api_requests=self._counts(),
-                               rate_limit_wait=self._rate_limit_wait())
-            self._snapshot = snapshot
-            self._board.publish(snapshot, self._current)
-        return snapshot
-
-    def _log_unknown_states(self, states: set[str]) -> None:
-        """Log each unknown state name once, up to MAX_UNKNOWN_STATES of them (beyond,
-        the history counts new names under OTHER_STATE): a server inventing names
-        grows neither this set nor the log without bound."""
-        for state in sorted(states - self._unknown_states):
-            if state in CANONICAL_STATES or self._states_capped:
-                continue
-            if len(self._unknown_states) >= MAX_UNKNOWN_STATES:
-                self._states_capped = True
-                self._log.warning("too many distinct job states; new ones are counted "
-                                  f"under {OTHER_STATE!r} and not logged",
-                                  extra={"fields": {"state": state}})
-                continue
-            self._unknown_states.add(state)
-            self._log.warning("unknown job state; counted under its own name",
-                              extra={"fields": {"state": state}})
-
-    def _publish_failure(self, failure: PollFailure, started: float,
-                         log_it: bool = True) -> ClusterSnapshot:
-        """Publish a failed poll: up 0, the reason counted, job series kept until stale."""
-        duration = time.monotonic() - started
-        self._poll_errors[failure.reason] = self._poll_errors.get(failure.reason, 0) + 1
-        if log_it:
-            fields = {"reason": failure.reason, "error": str(failure),
-                      "duration_seconds": round(duration, 3)}
-            self._log.warning("poll failed" if self._failing else "cluster started failing",
-                        extra={"fields": fields})
-        self._failing = True
-        with self._publish_lock:
-            snapshot = replace(self._snapshot, polled=True, up=False, poll_duration=duration,
-                               last_error_reason=failure.reason, last_error=str(failure),
-                               poll_errors=dict(self._poll_errors),
-                               api_requests=self._counts(),
-                               rate_limit_wait=self._rate_limit_wait())
-            self._snapshot = snapshot
-            self._board.publish(snapshot, self._current)
-        return snapshot
+            return self._report.snapshot
+        return self._report.details(self._history.refresh, self._stop.is_set)
 
     def _describe_jobs(self) -> bool:
         """Describe the jobs the history plans; False when it planned none.
@@ -630,20 +451,6 @@ class ClusterPoller:
             answered = True
             self._history.record_details(job_id, details)
         return bool(plan)
-
-    def _describe(self, job_id: str) -> JobDetails:
-        try:
-            return describe_import_job(self._details_session, self.cluster, job_id,
-                                       get_progress=self._get_progress,
-                                       observe=self._observe)
-        except HttpFailure as failure:
-            if failure.status != 404 or self.cluster.api != "v2" or self._get_progress:
-                raise
-        self._get_progress = True
-        self._log.info("describe answered 404: using get_progress (Milvus 2.4.0 to 2.4.12) "
-                       "from now on")
-        return describe_import_job(self._details_session, self.cluster, job_id,
-                                   get_progress=True, observe=self._observe)
 
 
 class PollerGroup:
@@ -743,13 +550,17 @@ class PollerGroup:
 
         A poller blocked in a request that hangs is abandoned (its thread is a daemon
         and its listing is never published); the wait only lets one that is folding a
-        listing into the history finish writing it before the state file closes.
+        listing into the history finish writing it before the state file closes. Then
+        each history writes what the describes of an unfinished poll changed.
         """
         with self._lock:
             pollers = list(self._pollers.values())
+            histories = list(self._histories.values())
         for poller in pollers:
             poller.stop()
         deadline = time.monotonic() + timeout
         for poller in pollers:
             poller.join(max(0.0, deadline - time.monotonic()))
+        for history in histories:
+            history.flush()
 

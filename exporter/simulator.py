@@ -28,248 +28,29 @@ for a failed job). ``legacy_describe`` plays Milvus 2.4.0-2.4.12 (``describe`` i
 ``unknown_describes`` counts describes of ids the cluster does not hold (which
 crash old Milvus).
 
-``python -m exporter.simulator`` runs it alone with the demo clusters moving.
+Each cluster (exporter.simcluster) keeps its jobs' times as a server reports them, and
+can hold jobs that move by the simulator's clock alone, for tests of durations.
+
+``python -m exporter.simulator`` runs it alone with the demo clusters moving
+(``exporter.demo``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
-import random
 import signal
 import ssl
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-# Wire names of the canonical states; the simulator derives what it sends from the
-# canonical state it holds, so its ground truth never goes through the exporter's own
-# normalisation (a bug there would show on both sides and pass).
-_V1_STATES = {"pending": "ImportPending", "importing": "ImportRunning",
-              "completed": "ImportCompleted", "failed": "ImportFailed"}
-_V2_STATES = {"pending": "Pending", "importing": "Importing", "completed": "Completed",
-              "failed": "Failed"}
-FAULTS = ("auth_body", "auth_http", "429", "500", "503", "malformed", "bad_shape",
-          "api_error", "hang")
-
-
-@dataclass
-class FaultSwitch:
-    """How a simulated endpoint misbehaves: ``mode`` (one of FAULTS) on the next ``left``
-    requests (forever when None) from page ``from_page`` on."""
-
-    mode: str = ""
-    left: int | None = None
-    from_page: int = 1
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def set(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
-        if mode not in FAULTS:
-            raise ValueError(f"unknown fault {mode!r}")
-        with self._lock:
-            self.mode, self.left, self.from_page = mode, times, from_page
-
-    def clear(self) -> None:
-        with self._lock:
-            self.mode, self.left = "", None
-
-    def take(self, page: int) -> str:
-        """The fault this request of ``page`` meets, "" for none; counts it down."""
-        with self._lock:
-            if not self.mode or page < self.from_page:
-                return ""
-            fault = self.mode
-            if self.left is not None:
-                self.left -= 1
-                if self.left <= 0:
-                    self.mode, self.left = "", None
-            return fault
-
-
-@dataclass
-class SimJob:
-    job_id: str
-    collection: str
-    state: str            # canonical: what /metrics must show ("waiting_for_retry", ...)
-    progress: int = 0
-    reason: str = ""
-    imported_rows: int = 0
-    total_rows: int = 0
-    wire: str = ""        # the name sent instead of the flavour's usual one
-
-    def wire_state(self, flavour: str) -> str:
-        """The state as this flavour's server spells it."""
-        names = _V1_STATES if flavour == "v1" else _V2_STATES
-        return self.wire or names[self.state]
-
-
-@dataclass
-class SimCluster:
-    """One simulated cluster; tests mutate it through its methods at run time."""
-
-    name: str
-    flavour: str                  # "v1", "v2" (Zilliz Cloud) or "milvus"
-    api_key: str
-    cluster_id: str = ""
-    count_mode: str = "total"     # v1/v2: "total", "page" (length of page) or "none"
-    ignore_paging: bool = False   # Milvus: every request answers every job
-    shuffle: bool = False         # Milvus: a new random order on every request
-    v2_success_code: int = 0      # Milvus 2.4.0-2.4.4 answered 200 in v2 bodies
-    latency: float = 0.0
-    describe_latency: float = 0.0   # on top of latency, for describes only
-    retry_after: str = "1"
-    jobs: dict[str, SimJob] = field(default_factory=dict)
-    requests: int = 0
-    pages_served: list[int] = field(default_factory=list)
-    legacy_describe: bool = False  # Milvus 2.4.0-2.4.12: only get_progress
-    reasons_in_list: bool = True  # list records carry reason (Milvus does)
-    describe_fault: str = ""      # "500", "api_error" or "hang": every describe misbehaves
-    described: list[str] = field(default_factory=list)   # job ids, in order
-    unknown_describes: int = 0
-    # What the control plane lists about it (v2 only): clusterName ("" for the name)...
-    display_name: str = ""
-    status: str = "RUNNING"
-    region_id: str = "aws-us-west-2"
-    project_id: str = "proj-0123456789"
-    plan: str = "Enterprise"
-    _faults: FaultSwitch = field(default_factory=FaultSwitch, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _ids: Any = field(default_factory=lambda: itertools.count(1), repr=False)
-
-    # ---- control -----------------------------------------------------------------
-    def add_jobs(self, n: int, collection: str = "docs", state: str = "pending",
-                 progress: int = 0, prefix: str | None = None, wire: str = "") -> list[str]:
-        """Jobs in a canonical ``state``; ``wire`` sends another name for it (a v1
-        "ImportRunning", an unknown "WaitingForRetry"), which it needs when the state
-        is not one of the four canonical ones."""
-        if not wire and state not in _V2_STATES:
-            raise ValueError(f"state {state!r} is not canonical: give its wire name")
-        with self._lock:
-            ids = []
-            for _ in range(n):
-                job_id = f"{prefix or self.name}-job-{next(self._ids):07d}"
-                self.jobs[job_id] = SimJob(job_id, collection, state, progress, wire=wire)
-                ids.append(job_id)
-            return ids
-
-    def set_state(self, job_id: str, state: str, progress: int | None = None) -> None:
-        """Move a job to a canonical state, sent under the flavour's usual name."""
-        if state not in _V2_STATES:
-            raise ValueError(f"state {state!r} is not canonical")
-        with self._lock:
-            job = self.jobs[job_id]
-            job.state, job.wire = state, ""
-            if progress is not None:
-                job.progress = progress
-
-    def set_progress(self, job_id: str, progress: int) -> None:
-        with self._lock:
-            self.jobs[job_id].progress = progress
-
-    def set_rows(self, job_id: str, imported: int, total: int) -> None:
-        with self._lock:
-            job = self.jobs[job_id]
-            job.imported_rows, job.total_rows = imported, total
-
-    def set_reason(self, job_id: str, reason: str) -> None:
-        """The job's failure text, as the server reports it."""
-        with self._lock:
-            self.jobs[job_id].reason = reason
-
-    def remove_jobs(self, job_ids: list[str]) -> None:
-        with self._lock:
-            for job_id in job_ids:
-                self.jobs.pop(job_id, None)
-
-    def fail(self, mode: str, times: int | None = None, from_page: int = 1) -> None:
-        """Misbehave on the next ``times`` requests (forever when None) from a page on."""
-        self._faults.set(mode, times, from_page)
-
-    def heal(self) -> None:
-        self._faults.clear()
-
-    def rename(self, display_name: str) -> None:
-        """Rename it in the console: its clusterName changes, its clusterId stays."""
-        with self._lock:
-            self.display_name = display_name
-
-    def set_status(self, status: str) -> None:
-        """STOPPED, RUNNING, ...: what the control plane says (it still answers)."""
-        with self._lock:
-            self.status = status
-
-    def cloud_record(self) -> dict[str, Any]:
-        """The cluster as GET /v2/clusters lists it."""
-        with self._lock:
-            return {"clusterId": self.cluster_id, "clusterName": self.display_name or self.name,
-                    "description": "", "regionId": self.region_id, "plan": self.plan,
-                    "cuType": "Performance-optimized", "cuSize": 1, "status": self.status,
-                    "connectAddress": f"https://{self.cluster_id}.{self.region_id}.zilliz.test",
-                    "privateLinkAddress": "", "projectId": self.project_id,
-                    "createTime": "2024-06-01T10:00:00Z"}
-
-    def truth(self) -> Counter[tuple[str, str]]:
-        """Jobs by (collection, canonical state): what /metrics must show."""
-        with self._lock:
-            return Counter((j.collection, j.state) for j in self.jobs.values())
-
-    # ---- serving -----------------------------------------------------------------
-    def _page(self, page: int, size: int) -> tuple[list[dict[str, Any]], int]:
-        with self._lock:
-            jobs = list(self.jobs.values())
-            if self.shuffle:
-                random.shuffle(jobs)
-            chosen = jobs if self.ignore_paging else jobs[(page - 1) * size: page * size]
-            out = []
-            for job in chosen:
-                item: dict[str, Any] = {"collectionName": job.collection, "jobId": job.job_id,
-                                        "state": job.wire_state(self.flavour)}
-                if self.flavour != "v1":
-                    item["progress"] = job.progress
-                    if self.reasons_in_list and (job.reason or self.flavour == "v2"):
-                        item["reason"] = job.reason   # Milvus: absent when empty
-                out.append(item)
-            return out, len(jobs)
-
-    def _details(self, job_id: str) -> dict[str, Any] | None:
-        """The ``data`` of a describe answer, or None for an unknown id."""
-        with self._lock:
-            self.described.append(job_id)
-            job = self.jobs.get(job_id)
-            if job is None:
-                self.unknown_describes += 1
-                return None
-            state = job.state
-            done = state in ("completed", "failed")
-            if self.flavour == "v1":
-                return {"collectionName": job.collection, "jobId": job.job_id,
-                        "fileName": f"{job.job_id}/1.parquet", "fileSize": 19599887,
-                        "readyPercentage": 100 if state == "completed" else job.progress,
-                        "completeTime": "2024-06-01 10:00:00" if done else None,
-                        "errorMessage": (job.reason or "import failed")
-                        if state == "failed" else None,
-                        "details": []}
-            failed = state == "failed"
-            data: dict[str, Any] = {
-                "jobId": job.job_id, "collectionName": job.collection,
-                "state": job.wire_state(self.flavour),
-                "progress": 0 if failed else job.progress,
-                "importedRows": 0 if failed else job.imported_rows,
-                "totalRows": 0 if failed else job.total_rows,
-                "fileSize": 19599887, "completeTime": "2024-06-01T10:00:00Z" if done else "",
-                "details": []}
-            if failed and job.reason:
-                data["reason"] = job.reason
-            elif self.flavour == "v2":
-                data["reason"] = ""          # Zilliz: always present; Milvus: absent
-            return data
+from exporter.simcluster import FaultSwitch, SimCluster
 
 
 @dataclass
@@ -313,6 +94,36 @@ def _arrive(endpoint: SimCluster | SimControlPlane, page: int, lock: threading.L
     return endpoint._faults.take(page)
 
 
+def _authorised(cluster: SimCluster, auth: str) -> bool:
+    return not cluster.api_key or auth == f"Bearer {cluster.api_key}"
+
+
+def _refusal(cluster: SimCluster) -> tuple[int, dict[str, str], bytes]:
+    code, message = {"v1": (80001, "Invalid token"),
+                     "v2": (21119, "The apikey is illegal."),
+                     "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
+    return 200, {}, json.dumps({"code": code, "message": message}).encode()
+
+
+def _illegal_key() -> tuple[int, dict[str, str], bytes]:
+    """The reply Zilliz Cloud's control plane gives a bad key (API-NOTES.md)."""
+    return 401, {}, b'{"code": 21119, "message": "The apikey is illegal."}'
+
+
+def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:
+    items, total = cluster._page(page, size)
+    if cluster.flavour == "v1":
+        data: dict[str, Any] = {"tasks": items, "currentPage": page, "pageSize": size}
+        if cluster.count_mode != "none":
+            data["count"] = total if cluster.count_mode == "total" else len(items)
+        return json.dumps({"code": 200, "data": data}).encode()
+    data = {"records": items}
+    if cluster.flavour == "v2" and cluster.count_mode != "none":
+        data.update(count=total if cluster.count_mode == "total" else len(items),
+                    currentPage=page, pageSize=size)
+    return json.dumps({"code": cluster.v2_success_code, "data": data}).encode()
+
+
 def busiest_window(times: Iterable[float], width: float = 1.0) -> int:
     """The most of ``times`` that fall within any half-open window ``width`` long."""
     ordered, busiest, first = sorted(times), 0, 0
@@ -353,7 +164,10 @@ class Simulator:
     """The HTTP server holding any number of simulated clusters."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock`` times the jobs (creation, completion, timed jobs' moves)."""
+        self.clock = clock
         self.clusters: dict[str, SimCluster] = {}
         self.planes: dict[str, SimControlPlane] = {}     # by API key
         # Zilliz Cloud's limit: at most rate_limit requests in any one second per API key
@@ -391,6 +205,7 @@ class Simulator:
             for key, value in (("count_mode", "none"), ("ignore_paging", True),
                                ("shuffle", True)):
                 settings.setdefault(key, value)
+        settings.setdefault("clock", self.clock)
         cluster = SimCluster(name=name, flavour=flavour, cluster_id=cluster_id,
                              api_key=api_key or f"key-{name}", **settings)
         self.clusters[name] = cluster
@@ -517,9 +332,9 @@ class Simulator:
         misbehaving = self._fault_answer(fault, cluster.retry_after)
         if misbehaving is not None:
             return misbehaving
-        if fault == "auth_body" or not self._authorised(cluster, auth):
-            return self._refusal(cluster)
-        return 200, {}, self._page_answer(cluster, page, size)
+        if fault == "auth_body" or not _authorised(cluster, auth):
+            return _refusal(cluster)
+        return 200, {}, _page_answer(cluster, page, size)
 
     def _fault_answer(self, fault: str, retry_after: str
                       ) -> tuple[int, dict[str, str], bytes] | None:
@@ -539,11 +354,6 @@ class Simulator:
             return 200, {}, b'{"code": 65535, "message": "internal: collection busy"}'
         return None
 
-    @staticmethod
-    def _illegal_key() -> tuple[int, dict[str, str], bytes]:
-        """The reply Zilliz Cloud's control plane gives a bad key (API-NOTES.md)."""
-        return 401, {}, b'{"code": 21119, "message": "The apikey is illegal."}'
-
     def _clusters_answer(self, query: dict[str, str], auth: str
                          ) -> tuple[int, dict[str, str], bytes]:
         """GET /v2/clusters: the v2 clusters of the key asking, paged."""
@@ -551,7 +361,7 @@ class Simulator:
         members = [c for c in list(self.clusters.values())
                    if c.flavour == "v2" and c.api_key == key]
         if not members and key not in self.planes:
-            return self._illegal_key()
+            return _illegal_key()
         plane = self.control_plane(key)
         paging = _paging(query)
         if paging is None:
@@ -561,7 +371,7 @@ class Simulator:
             return 200, {}, b'{"code": 96008, "message": "pageSize must be 1 to 100"}'
         fault = _arrive(plane, page, self._log_lock)
         if fault in ("auth_http", "auth_body"):
-            return self._illegal_key()
+            return _illegal_key()
         misbehaving = self._fault_answer(fault, "1")
         if misbehaving is not None:
             return misbehaving
@@ -570,23 +380,12 @@ class Simulator:
             "count": len(members), "currentPage": page, "pageSize": size, "clusters": records}
         return 200, {}, json.dumps({"code": 0, "data": data}).encode()
 
-    @staticmethod
-    def _authorised(cluster: SimCluster, auth: str) -> bool:
-        return not cluster.api_key or auth == f"Bearer {cluster.api_key}"
-
-    @staticmethod
-    def _refusal(cluster: SimCluster) -> tuple[int, dict[str, str], bytes]:
-        code, message = {"v1": (80001, "Invalid token"),
-                         "v2": (21119, "The apikey is illegal."),
-                         "milvus": (1800, "user hasn't authenticated")}[cluster.flavour]
-        return 200, {}, json.dumps({"code": code, "message": message}).encode()
-
     def _describe_answer(self, cluster: SimCluster, path: str, job_id: str,
                          auth: str) -> tuple[int, dict[str, str], bytes]:
         if cluster.legacy_describe and path.endswith("/describe"):
             return 404, {}, b'404 page not found'
-        if not self._authorised(cluster, auth):
-            return self._refusal(cluster)
+        if not _authorised(cluster, auth):
+            return _refusal(cluster)
         if cluster.latency or cluster.describe_latency:
             time.sleep(cluster.latency + cluster.describe_latency)
         fault = cluster.describe_fault
@@ -605,20 +404,6 @@ class Simulator:
                                         f"jobID={job_id}"}).encode()
         success = 200 if cluster.flavour == "v1" else cluster.v2_success_code
         return 200, {}, json.dumps({"code": success, "data": data}).encode()
-
-    @staticmethod
-    def _page_answer(cluster: SimCluster, page: int, size: int) -> bytes:
-        items, total = cluster._page(page, size)
-        if cluster.flavour == "v1":
-            data: dict[str, Any] = {"tasks": items, "currentPage": page, "pageSize": size}
-            if cluster.count_mode != "none":
-                data["count"] = total if cluster.count_mode == "total" else len(items)
-            return json.dumps({"code": 200, "data": data}).encode()
-        data = {"records": items}
-        if cluster.flavour == "v2" and cluster.count_mode != "none":
-            data.update(count=total if cluster.count_mode == "total" else len(items),
-                        currentPage=page, pageSize=size)
-        return json.dumps({"code": cluster.v2_success_code, "data": data}).encode()
 
 
 def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
@@ -658,142 +443,6 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-# ---- the demo ----------------------------------------------------------------------
-
-DEMO_CLUSTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    # name, flavour, key, collections
-    ("demo-cloud-v1", "v1", "demo-v1-api-key-0123456789", ("medium_articles", "products")),
-    ("demo-cloud-v2", "v2", "demo-v2-api-key-abcdefghij", ("images", "faq")),
-    ("demo-milvus", "milvus", "root:Milvus-demo-pass", ("logs",)),
-)
-# The clusters only the demo's discovery source finds (its key sees these two): one
-# running, whose jobs move like the others', and one stopped, listed but not polled.
-DEMO_DISCOVERY_KEY = "demo-discovery-key-klmnopqrst"
-DEMO_DISCOVERED: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    # name, clusterName, status, collections
-    ("demo-discovered", "demo discovered", "RUNNING", ("uploads",)),
-    ("demo-paused", "demo paused", "STOPPED", ()),
-)
-
-
-# What real imports fail with: a missing or unreadable file, a schema that does not
-# match the collection's, a bad row.
-DEMO_FAILURES = (
-    "failed to read file 'imports/{collection}/part-0003.parquet': NoSuchKey: The "
-    "specified key does not exist",
-    "schema mismatch: field 'embedding' of collection '{collection}' expects a float "
-    "vector of dim 768, the file has dim 512",
-    "the primary key field 'id' is auto_id, but the file 'imports/{collection}/"
-    "batch-17.json' provides it",
-    "row 48213 of 'imports/{collection}/part-0001.parquet': field 'title' exceeds "
-    "max_length 512",
-)
-
-
-class DemoDirector:
-    """Moves demo jobs through every state; one job is stuck importing forever.
-
-    Importing jobs advance their rows as Milvus reports them (both 0 until the import
-    stage at 40%), and every 10 ticks one job per cluster fails with a realistic reason,
-    so every detail series and status page section fills within a minute.
-    """
-
-    def __init__(self, sim: Simulator, tick: float = 2.0, seed: int = 7) -> None:
-        self.sim = sim
-        self.tick = tick
-        self._rng = random.Random(seed)
-        self._stop = threading.Event()
-        self._ticks = 0
-        self.stuck_job = ""
-        self._stalling: dict[str, int] = {}   # job id -> tick it was created
-        self._sizes: dict[str, int] = {}      # job id -> rows in its files
-        # the clusters whose jobs move: (name, collections)
-        self._moving: list[tuple[str, tuple[str, ...]]] = []
-        for name, flavour, key, collections in DEMO_CLUSTERS:
-            sim.add_cluster(name, flavour, key)
-            self._moving.append((name, collections))
-        for name, display, status, found in DEMO_DISCOVERED:
-            sim.add_cluster(name, "v2", DEMO_DISCOVERY_KEY, display_name=display,
-                            status=status)
-            if status == "RUNNING":
-                self._moving.append((name, found))
-        for name, collections in self._moving:
-            cluster = sim.clusters[name]
-            for collection in collections:
-                cluster.add_jobs(2, collection, "completed", 100)
-                for job_id in cluster.add_jobs(1, collection, "failed", 37):
-                    cluster.set_reason(job_id, self._failure(collection))
-                for job_id in cluster.add_jobs(2, collection, "importing", 10):
-                    self._advance(cluster, job_id, 10)
-                cluster.add_jobs(2, collection, "pending")
-        v1 = sim.clusters["demo-cloud-v1"]
-        self.stuck_job = v1.add_jobs(1, "medium_articles", "importing", 42,
-                                     prefix="stuck")[0]
-
-    def _failure(self, collection: str) -> str:
-        return self._rng.choice(DEMO_FAILURES).format(collection=collection)
-
-    def _advance(self, cluster: SimCluster, job_id: str, progress: int) -> None:
-        """Set progress and the rows that go with it."""
-        total = self._sizes.setdefault(job_id, self._rng.randrange(200_000, 5_000_000, 1000))
-        cluster.set_progress(job_id, progress)
-        if progress < 40:
-            cluster.set_rows(job_id, 0, 0)
-        else:
-            cluster.set_rows(job_id, total * (progress - 40) // 60, total)
-
-    def step(self) -> None:
-        """One tick: every job moves a little; every 15 ticks a job that stalls appears."""
-        self._ticks += 1
-        if self._ticks % 15 == 1:
-            v2 = self.sim.clusters["demo-cloud-v2"]
-            job_id = v2.add_jobs(1, "images", "importing", 30, prefix="stalls")[0]
-            self._stalling[job_id] = self._ticks
-        for name, collections in self._moving:
-            cluster = self.sim.clusters[name]
-            with cluster._lock:
-                jobs = list(cluster.jobs.values())
-            doomed = self._ticks % 10 == 3    # one failure per cluster every 10 ticks
-            for job in jobs:
-                if job.job_id == self.stuck_job:
-                    continue                      # importing forever, progress frozen
-                born = self._stalling.get(job.job_id)
-                if born is not None and self._ticks - born < 12:
-                    continue                      # frozen for its first 12 ticks
-                if job.state == "pending" and self._rng.random() < 0.3:
-                    cluster.set_state(job.job_id, "importing", 0)
-                    self._advance(cluster, job.job_id, 0)
-                elif job.state == "importing":
-                    progress = min(100, job.progress + self._rng.randint(5, 25))
-                    if doomed or progress >= 100 and self._rng.random() < 0.2:
-                        doomed = False
-                        cluster.set_state(job.job_id, "failed")
-                        cluster.set_reason(job.job_id, self._failure(job.collection))
-                    elif progress >= 100:
-                        self._advance(cluster, job.job_id, 100)
-                        cluster.set_state(job.job_id, "completed")
-                    else:
-                        self._advance(cluster, job.job_id, progress)
-            if self._rng.random() < 0.5:
-                cluster.add_jobs(1, self._rng.choice(collections), "pending")
-            terminal = [j.job_id for j in jobs if j.state in ("completed", "failed")]
-            if len(terminal) > 30:
-                gone = terminal[:len(terminal) - 30]
-                cluster.remove_jobs(gone)
-                for job_id in gone:
-                    self._sizes.pop(job_id, None)
-
-    def start(self) -> "DemoDirector":
-        def run() -> None:
-            while not self._stop.wait(self.tick):
-                self.step()
-        threading.Thread(target=run, daemon=True, name="demo-director").start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m exporter.simulator",
@@ -808,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from exporter.demo import DemoDirector      # the demo builds on this module
     sim = Simulator(args.host, args.port)
     director = DemoDirector(sim, tick=args.tick)
     sim.start()

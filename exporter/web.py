@@ -36,7 +36,7 @@ from exporter.exposition import ExpositionCache
 from exporter.discovery import DiscoveryBoard, SourceSnapshot
 from exporter.jobs import CANONICAL_STATES
 from exporter.webconfig import WebConfig, tls_context
-from exporter.poller import ClusterSnapshot, SnapshotBoard
+from exporter.board import ClusterSnapshot, SnapshotBoard
 
 log = logging.getLogger("exporter.web")
 
@@ -175,9 +175,10 @@ def _table(table_id: str, head: tuple[str, ...], rows: list[str], empty: str) ->
 
 
 def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
-    """Stuck jobs, running jobs and recent failures of every cluster, each capped
-    like its series (the summaries are), every value escaped."""
-    stuck, running, failed = [], [], []
+    """Stuck jobs, running jobs, recent failures and the jobs finished most recently of
+    every cluster, each capped like its series (the summaries are), every value
+    escaped."""
+    stuck, running, failed, finished = [], [], [], []
     for snap in snapshots:
         summary = snap.jobs
         if summary is None or snap.is_stale(now):
@@ -199,6 +200,11 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
         for fail in summary.failed:
             failed.append((-fail.failed_at, _tr(cluster, fail.collection, fail.job_id,
                                                 _age(now - fail.failed_at), fail.reason)))
+        for done in summary.finished:
+            finished.append((-done.finished_at, _tr(
+                cluster, done.collection, done.job_id, done.outcome,
+                "start unknown" if done.duration is None else _duration(done.duration),
+                _age(now - done.finished_at))))
 
     def table(table_id: str, title: str, head: tuple[str, ...],
               rows: list[tuple[float, str]], empty: str) -> str:
@@ -212,7 +218,11 @@ def _job_sections(snapshots: list[ClusterSnapshot], now: float) -> str:
                     running, "none running")
             + table("failed", "Recent failures", ("cluster", "collection", "job id",
                                                   "first seen failed", "reason"),
-                    failed, "no failures within failed_job_window"))
+                    failed, "no failures within failed_job_window")
+            + table("finished", "Finished most recently", ("cluster", "collection",
+                                                           "job id", "outcome", "duration",
+                                                           "finished"),
+                    finished, "no job finished since the exporter started"))
 
 
 @dataclass(frozen=True)

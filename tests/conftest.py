@@ -34,11 +34,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import build_registry
-from exporter.client import CloudCluster
+from exporter.answers import CloudCluster
 from exporter.config import ClusterConfig, Config, DiscoveryConfig, PollSettings, parse_config
 from exporter.discovery import Discovery, DiscoveryBoard, DiscoveredCluster, SourceSnapshot
-from exporter.history import FailedJob, HistoryStore, JobSummary, RunningJob, StuckJob
-from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
+from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.poller import PollerGroup
+from exporter.store import HistoryStore
+from exporter.summary import FailedJob, FinishedJob, Histogram, JobSummary, RunningJob, StuckJob
 from exporter.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -596,7 +598,17 @@ def golden_board() -> SnapshotBoard:
                             None)),
         failed=(FailedJob("docs", "job-9", "bad file s3://b/x.parquet: schema mismatch",
                           GOLDEN_NOW - 600),),
-        rows_imported={"docs": 123456, "images": 0})
+        rows_imported={"docs": 123456, "images": 0},
+        durations={("_other", "completed"): Histogram((60.0, 3600.0, 86400.0), (0, 0, 0, 0),
+                                                      0.0),
+                   ("_other", "failed"): Histogram((60.0, 3600.0, 86400.0), (0, 0, 0, 0), 0.0),
+                   ("docs", "completed"): Histogram((60.0, 3600.0, 86400.0), (1, 2, 0, 1),
+                                                    100_000.0),
+                   ("docs", "failed"): Histogram((60.0, 3600.0, 86400.0), (0, 1, 0, 0), 90.5)},
+        waits={"_other": Histogram((60.0, 3600.0, 86400.0), (0, 0, 0, 0), 0.0),
+               "docs": Histogram((60.0, 3600.0, 86400.0), (3, 1, 0, 0), 700.0)},
+        finished=(FinishedJob("docs", "job-8", "completed", 5400.0, GOLDEN_NOW - 120),
+                  FinishedJob("docs", "job-7", "failed", None, GOLDEN_NOW - 400)))
     board.publish(ClusterSnapshot(
         cluster=ClusterConfig(name="prod-search",
                               url="https://controller.api.gcp.zillizcloud.com", api="v1",

@@ -69,7 +69,7 @@ def render(dashboard: dict[str, Any], instant: Query, matrix: Query, out: Path) 
                                  zorder=-1))
         fig.text((x + 8) / width_px, 1 - (y + 13) / height_px, panel["title"], color=TEXT,
                  fontsize=9, va="center", weight="bold")
-        margin = {"timeseries": 48, "state-timeline": 90}.get(panel["type"], 8)
+        margin = {"timeseries": 48, "state-timeline": 90, "heatmap": 60}.get(panel["type"], 8)
         bottom = 22 if panel["type"] in ("timeseries", "state-timeline") else 6
         ax = fig.add_axes(box(x + margin, y + 26, w - margin - 8, h - 26 - bottom))
         ax.set_facecolor(PANEL)
@@ -87,6 +87,9 @@ def render(dashboard: dict[str, Any], instant: Query, matrix: Query, out: Path) 
                 ax.text(0.5, 0.4, number(value, defaults.get("unit")), color=PALETTE[0],
                         fontsize=22, ha="center", va="center", weight="bold",
                         transform=ax.transAxes)
+                drawn.append(panel["title"])
+        elif panel["type"] == "heatmap":
+            if _heatmap(ax, [s for t in targets for s in matrix(t["expr"])]):
                 drawn.append(panel["title"])
         elif panel["type"] not in ("timeseries", "state-timeline"):
             # tables, and as a table any kind not drawn here (gauges, bar gauges)
@@ -131,6 +134,25 @@ def _states(ax: Any, series: list[tuple[str, list[Any], list[float]]],
         last = mapping.get(str(int(values[-1])), {}).get("text", "") if values else ""
         ax.text(times[-1], row, f" {last}", color=TEXT, fontsize=7, va="center")
     ax.set_yticks(range(len(series)), [s[0] for s in series])
+
+
+def _heatmap(ax: Any, series: list[dict[str, Any]]) -> bool:
+    """Observations per bucket and step, from cumulative ``le`` series, as Grafana
+    draws a heatmap of Prometheus buckets (calculate off): one row per bucket."""
+    if not series:
+        return False
+    series = sorted(series, key=lambda s: float(s["metric"]["le"]))
+    steps = sorted({float(t) for s in series for t, _ in s["values"]})
+    cumulative = [[dict((float(t), float(v)) for t, v in s["values"]).get(t, 0.0)
+                   for t in steps] for s in series]
+    rows = [[max(0.0, c - p) for c, p in zip(row, below)]
+            for row, below in zip(cumulative, [[0.0] * len(steps)] + cumulative[:-1])]
+    ax.imshow(rows, aspect="auto", origin="lower", cmap="Oranges", interpolation="nearest")
+    labels = [s["metric"]["le"] for s in series]
+    ticks = range(0, len(labels), max(1, len(labels) // 6))
+    ax.set_yticks(list(ticks), [f"le {labels[i]}" for i in ticks])
+    ax.set_xticks([])
+    return True
 
 
 def _table(ax: Any, panel: dict[str, Any], instant: Query) -> bool:

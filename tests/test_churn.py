@@ -11,8 +11,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from conftest import FakeClock, parse_metrics
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
-from exporter.history import HistoryStore, JobHistory
-from exporter.poller import ClusterPoller, SnapshotBoard
+from exporter.history import JobHistory
+from exporter.board import SnapshotBoard
+from exporter.poller import ClusterPoller
+from exporter.store import HistoryStore
 from exporter.simulator import Simulator
 
 POLLS = 300
@@ -52,6 +54,9 @@ def test_collections_that_leave_take_every_series_with_them(tmp_path: Path) -> N
     transitions = {labels: v for (name, labels), v in metrics.items()
                    if name == "zilliz_import_job_transitions_total" and v}
     assert transitions, "the churn must count transitions for the test to mean anything"
+    timed = {labels: v for (name, labels), v in metrics.items()
+             if name == "zilliz_import_job_duration_seconds_count" and v}
+    assert timed, "and time jobs, whose histograms must leave with their collection too"
     assert series_at[100] == series_at[POLLS - 1]
     assert len(poller._history) == 2 * KEPT
     store.close()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -16,7 +17,8 @@ from conftest import (
     run_cli, samples, wait_until,
 )
 from exporter.cli import build_parser, demo_config, parse_listen_address, resolve_shard
-from exporter.simulator import DemoDirector, Simulator
+from exporter.demo import DemoDirector
+from exporter.simulator import Simulator
 from exporter.web import WebApp, render_status_page
 
 
@@ -53,47 +55,77 @@ DETAIL_SERIES = ("zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
                  "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info")
 
 
-def test_demo_stuck_stalled_and_job_details_within_a_minute() -> None:
-    """The demo's own simulator, director and config, polled in process on a fake clock:
-    a minute of the demo costs no minute of the test."""
+def run_demo(seconds: int, on_poll: Callable[[dict], object] = lambda metrics: None
+             ) -> tuple[dict, str, set[str]]:
+    """The demo's own simulator, director and config, polled in process for ``seconds``
+    of a fake clock (the simulator's too): minutes of the demo cost no minutes of the
+    test. Returns the last metrics, the status page then, and the clusters polled."""
     clock = FakeClock(time.time())
-    with Simulator() as sim:
+    with Simulator(clock=clock) as sim:
         director = DemoDirector(sim)
         config = demo_config(sim)
         demo = InProcessExporter(config, clock)
-        seen: set[tuple[str, str]] = set()
-        details: set[tuple[str, str]] = set()
-        reasons: set[str] = set()
-        rows = 0.0
-        interval = config.defaults.interval
         try:
-            for second in range(61):
+            for second in range(seconds + 1):
                 if second % director.tick == 0:
                     director.step()
-                if second % interval == 0:
-                    m = demo.poll()
-                    seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
-                                for k in samples(m, "zilliz_import_stuck_job_info"))
-                    for name in DETAIL_SERIES:
-                        details.update((name, dict(k[1])["cluster_name"])
-                                       for k in samples(m, name))
-                    reasons.update(dict(k[1])["reason"]
-                                   for k in samples(m, "zilliz_import_failed_job_info"))
-                    rows = sum(samples(m, "zilliz_import_rows_imported_total").values())
+                if second % config.defaults.interval == 0:
+                    metrics = demo.poll()
+                    on_poll(metrics)
                 clock.advance(1)
             page = render_status_page(WebApp(registry=demo.registry, board=demo.board,
                                              clock=clock))
         finally:
             demo.close()
+    return metrics, page, {dict(k[1])["cluster_name"] for k in samples(metrics,
+                                                                       "zilliz_import_up")}
+
+
+def section(page: str, table_id: str) -> str:
+    return page.split(f'<table id="{table_id}">', 1)[1].split("</table>", 1)[0]
+
+
+def test_demo_stuck_stalled_and_job_details_within_a_minute() -> None:
+    seen: set[tuple[str, str]] = set()
+    details: set[tuple[str, str]] = set()
+    reasons: set[str] = set()
+
+    def look(m: dict) -> None:
+        seen.update((dict(k[1])["reason"], dict(k[1])["job_id"].split("-")[0])
+                    for k in samples(m, "zilliz_import_stuck_job_info"))
+        for name in DETAIL_SERIES:
+            details.update((name, dict(k[1])["cluster_name"]) for k in samples(m, name))
+        reasons.update(dict(k[1])["reason"]
+                       for k in samples(m, "zilliz_import_failed_job_info"))
+    m, page, _ = run_demo(60, look)
     assert ("age", "stuck") in seen and ("stalled", "stalls") in seen, seen
     assert {n for n, _ in details} == set(DETAIL_SERIES), details
     assert ("zilliz_import_job_progress_ratio", "demo-cloud-v1") in details
-    assert rows > 0
+    assert sum(samples(m, "zilliz_import_rows_imported_total").values()) > 0
     assert any("schema mismatch" in r or "NoSuchKey" in r or "max_length" in r
                or "auto_id" in r for r in reasons), reasons
-    for section in ("stuck", "running", "failed"):
-        body = page.split(f'<table id="{section}">', 1)[1].split("</table>", 1)[0]
-        assert 'class="none"' not in body, f"the {section} section is empty"
+    for table in ("stuck", "running", "failed"):
+        assert 'class="none"' not in section(page, table), f"the {table} section is empty"
+
+
+def test_demo_times_jobs_and_lists_them_within_two_minutes() -> None:
+    """The demo's imports finish often enough that the duration histograms (the
+    dashboard's heatmap) and the status page's finished jobs fill within two minutes,
+    in more than one bucket."""
+    m, page, clusters = run_demo(120)
+    assert len(clusters) == 4             # the configured three and one discovered
+    counts = samples(m, "zilliz_import_job_duration_seconds_count")
+    assert {dict(k[1])["cluster_name"] for k, v in counts.items() if v} == clusters, counts
+    assert sum(samples(m, "zilliz_import_job_wait_seconds_count").values()) > 0
+    per_bucket: dict[str, float] = {}
+    for key, value in samples(m, "zilliz_import_job_duration_seconds_bucket").items():
+        le = dict(key[1])["le"]
+        per_bucket[le] = per_bucket.get(le, 0) + value
+    cumulative = [per_bucket[le] for le in sorted(per_bucket, key=float)]
+    assert sum(1 for low, high in zip([0.0, *cumulative], cumulative) if high > low) >= 2
+    finished = section(page, "finished")
+    assert 'class="none"' not in finished and "ago" in finished
+    assert re.search(r"<td>\d+s</td>", finished), "no finished job shows a duration"
 
 
 def test_help_shows_one_true_default_per_flag() -> None:

@@ -9,11 +9,13 @@ import json
 import pytest
 import requests
 
+from exporter.answers import CloudCluster, JobDetails
 from exporter.client import (
-    MAX_REASON_CHARS,
-    ApiFailure, AuthFailure, CloudCluster, ConnectionFailure, DecodeFailure, HttpFailure,
-    JobDetails, PollFailure, TimeoutFailure, describe_import_job, failure_text, list_clusters,
-    list_import_jobs, make_session, parse_retry_after,
+    describe_import_job, list_clusters, list_import_jobs, make_session, parse_retry_after,
+)
+from exporter.errors import (
+    MAX_REASON_CHARS, ApiFailure, AuthFailure, ConnectionFailure, DecodeFailure,
+    HttpFailure, PollFailure, TimeoutFailure, failure_text,
 )
 from exporter.jobs import normalise_state
 from exporter.config import ClusterConfig, DiscoveryConfig, PollSettings
@@ -285,6 +287,36 @@ def test_a_key_echoed_across_the_200_character_cut_never_leaves_a_prefix(
     assert KEY[:half] not in str(info.value)
 
 
+# ---- times in describe answers (API-NOTES "Times in the answers") ------------------
+
+@pytest.mark.parametrize("raw,seconds", [
+    ("2024-06-01T10:00:00Z", 1717236000.0),               # Zilliz v2: UTC
+    ("2024-06-01T18:00:00+08:00", 1717236000.0),          # Milvus: the server's offset
+    ("2024-06-01T10:00:00.250z", 1717236000.25),
+    ("2024-06-01T10:00:00.123456789-01:30", 1717241400.123456),   # Go's nanoseconds
+    ("2024-06-01 10:00:00", None),                        # no zone: any of 25 hours
+    ("", None), (None, None), (1717236000, None), ("soon", None),
+    ("2024-13-01T10:00:00Z", None), ("0001-01-01T00:00:00Z", None),   # Go's zero time
+    ("0001-01-01T00:00:00+08:00", None)])
+def test_times_are_read_only_with_their_zone(raw: object, seconds: float | None) -> None:
+    from exporter.answers import timestamp
+    assert timestamp(raw) == seconds
+
+
+def test_describe_reads_create_and_complete_times() -> None:
+    from exporter.answers import parse_describe_answer
+    answer = {"code": 0, "data": {"jobId": "j", "state": "Completed", "progress": 100,
+                                  "createTime": "2024-06-01T17:00:00+08:00",
+                                  "completeTime": "2024-06-01T18:00:00+08:00"}}
+    details = parse_describe_answer(json.dumps(answer).encode(), V2, "j")
+    assert (details.create_time, details.complete_time) == (1717232400.0, 1717236000.0)
+    running = {"code": 0, "data": {"jobId": "j", "state": "Importing", "completeTime": ""}}
+    details = parse_describe_answer(json.dumps(running).encode(), V2, "j")
+    assert (details.create_time, details.complete_time) == (None, None)
+    v1 = {"code": 200, "data": {"jobId": "j", "readyPercentage": 100,
+                                "completeTime": "2024-06-01T10:00:00Z"}}
+    assert parse_describe_answer(json.dumps(v1).encode(), V1, "j").complete_time == \
+        1717236000.0
 # ---- discovery: the clusters a key can see -----------------------------------------------
 
 SOURCE = DiscoveryConfig(name="prod", api_key=KEY, settings=PollSettings(page_size=2))

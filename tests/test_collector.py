@@ -14,7 +14,8 @@ from exporter.collector import FAMILIES, RENDER_ERRORS, ImportCollector
 from exporter.exposition import ExpositionCache
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterSnapshot, Listing, SnapshotBoard
+from exporter.jobs import Listing
+from exporter.board import ClusterSnapshot, SnapshotBoard
 
 CLUSTER = ClusterConfig(name="prod", url="https://api.cloud.zilliz.com", api="v2",
                         cluster_id="in01-a", api_key="k",
@@ -128,7 +129,7 @@ def test_unpolled_cluster_shows_only_info() -> None:
 
 
 def test_job_detail_series() -> None:
-    from exporter.history import FailedJob, RunningJob
+    from exporter.summary import FailedJob, RunningJob
     clock = FakeClock(10_000.0)
     registry, board, history = published([rec("1", "a", "importing")], clock)
     summary = replace(board.get("prod").jobs,  # type: ignore[union-attr]
@@ -151,6 +152,36 @@ def test_job_detail_series() -> None:
                                                    "reason": 'bad "file"\\x'}) == 1
     assert value("zilliz_import_rows_imported_total",
                  {"cluster_name": "prod", "collection": "a"}) == 1000
+
+
+def test_histograms_render_cumulative_buckets_count_and_sum() -> None:
+    from exporter.summary import Histogram
+    clock = FakeClock(10_000.0)
+    registry, board, _ = published([rec("1", "a", "importing")], clock)
+    bounds = (30.0, 90.0, 1e6)
+    summary = replace(board.get("prod").jobs,  # type: ignore[union-attr]
+                      durations={("a", "completed"): Histogram(bounds, (2, 0, 1, 4), 9e6),
+                                 ("a", "failed"): Histogram(bounds, (0, 0, 0, 0), 0.0)},
+                      waits={"a": Histogram(bounds, (1, 1, 0, 0), 100.0)})
+    board.publish(replace(board.get("prod"), jobs=summary))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    done = 'cluster_name="prod",collection="a",outcome="completed"'
+    for le, n in (("30.0", 2), ("90.0", 2), ("1e+06", 3), ("+Inf", 7)):
+        assert ('zilliz_import_job_duration_seconds_bucket{cluster_name="prod",'
+                f'collection="a",le="{le}",outcome="completed"}} {n}.0\n') in text
+    assert f"zilliz_import_job_duration_seconds_count{{{done}}} 7.0\n" in text
+    assert f"zilliz_import_job_duration_seconds_sum{{{done}}} 9e+06\n" in text
+    value = registry.get_sample_value
+    assert value("zilliz_import_job_duration_seconds_count",
+                 {"cluster_name": "prod", "collection": "a", "outcome": "failed"}) == 0
+    assert value("zilliz_import_job_wait_seconds_bucket",
+                 {"cluster_name": "prod", "collection": "a", "le": "90.0"}) == 2
+    assert value("zilliz_import_job_wait_seconds_sum",
+                 {"cluster_name": "prod", "collection": "a"}) == 100
+    board.publish(replace(board.get("prod"), up=False))  # type: ignore[arg-type]
+    clock.now += 61          # stale: withdrawn with the other job series
+    assert value("zilliz_import_job_wait_seconds_count",
+                 {"cluster_name": "prod", "collection": "a"}) is None
 
 
 # ---- the golden exposition ---------------------------------------------------------------
@@ -198,4 +229,4 @@ def test_every_family_is_declared_once_and_documented() -> None:
                                       "reason", "kind", "endpoint", "code", "cluster_id",
                                       "api", "host", "shard", "version", "python_version",
                                       "source", "cluster_display_name", "region_id",
-                                      "project_id", "plan", "status", "polled"}
+                                      "project_id", "plan", "status", "polled", "outcome"}

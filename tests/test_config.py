@@ -8,9 +8,9 @@ import yaml
 from conftest import ROOT, run_cli
 from exporter import __version__
 from exporter.config import (
-    SETTING_KEYS, ConfigError, format_size, load_config, parse_config, parse_duration,
-    parse_size, redacted, shared_rate_notes,
+    SETTING_KEYS, ConfigError, load_config, parse_config, redacted, shared_rate_notes,
 )
+from exporter.kinds import format_duration, format_size, parse_duration, parse_size
 
 SECRET = "sk-config-test-7f3a9c2e1d"
 
@@ -82,6 +82,19 @@ def test_job_detail_keys_parse_and_zero_turns_describing_off(tmp_path: Path) -> 
     assert redacted(config)["defaults"]["failed_job_window"] == "1h30m"
 
 
+def test_duration_buckets_default_and_override_per_cluster(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {
+        "defaults": {"duration_buckets": ["10s", "1m", "1h30m"]},
+        "clusters": [cluster(), cluster(name="b", duration_buckets=[5, "2h"])]}), environ={})
+    first, second = config.clusters
+    assert first.settings.duration_buckets == (10.0, 60.0, 5400.0)
+    assert second.settings.duration_buckets == (5.0, 7200.0)
+    assert redacted(config)["clusters"][1]["duration_buckets"] == ["5s", "2h"]
+    plain = parse_config({"clusters": [cluster()]}, "x.yaml", environ={})
+    assert [format_duration(b) for b in plain.defaults.duration_buckets] == [
+        "30s", "1m", "2m", "5m", "10m", "20m", "30m", "1h", "2h", "4h", "8h", "16h", "24h"]
+
+
 def test_env_and_key_file(tmp_path: Path) -> None:
     (tmp_path / "key").write_text(SECRET + "\n")
     config = load_config(write(tmp_path, {"clusters": [
@@ -143,6 +156,20 @@ def test_env_and_key_file(tmp_path: Path) -> None:
     ({"clusters": [cluster(url="https://h/my path")]}, "may have a path of printable ASCII"),
     ({"clusters": [cluster(api="v2", db_name="datenbank-ä")]},
      "cluster 'prod': key 'db_name': must be one line of printable ASCII"),
+    ({"clusters": [cluster(duration_buckets=["30s", "2m", "1m"])]},
+     "cluster 'prod': key 'duration_buckets': must be strictly increasing: '1m' comes "
+     "after '2m'"),
+    ({"clusters": [cluster(duration_buckets=["1m", "60s"])]},
+     "key 'duration_buckets': must be strictly increasing: '60s' comes after '1m'"),
+    ({"defaults": {"duration_buckets": "5m"}, "clusters": [cluster()]},
+     "defaults: key 'duration_buckets': must be a non-empty list of durations"),
+    ({"clusters": [cluster(duration_buckets=[])]}, "must be a non-empty list"),
+    ({"clusters": [cluster(duration_buckets=["1m", "soon"])]},
+     "cluster 'prod': key 'duration_buckets': bad duration 'soon'"),
+    ({"clusters": [cluster(duration_buckets=[0, 5])]},
+     "key 'duration_buckets': 0 is out of range"),
+    ({"clusters": [cluster(duration_buckets=list(range(1, 42)))]},
+     "key 'duration_buckets': has 41 values, more than 40"),
 ])
 def test_each_rule_is_one_line_naming_file_cluster_and_key(
         tmp_path: Path, doc: dict, expected: str) -> None:
@@ -255,7 +282,8 @@ def test_every_key_reads_back_from_check_config_output() -> None:
                 "max_stuck_job_series": 3, "max_describes_per_poll": 0, "max_job_series": 4,
                 "max_failed_job_series": 5, "failed_job_window": "1d",
                 "requests_per_second": 2.5, "max_response_bytes": "512KiB",
-                "proxy_url": "http://proxy.internal:3128", "proxy_from_environment": False}
+                "proxy_url": "http://proxy.internal:3128", "proxy_from_environment": False,
+                "duration_buckets": ["0.5s", "1m30s", "2h", "365d"]}
     assert set(settings) == set(SETTING_KEYS)
     config = parse_config({"defaults": settings, "clusters": [
         cluster(tls_insecure_skip_verify=True, retries=1),

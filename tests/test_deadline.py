@@ -17,10 +17,8 @@ import pytest
 
 import requests
 
-from exporter.client import (
-    DRAIN_BYTES, ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure, _request,
-    make_session,
-)
+from exporter.client import DRAIN_BYTES, _request, make_session
+from exporter.errors import ConnectionFailure, DecodeFailure, HttpFailure, TimeoutFailure
 from exporter.config import ClusterConfig, PollSettings
 
 # What the server does for one request: answer these bytes, then keep the connection,

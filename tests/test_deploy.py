@@ -27,7 +27,10 @@ DASHBOARD = DEPLOY / "grafana" / "zilliz-import-exporter.json"
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
 CONTRACT_ALERTS = {"ZillizImportJobStuck", "ZillizImportJobFailed", "ZillizImportJobsFailing",
                    "ZillizImportPollFailing", "ZillizImportDataStale",
-                   "ZillizImportPendingBacklog", "ZillizImportDiscoveryFailing"}
+                   "ZillizImportPendingBacklog", "ZillizImportJobsSlow",
+                   "ZillizImportDiscoveryFailing"}
+# The slow-import threshold, written once in the rule (STYLE: one place to edit).
+SLOW_THRESHOLD = "4 * 3600"
 
 
 def load(path: Path) -> Any:
@@ -35,7 +38,14 @@ def load(path: Path) -> Any:
 
 
 def rules() -> list[dict]:
-    return [r for g in load(ALERTS)["groups"] for r in g["rules"]]
+    """The alerting rules."""
+    return [r for g in load(ALERTS)["groups"] for r in g["rules"] if "alert" in r]
+
+
+def records() -> dict[str, str]:
+    """The recording rules: name -> expression."""
+    return {r["record"]: r["expr"] for g in load(ALERTS)["groups"] for r in g["rules"]
+            if "record" in r}
 
 
 # ---- static checks ---------------------------------------------------------------------
@@ -68,6 +78,29 @@ def test_every_alert_is_named_documented_and_tested_both_ways() -> None:
     assert "$labels.job_id" in stuck["annotations"]["summary"]
     failed = next(r for r in rules() if r["alert"] == "ZillizImportJobFailed")
     assert "$labels.job_id" in failed["annotations"]["summary"]
+
+
+def squeeze(expr: str) -> str:
+    """An expression without whitespace and label matchers, to compare definitions."""
+    return re.sub(r"\s+|\{[^}]*\}", "", expr)
+
+
+def test_slow_imports_read_the_recorded_percentiles_with_one_threshold() -> None:
+    """The threshold is one literal in one rule; the alert reads the recorded p95 and
+    count; the dashboard's p50 and p95 are the recording rules' own expressions."""
+    assert ALERTS.read_text().count(SLOW_THRESHOLD) == 1
+    slow = next(r for r in rules() if r["alert"] == "ZillizImportJobsSlow")
+    assert slow["for"] == "30m" and f"> {SLOW_THRESHOLD}" in slow["expr"]
+    recorded = records()
+    level = "cluster_name_collection:zilliz_import_job_duration_seconds"
+    p50, p95, count = f"{level}:p50_6h", f"{level}:p95_6h", f"{level}_count:increase6h"
+    assert {p50, p95, count} == set(recorded)
+    assert re.search(rf"{re.escape(count)}\s*>=\s*5\b", slow["expr"]) and p95 in slow["expr"]
+    assert all("[6h]" in expr for expr in recorded.values())
+    dash = json.loads(DASHBOARD.read_text())
+    (percentiles,) = [p for p in dash["panels"] if p["title"].startswith("Import duration p50")]
+    assert [squeeze(t["expr"]) for t in percentiles["targets"]] == \
+        [squeeze(recorded[p50]), squeeze(recorded[p95])]
 
 
 def test_alertmanager_config_routes_every_alert_grouped_by_cluster() -> None:
@@ -103,7 +136,7 @@ def test_compose_stack() -> None:
     config = parse_config(load(DEPLOY / "compose" / "exporter.yaml"), "exporter.yaml",
                           environ={"MILVUS_DEMO_KEY": "root:Milvus-demo-pass"})
     assert {c.host for c in config.clusters} == {"simulator:8080"}
-    from exporter.simulator import DEMO_CLUSTERS, DEMO_DISCOVERY_KEY
+    from exporter.demo import DEMO_CLUSTERS, DEMO_DISCOVERY_KEY
     assert {(c.name, c.api_key) for c in config.clusters} == \
         {(name, key) for name, _, key, _ in DEMO_CLUSTERS}
     assert [(s.control_plane.host, s.api_key) for s in config.discovery] == \
@@ -131,7 +164,7 @@ def test_readme_states_when_the_compose_stacks_stuck_alert_fires() -> None:
     exporter = load(DEPLOY / "compose" / "exporter.yaml")["defaults"]
     prometheus = load(DEPLOY / "compose" / "prometheus.yml")["global"]
     stuck = next(r for r in rules() if r["alert"] == "ZillizImportJobStuck")
-    from exporter.config import parse_duration
+    from exporter.kinds import parse_duration
     seconds = sum(parse_duration(v) for v in (
         exporter["stuck_after"], stuck.get("for", 0), exporter["interval"],
         prometheus["scrape_interval"], prometheus["evaluation_interval"]))
@@ -191,8 +224,15 @@ def test_dashboard_shape() -> None:
                    "zilliz_import_job_progress_ratio", "zilliz_import_job_rows",
                    "zilliz_import_job_eta_seconds", "zilliz_import_failed_job_info",
                    "zilliz_import_rows_imported_total", "zilliz_import_discovery_up",
-                   "zilliz_import_discovered_cluster_info"):
+                   "zilliz_import_discovered_cluster_info",
+                   "zilliz_import_job_duration_seconds_bucket",
+                   "zilliz_import_job_wait_seconds_bucket",
+                   "zilliz_import_job_duration_seconds_count"):
         assert needle in exprs
+    (heatmap,) = [p for p in dash["panels"] if p["type"] == "heatmap"]
+    (target,) = heatmap["targets"]
+    assert target["format"] == "heatmap" and "sum by (le)" in target["expr"]
+    assert heatmap["options"]["calculate"] is False     # Prometheus' buckets, as they are
     running = next(p for p in dash["panels"] if p["title"] == "Running jobs")
     progress = next(o for o in running["fieldConfig"]["overrides"]
                     if o["matcher"]["options"] == "progress")
@@ -262,7 +302,11 @@ class Prometheus:
 def prometheus_for(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(target: str, alertmanager: str = "") -> Prometheus:
+    def start(target: str, alertmanager: str = "",
+              compress: tuple[tuple[str, str], ...] = ()) -> Prometheus:
+        """Prometheus scraping ``target`` with the shipped rules, evaluated every second
+        and firing after 2 s; ``compress`` replaces text in every expression (hours of
+        windows and thresholds by seconds)."""
         binary = require_tool("prometheus")
         shortened = load(ALERTS)
         for group in shortened["groups"]:
@@ -270,6 +314,8 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
             for rule in group["rules"]:
                 if "for" in rule:
                     rule["for"] = "2s"
+                for old, new in compress:
+                    rule["expr"] = rule["expr"].replace(old, new)
         (tmp_path / "alerts.yml").write_text(yaml.safe_dump(shortened))
         config: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -301,7 +347,8 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
 
 
 SET_OPERATOR = re.compile(r"\s(and|or|unless)\s")
-COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s*-?[\d.]+\s*$")
+MATCHING = re.compile(r"^(on|ignoring)\s*\([^)]*\)\s*")     # after a set operator
+COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s*-?[\d.]+(\s*[-+*/]\s*[\d.]+)*\s*$")
 
 
 def value_parts(expr: str) -> list[str]:
@@ -315,12 +362,13 @@ def value_parts(expr: str) -> list[str]:
             parts.append(expr[start:i])
             start = match.end()
     parts.append(expr[start:])
-    return [COMPARISON.sub("", p.strip()) for p in parts]
+    return [COMPARISON.sub("", MATCHING.sub("", p.strip())) for p in parts]
 
 
 def test_value_parts_split_thresholds() -> None:
     assert value_parts("a > 0\nand\nsum by (x) (b) >= 0") == ["a", "sum by (x) (b)"]
     assert value_parts("max_over_time(up[15m]) == 0") == ["max_over_time(up[15m])"]
+    assert value_parts("a:p95 > 4 * 3600\nand on (x)\nb >= 5") == ["a:p95", "b"]
 
 
 def instantiate(expr: str) -> str:
@@ -344,7 +392,8 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
     clusters = [simulator.cluster_config("main"),
                 simulator.cluster_config("second", stuck_after="1h"),
                 {**simulator.cluster_config("locked-out"), "api_key": "wrong-key"}]
-    proc = exporter({"defaults": fast_defaults(stuck_after="3s", stall_after=0),
+    proc = exporter({"defaults": fast_defaults(stuck_after="3s", stall_after=0,
+                                               duration_buckets=[1, 2, 3, 5, 10]),
                      "discovery": [simulator.discovery_config(
                          "prod", "discovery-key", settings={"stuck_after": "1h"})],
                      "clusters": clusters})
@@ -355,6 +404,8 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
         targets = prom.api("targets")["activeTargets"]
         return bool(targets) and targets[0]["health"] == "up"
     wait_until(target_up, 30, "the exporter target to be up")
+    for seconds in (1, 2, 3):       # created after the first listing and scrape: timed
+        v2.add_timed_jobs(1, "images", 1.5, seconds)
     # a failure and a completion the exporter sees after its baseline listing
     v2.set_state(doomed[0], "failed")
     v2.set_state(doomed[1], "completed")
@@ -380,6 +431,11 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
         prom.query(rule["expr"])                       # parses (else status != success)
         for part in value_parts(rule["expr"]):
             assert prom.query(part), f"{rule['alert']}: {part!r} returned no data"
+    for name, expr in records().items():
+        assert prom.query(name) and prom.query(expr), f"{name} returned no data"
+    wait_until(lambda: prom.query(
+        "sum(increase(zilliz_import_job_duration_seconds_count[1m])) >= 3"), 30,
+        "the timed jobs to reach Prometheus")
     for where, expr in dashboard_queries():
         match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr.strip(), re.S)
         if match:
@@ -388,6 +444,40 @@ def test_real_prometheus_scrapes_alerts_and_serves_every_dashboard_query(
             continue
         wait_until(lambda e=expr: prom.query(instantiate(e)), 20, f"{where}: {expr}")
     draw_dashboard(prom)
+
+
+@pytest.mark.e2e
+def test_real_prometheus_fires_jobs_slow_for_the_slow_collection_only(
+        simulator, exporter, prometheus_for) -> None:
+    """The shipped rules with hours made seconds: 6 h windows of 1 m, the 4 h threshold
+    3 s, for 30 m 2 s. One collection's imports take 4 s, another's a fraction of one,
+    a third's are slow but too few; only the first fires."""
+    cluster = simulator.add_cluster("slowpoke", "v2")
+    proc = exporter({"defaults": {**fast_defaults(),
+                                  "duration_buckets": ["1s", "2s", "5s", "10s", "30s"]},
+                     "clusters": [simulator.cluster_config("slowpoke")]})
+    proc.wait_for_metrics(lambda m: ("zilliz_import_up", (("cluster_name", "slowpoke"),))
+                          in m, what="the first listing")
+    prom = prometheus_for(f"127.0.0.1:{proc.port}",
+                          compress=(("[6h]", "[1m]"), (SLOW_THRESHOLD, "3")))
+    wait_until(lambda: prom.query('up{job="zie"} == 1'), 30, "the first scrape")
+    cluster.add_timed_jobs(6, "embeddings", 0.5, 4.5)        # 4-5 s as the exporter sees
+    cluster.add_timed_jobs(6, "faq", 0.5, 1.5)               # 1-2 s
+    cluster.add_timed_jobs(3, "archive", 0.5, 4.5, "failed")
+
+    def slow_firing() -> list[dict]:
+        return [a for a in prom.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == "ZillizImportJobsSlow"
+                and a["state"] == "firing"]
+    firing = wait_until(slow_firing, 40, "ZillizImportJobsSlow to fire")
+    time.sleep(3)                   # long enough for the others to fire, were they to
+    firing = slow_firing()
+    assert [(a["labels"]["cluster_name"], a["labels"]["collection"]) for a in firing] == \
+        [("slowpoke", "embeddings")]
+    assert "embeddings on slowpoke" in firing[0]["annotations"]["summary"]
+    counted = {r["metric"]["collection"]: float(r["value"][1]) for r in prom.query(
+        "cluster_name_collection:zilliz_import_job_duration_seconds_count:increase6h")}
+    assert counted["archive"] >= 2.5 and counted["faq"] >= 5     # too few; quick
 
 
 def draw_dashboard(prom: Prometheus) -> None:

@@ -13,7 +13,9 @@ from conftest import (
     FakeClock, InProcessExporter, fast_defaults, job_counts, parse_metrics, run_cli, samples,
     wait_until,
 )
-from exporter.client import AuthFailure, CloudCluster, make_session
+from exporter.answers import CloudCluster
+from exporter.client import make_session
+from exporter.errors import AuthFailure
 from exporter.config import ClusterConfig, Config, DiscoveryConfig, PollSettings
 from exporter.discovery import HISTORY_PREFIX, fetch_clusters, resolve, safe_name
 from exporter.sharding import shard_of

@@ -12,8 +12,9 @@ from conftest import FakeClock, InProcessExporter, fast_defaults, samples
 from exporter.jobs import (
     CANONICAL_STATES, MAX_STATE_NAMES, MAX_UNKNOWN_STATES, OTHER_STATE, JobRecord,
 )
-from exporter.history import HistoryStore, JobHistory, StateFileInUse
-from exporter.poller import Listing
+from exporter.history import JobHistory
+from exporter.jobs import Listing
+from exporter.store import SCHEMA_VERSION, HistoryStore, StateFileInUse
 
 
 def rec(job_id: str, state: str, progress: int = -1, collection: str = "c") -> JobRecord:
@@ -28,6 +29,11 @@ def apply(history: JobHistory, *records: JobRecord, stuck_after: float = 3600,
 
 def transitions(summary) -> dict:
     return {k: v for k, v in summary.transitions.items() if v}
+
+
+def counts(histograms) -> dict:
+    """Observations per series of a summary's durations or waits, zeros dropped."""
+    return {k: sum(h.counts) for k, h in histograms.items() if sum(h.counts)}
 
 
 def test_baseline_counts_nothing_then_each_job_counts_once() -> None:
@@ -115,8 +121,8 @@ def test_only_changes_are_written_and_no_change_writes_nothing(tmp_path: Path) -
     assert store._conn.total_changes == before
     assert os.path.getsize(path + "-wal") == size
     jobs[3] = rec("3", "completed", 1)
-    apply(h, *jobs[:-1])                       # one changed, one left
-    assert store._conn.total_changes == before + 2
+    apply(h, *jobs[:-1])                       # one changed, one left, and the listing
+    assert store._conn.total_changes == before + 3
     store.close()
 
 
@@ -134,7 +140,7 @@ def test_corrupt_file_is_moved_aside(tmp_path: Path, caplog) -> None:
 def test_second_process_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     store = HistoryStore(path)
-    code = ("from exporter.history import HistoryStore, StateFileInUse\n"
+    code = ("from exporter.store import HistoryStore, StateFileInUse\n"
             f"try:\n    HistoryStore({path!r})\nexcept StateFileInUse as e:\n"
             "    print(e)\n    raise SystemExit(3)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -255,8 +261,8 @@ def test_corrupt_state_file_does_not_stop_the_exporter(simulator, exporter,
 
 # ---- job details -------------------------------------------------------------------------
 
-from exporter.client import JobDetails  # noqa: E402
-from exporter.history import DetailRules  # noqa: E402
+from exporter.answers import JobDetails  # noqa: E402
+from exporter.details import DetailRules  # noqa: E402
 
 
 def listing(*records: JobRecord, reasons: dict[str, str] | None = None) -> Listing:
@@ -354,19 +360,24 @@ def test_details_survive_a_restart_and_nothing_is_described_twice(tmp_path: Path
     store.close()
 
 
+# The first release's state file, written out here rather than taken from the code: a
+# migration must keep reading what old releases wrote, whatever the code says now.
+RELEASE_1_SCHEMA = """
+    CREATE TABLE schema_version (version INTEGER NOT NULL);
+    INSERT INTO schema_version VALUES (1);
+    CREATE TABLE clusters (cluster TEXT PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        cluster TEXT NOT NULL, job_id TEXT NOT NULL,
+        first_seen REAL NOT NULL, progress_since REAL NOT NULL,
+        progress INTEGER NOT NULL, state TEXT NOT NULL,
+        counted INTEGER NOT NULL,
+        PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;"""
+
+
 def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, caplog) -> None:
     path = tmp_path / "state.db"
     conn = sqlite3.connect(str(path))
-    conn.executescript("""
-        CREATE TABLE schema_version (version INTEGER NOT NULL);
-        INSERT INTO schema_version VALUES (1);
-        CREATE TABLE clusters (cluster TEXT PRIMARY KEY) WITHOUT ROWID;
-        CREATE TABLE jobs (
-            cluster TEXT NOT NULL, job_id TEXT NOT NULL,
-            first_seen REAL NOT NULL, progress_since REAL NOT NULL,
-            progress INTEGER NOT NULL, state TEXT NOT NULL,
-            counted INTEGER NOT NULL,
-            PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;
+    conn.executescript(RELEASE_1_SCHEMA + """
         INSERT INTO clusters VALUES ('x');
         INSERT INTO jobs VALUES ('x', 'a', 1000.0, 1000.0, 5, 'importing', 0);
         INSERT INTO jobs VALUES ('x', 'b', 900.0, 900.0, -1, 'failed', 1);""")
@@ -382,7 +393,54 @@ def test_a_previous_release_state_file_is_migrated_in_place(tmp_path: Path, capl
     assert h.describe_plan() == ["a"]
     store.close()
     version = sqlite3.connect(str(path)).execute("SELECT version FROM schema_version")
-    assert version.fetchone() == (2,)
+    assert version.fetchone() == (SCHEMA_VERSION,)
+
+
+def test_the_current_release_state_file_is_migrated_in_place(tmp_path: Path,
+                                                              caplog) -> None:
+    """A version 2 file (details, no times): details and counts stand; its jobs have no
+    known start, so none of them is ever timed, and new jobs are once a listing of
+    this release has been seen."""
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(str(path))
+    conn.executescript(RELEASE_1_SCHEMA + """
+        UPDATE schema_version SET version = 2;
+        CREATE TABLE details (
+            cluster TEXT NOT NULL, job_id TEXT NOT NULL,
+            imported_rows INTEGER NOT NULL, total_rows INTEGER NOT NULL, reason TEXT NOT NULL,
+            failed_at REAL NOT NULL, described_at REAL NOT NULL,
+            PRIMARY KEY (cluster, job_id)) WITHOUT ROWID;
+        INSERT INTO clusters VALUES ('x');
+        INSERT INTO jobs VALUES ('x', 'q', 999000.0, 999000.0, 0, 'pending', 0);
+        INSERT INTO jobs VALUES ('x', 'f', 999000.0, 999500.0, 0, 'failed', 3);
+        INSERT INTO details VALUES ('x', 'f', -1, -1, 'bad file', 999500.0, 999600.0);""")
+    conn.close()
+    caplog.set_level("INFO")
+    clock = FakeClock()
+    store = HistoryStore(str(path))
+    assert "migrated" in caplog.text and not list(tmp_path.glob("state.db.corrupt-*"))
+    h = JobHistory("x", store, clock)
+    summary = apply_details(h, listing(rec("q", "importing"), rec("f", "failed")),
+                            failed_window=10_000)
+    assert [(f.job_id, f.reason) for f in summary.failed] == [("f", "bad file")]
+    assert h.describe_plan()[0] == "f"         # it still waits for its describe
+    clock.advance(60)
+    summary = apply_details(h, listing(rec("q", "completed"), rec("f", "failed"),
+                                       rec("new", "pending")))
+    clock.advance(60)
+    summary = apply_details(h, listing(rec("q", "completed"), rec("f", "failed"),
+                                       rec("new", "completed")))
+    h.record_details("new", JobDetails("new", 100, 10, 10, "completed"))  # its rows
+    summary = h.refresh(summary)
+    assert counts(summary.durations) == {("c", "completed"): 1}     # only the new job
+    assert counts(summary.waits) == {"c": 1}
+    assert transitions(summary) == {("c", "completed"): 2}
+    store.close()
+    with sqlite3.connect(str(path)) as done:
+        assert done.execute("SELECT version FROM schema_version").fetchone() == \
+            (SCHEMA_VERSION,)
+        assert done.execute("SELECT reason, created_at FROM details WHERE job_id='f'"
+                            ).fetchone() == ("bad file", 0.0)
 
 
 def test_restart_describes_nothing_twice(simulator, tmp_path: Path) -> None:
@@ -478,9 +536,10 @@ def test_a_failed_state_file_write_is_made_good_by_the_next_one(tmp_path: Path) 
     apply(history, rec("a", "completed", 100), rec("b", "pending"))   # nothing new to it
     store.close()
     again = HistoryStore(str(tmp_path / "state.db"))
-    baseline, rows, _ = again.load("x")
+    saved = again.load("x")
     again.close()
-    assert baseline and {row[0]: row[4] for row in rows} == {"a": "completed", "b": "pending"}
+    assert saved.baseline and {row[0]: row[4] for row in saved.jobs} == \
+        {"a": "completed", "b": "pending"}
 
 
 def test_a_new_collection_shows_its_counters_at_0_for_one_listing() -> None:

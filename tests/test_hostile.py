@@ -16,14 +16,18 @@ from typing import Any, Callable, Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from exporter.client import (
+from exporter.answers import parse_describe_answer, parse_list_answer
+from exporter.client import list_import_jobs, make_session
+from exporter.errors import (
     ConnectionFailure, PollFailure, DecodeFailure, PaginationFailure, TimeoutFailure,
     label_text,
-    list_import_jobs, make_session, parse_describe_answer, parse_list_answer,
 )
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterPoller, Listing, SnapshotBoard, fetch_listing
+from exporter.jobs import Listing
+from exporter.board import SnapshotBoard
+from exporter.paging import fetch_listing
+from exporter.poller import ClusterPoller
 from exporter.ratelimit import Pacer, RateLimits, pace
 
 from conftest import StubApi

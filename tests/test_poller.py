@@ -5,12 +5,12 @@ import random
 import pytest
 
 import exporter.poller
-from exporter.client import AuthFailure, HttpFailure, PaginationFailure
+from exporter.errors import AuthFailure, HttpFailure, PaginationFailure
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import (
-    ClusterPoller, PollerGroup, SnapshotBoard, Stopped, backoff_delay, fetch_listing,
-)
+from exporter.board import SnapshotBoard
+from exporter.paging import Stopped, backoff_delay, fetch_listing
+from exporter.poller import ClusterPoller, PollerGroup
 from exporter.client import make_session
 from exporter.jobs import MAX_UNKNOWN_STATES, OTHER_STATE
 from exporter.simulator import Simulator
@@ -263,9 +263,9 @@ def test_group_applies_changes() -> None:
     assert group.apply(clusters[:2], start=False) == {"c0": "added", "c1": "added"}
     changed = ClusterConfig(name="c1", url="http://127.0.0.1:10", api="v2")
     kept = group.pollers["c0"]
-    kept._get_progress = True           # learnt that c0's server is an old Milvus
+    kept._describe.get_progress = True      # learnt that c0's server is an old Milvus
     assert group.apply((clusters[0], changed), start=False) == {"c1": "changed"}
-    assert group.pollers["c0"] is kept and not kept._get_progress   # a reload forgets
+    assert group.pollers["c0"] is kept and not kept._describe.get_progress  # a reload forgets
     assert group.apply((changed,), start=False) == {"c0": "removed"}
     assert [s.cluster.name for s in board.snapshots()] == ["c1"]
 

@@ -11,7 +11,8 @@ from conftest import FakeClock
 from exporter.client import make_session
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
-from exporter.poller import PollerGroup, SnapshotBoard, next_poll_delay
+from exporter.board import SnapshotBoard
+from exporter.poller import PollerGroup, next_poll_delay
 from exporter.ratelimit import (
     RECOVERY_SECONDS, Interrupted, Pacer, RateLimits, TokenBucket, endpoint_of, pace,
 )

@@ -22,7 +22,8 @@ from exporter.collector import ImportCollector
 from exporter import web
 from exporter.cli import ConfigRuntime, _run_once, build_registry
 from exporter.config import ClusterConfig, Config, ConfigError, parse_config
-from exporter.poller import ClusterSnapshot, PollerGroup, SnapshotBoard
+from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.poller import PollerGroup
 from exporter.exposition import ExpositionCache
 from exporter.web import WebApp, create_server
 

@@ -11,7 +11,8 @@ import urllib.request
 from conftest import wait_until
 from exporter.client import list_import_jobs, make_session
 from exporter.config import ClusterConfig
-from exporter.simulator import DEMO_CLUSTERS, DemoDirector, Simulator
+from exporter.demo import DEMO_CLUSTERS, DemoDirector
+from exporter.simulator import Simulator
 
 
 def post(url: str, body: dict, key: str) -> dict:
@@ -121,6 +122,33 @@ def test_rate_limit_per_key_and_endpoint_with_and_without_retry_after(simulator)
     assert [r.cluster for r in simulator.log][:5] == ["a", "b", "a", "b", "c"]
 
 
+def test_timed_jobs_move_by_the_clock_and_answers_carry_their_times() -> None:
+    from conftest import FakeClock
+    from exporter.answers import timestamp
+    clock = FakeClock(1_700_000_000.0)
+    with Simulator(clock=clock) as sim:
+        milvus = sim.add_cluster("m", "milvus", report_create_time=True)
+        zilliz = sim.add_cluster("z", "v2")
+        (m,) = milvus.add_timed_jobs(1, "docs", 10, 20)
+        (z,) = zilliz.add_timed_jobs(1, "docs", 10, 20, "failed")
+        states = []
+        for _ in range(4):
+            states.append((milvus.truth(), zilliz.truth()))
+            clock.advance(10)
+        assert [(dict(a), dict(b)) for a, b in states] == [
+            ({("docs", "pending"): 1}, {("docs", "pending"): 1}),
+            ({("docs", "importing"): 1}, {("docs", "importing"): 1}),
+            ({("docs", "importing"): 1}, {("docs", "importing"): 1}),
+            ({("docs", "completed"): 1}, {("docs", "failed"): 1})]
+        done = post(f"{sim.base_url}/milvus/m/v2/vectordb/jobs/import/describe",
+                    {"jobId": m}, milvus.api_key)["data"]
+        failed = post(f"{sim.base_url}/v2/vectordb/jobs/import/describe",
+                      {"jobId": z, "clusterId": zilliz.cluster_id}, zilliz.api_key)["data"]
+    assert done["createTime"].endswith("+08:00")           # Milvus: the server's zone
+    assert (timestamp(done["createTime"]), timestamp(done["completeTime"])) == \
+        (1_700_000_000.0, 1_700_000_030.0)
+    assert "createTime" not in failed and failed["completeTime"].endswith("Z")
+    assert timestamp(failed["completeTime"]) == 1_700_000_030.0
 def list_clusters_raw(sim: Simulator, key: str, **query: int) -> tuple[int, dict]:
     """(HTTP status, body) of one GET /v2/clusters, errors included."""
     request = urllib.request.Request(

@@ -29,7 +29,9 @@ from conftest import (
 from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
-from exporter.poller import ClusterPoller, ClusterSnapshot, SnapshotBoard, Stopped
+from exporter.board import ClusterSnapshot, SnapshotBoard
+from exporter.paging import Stopped
+from exporter.poller import ClusterPoller
 from exporter.web import WebApp, create_server, respond
 from exporter.webconfig import WebConfig
 
@@ -268,8 +270,9 @@ EVIL = "<script>document.title='pwned'</script> schema mismatch: field 'vec' dim
 
 def test_status_page_escapes_server_text_and_caps_sections() -> None:
     from exporter.jobs import JobRecord
-    from exporter.history import FailedJob, JobHistory
-    from exporter.poller import Listing
+    from exporter.history import JobHistory
+    from exporter.jobs import Listing
+    from exporter.summary import FailedJob, FinishedJob
     from exporter.web import render_status_page
     cluster = ClusterConfig(name="c<1>", url="http://127.0.0.1:9", api="v2")
     now = [1000.0]
@@ -279,10 +282,12 @@ def test_status_page_escapes_server_text_and_caps_sections() -> None:
                                                       10)]),
                                 stuck_after=1, stall_after=0, max_stuck_series=5)
     failed = tuple(FailedJob("col", f"f{i}", EVIL, 900.0 + i) for i in range(3))
+    finished = (FinishedJob("<i>col</i>", "<b>done</b>", "completed", 5400.0, 1000.0),
+                FinishedJob("col", "early", "failed", None, 400.0))
     board = SnapshotBoard()
     board.publish(ClusterSnapshot(cluster=cluster, polled=True, up=True, last_success=999.0,
-                                  jobs=__import__("dataclasses").replace(summary,
-                                                                         failed=failed)))
+                                  jobs=__import__("dataclasses").replace(
+                                      summary, failed=failed, finished=finished)))
     page = render_status_page(WebApp(registry=CollectorRegistry(), board=board,
                                      clock=lambda: 1010.0))
     assert "<script>" not in page and "<b>id</b>" not in page and "c<1>" not in page
@@ -292,6 +297,9 @@ def test_status_page_escapes_server_text_and_caps_sections() -> None:
     assert stuck == ["c<1>", "<i>col</i>", "<b>id</b>", "importing", "10s", "age"]
     (running,) = table_rows(page, "running")
     assert running[4] == "10%" and running[5:] == ["-", "-"]
+    assert table_rows(page, "finished") == [     # newest first; an unknown start says so
+        ["c<1>", "<i>col</i>", "<b>done</b>", "completed", "90m", "10s ago"],
+        ["c<1>", "col", "early", "failed", "start unknown", "10m ago"]]
 
 
 def test_cluster_table_has_one_cell_per_declared_column() -> None:

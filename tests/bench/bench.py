@@ -34,7 +34,9 @@ from conftest import ExporterProcess, job_counts, parse_metrics, wait_until  # n
 from exporter.client import make_session  # noqa: E402
 from exporter.config import ClusterConfig, PollSettings  # noqa: E402
 from exporter.history import JobHistory  # noqa: E402
-from exporter.poller import ClusterPoller, PollerGroup, SnapshotBoard, fetch_listing  # noqa: E402
+from exporter.board import SnapshotBoard  # noqa: E402
+from exporter.paging import fetch_listing  # noqa: E402
+from exporter.poller import ClusterPoller, PollerGroup  # noqa: E402
 from exporter.ratelimit import Pacer, RateLimits, pace  # noqa: E402
 from exporter.simulator import Simulator  # noqa: E402
 
@@ -527,7 +529,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from exporter.poller import SnapshotBoard
+from exporter.board import SnapshotBoard
 from exporter.web import WebApp, create_server
 registry = CollectorRegistry()
 ProcessCollector(registry=registry); PlatformCollector(registry=registry); GCCollector(registry=registry)
@@ -755,7 +757,8 @@ from exporter.collector import ImportCollector
 from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.memory import release_free_memory, resident_bytes
-from exporter.poller import ClusterPoller, SnapshotBoard
+from exporter.board import SnapshotBoard
+from exporter.poller import ClusterPoller
 from exporter.simulator import Simulator
 polls = int(sys.argv[1])
 now = [1_000_000.0]
@@ -935,7 +938,8 @@ SCRAPE_CHILD = r"""
 import sys, time
 from exporter.cli import build_registry
 from exporter.config import ClusterConfig, PollSettings
-from exporter.poller import PollerGroup, SnapshotBoard
+from exporter.board import SnapshotBoard
+from exporter.poller import PollerGroup
 from exporter.web import WebApp, create_server
 base, clusters, cached = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "cached"
 board = SnapshotBoard()

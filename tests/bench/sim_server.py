@@ -18,7 +18,8 @@ import threading
 
 import time
 
-from exporter.simulator import SimCluster, Simulator
+from exporter.simcluster import SimCluster
+from exporter.simulator import Simulator
 
 
 def move(cluster: SimCluster, job_ids: list[str]) -> None:
