@@ -115,6 +115,22 @@ class Buildah:
                               capture_output=True, text=True, timeout=timeout)
 
 
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses (deb822 .sources or sources.list)."""
+    apt = Path("/etc/apt")
+    for path in [*sorted((apt / "sources.list.d").glob("*.sources")), apt / "sources.list",
+                 *sorted((apt / "sources.list.d").glob("*.list"))]:
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] and len(words) > 1 and words[1].rstrip("/").endswith(
+                    "/debian"):
+                return words[1]
+            if words[:1] == ["deb"] and any(w.rstrip("/").endswith("/debian") for w in words):
+                return next(w for w in words if w.rstrip("/").endswith("/debian"))
+    skip_image("no Debian mirror in /etc/apt to debootstrap from")
+
+
 def make_base_image(buildah: Buildah, work: Path) -> None:
     """A Debian bookworm with Python, from debootstrap (no registry but Debian's is
     reachable). It trusts what this machine trusts, as an organisation's base would."""
@@ -124,7 +140,7 @@ def make_base_image(buildah: Buildah, work: Path) -> None:
     root = work / "root"
     run = subprocess.run([debootstrap, "--variant=minbase",
                           "--include=python3,python3-venv,python-is-python3", "bookworm",
-                          str(root), "http://deb.debian.org/debian"],
+                          str(root), debian_mirror()],
                          capture_output=True, text=True, timeout=900)
     if run.returncode != 0:
         skip_image(f"debootstrap failed: {run.stdout[-300:]} {run.stderr[-300:]}")
