@@ -354,6 +354,8 @@ def test_an_answer_trickling_in_ends_at_the_timeout_whatever_part_it_is_in(
         assert time.monotonic() - started < 0.5 + 1        # 20 s and more without it
 
 
+# verify=False here is the test's own choice (tls_insecure_skip_verify), as in the CLI
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_connecting_and_tls_count_against_the_timeout(pki) -> None:
     """A handshake that takes 0.2 s and an answer 0.2 s after the request: 0.4 s in all,
     past a 0.3 s timeout, though neither part alone is."""
