@@ -7,7 +7,7 @@ for as long as it likes, and a closed ``requests.Session`` does not end a reques
 is in flight. ``DeadlineAdapter`` therefore:
 
 - waits for the request's turn (``pacer``, the rate limiter) before its deadline starts,
-  then passes the session's ``guard`` until the request is written;
+  and passes the session's ``guard`` while each attempt's request is written;
 - opens a ``RequestScope`` for the request: every socket the request uses, from the
   connection being opened (TLS and proxy CONNECT included) to the answer's last byte,
   is registered with one watchdog thread for the process, which shuts it down at the
@@ -111,14 +111,14 @@ class RequestScope:
     """One request, from its connection to its answer's last byte: its deadline, the
     sockets it used, and what the retry of a stale connection needs to know."""
 
-    def __init__(self, adapter: DeadlineAdapter, deadline: float,
-                 written: Callable[[], None]) -> None:
+    def __init__(self, adapter: DeadlineAdapter, deadline: float) -> None:
         self.deadline = deadline
-        self.written = written        # called once the request is on the wire
+        self.guard = adapter.guard
         self.fresh = False            # it opened a new connection
         self.answered = False         # an answer's status line and headers arrived
         self._adapter = adapter
         self._watches: dict[int, _Watch] = {}     # by the watched socket's descriptor
+        self._lock = threading.Lock()    # close()'s interrupt against end's closing
 
     @property
     def fired(self) -> bool:
@@ -126,21 +126,24 @@ class RequestScope:
 
     def watch(self, sock: socket.socket) -> None:
         """Watch ``sock`` through a duplicate descriptor of its own, closed at ``end``."""
-        if sock.fileno() in self._watches:
-            return
-        duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
-        self._watches[sock.fileno()] = WATCHDOG.arm(self.deadline, duplicate)
-        if self._adapter.closed:          # close() may have missed it: stop it here
-            _shut(duplicate)
+        with self._lock:
+            if sock.fileno() in self._watches:
+                return
+            duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            self._watches[sock.fileno()] = WATCHDOG.arm(self.deadline, duplicate)
+            if self._adapter.closed:          # close() may have missed it: stop it here
+                _shut(duplicate)
 
     def interrupt(self) -> None:
-        for watch in list(self._watches.values()):
-            _shut(watch.sock)
+        with self._lock:
+            for watch in list(self._watches.values()):
+                _shut(watch.sock)
 
     def end(self) -> None:
-        for watch in self._watches.values():
-            WATCHDOG.disarm(watch)
-            watch.sock.close()
+        with self._lock:
+            for watch in self._watches.values():
+                WATCHDOG.disarm(watch)
+                watch.sock.close()
         self._adapter._forget(self)
 
 
@@ -168,12 +171,19 @@ class _WatchedConnection:
         return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
+        """Write the request (every attempt: a retry passes the guard again), once the
+        connection is up: a slow connect or handshake holds no guard."""
         scope = _scope()
-        if scope is not None and self.sock is not None:
+        if scope is None:
+            super().request(*args, **kwargs)  # type: ignore[misc]
+            return
+        if self.sock is not None:
             scope.watch(self.sock)
-        super().request(*args, **kwargs)  # type: ignore[misc]
-        if scope is not None:
-            scope.written()
+        release = scope.guard()
+        try:
+            super().request(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            release()
 
     def getresponse(self) -> Any:
         response = super().getresponse()  # type: ignore[misc]
@@ -226,9 +236,10 @@ class DeadlineAdapter(HTTPAdapter):
     def __init__(self) -> None:
         super().__init__()
         self.pacer: Pacing | None = None
-        # Called after the request's turn; the release it returns is called once the
-        # request is written (or failed): the poller's describe lane sends only while
-        # the latest listing holds the job, and no listing is folded in meanwhile.
+        # Called as each attempt's request is about to be written (after its turn and
+        # its connection); the release it returns once it is written or failed: the
+        # poller's describe lane sends only while the latest listing holds the job,
+        # and no listing is folded in meanwhile.
         self.guard: Callable[[], Callable[[], None]] = _admit_all
         self.closed = False
         self._lock = threading.Lock()
@@ -248,23 +259,18 @@ class DeadlineAdapter(HTTPAdapter):
              timeout: Any = None, verify: bool | str = True, cert: Any = None,
              proxies: dict[str, str] | None = None) -> requests.Response:
         def send() -> requests.Response:
-            release = self.guard()
-            try:
-                return self._send(request, stream, timeout, verify, cert, proxies,
-                                  release)
-            finally:
-                release()
+            return self._send(request, stream, timeout, verify, cert, proxies)
         if self.pacer is None:
             return send()
         return self.pacer.paced(request.path_url, send)
 
     def _send(self, request: requests.PreparedRequest, stream: bool, timeout: Any,
-              verify: bool | str, cert: Any, proxies: dict[str, str] | None,
-              written: Callable[[], None]) -> requests.Response:
+              verify: bool | str, cert: Any,
+              proxies: dict[str, str] | None) -> requests.Response:
         seconds = timeout[1] if isinstance(timeout, tuple) else timeout
         deadline = time.monotonic() + (seconds if seconds is not None else 1e9)
         for attempt in (1, 2):
-            scope = self._open(deadline, written)
+            scope = self._open(deadline)
             try:
                 response = super().send(request, stream=stream, timeout=timeout,
                                         verify=verify, cert=cert, proxies=proxies)
@@ -289,8 +295,8 @@ class DeadlineAdapter(HTTPAdapter):
             return response
         raise AssertionError("unreachable")   # pragma: no cover
 
-    def _open(self, deadline: float, written: Callable[[], None]) -> RequestScope:
-        scope = RequestScope(self, deadline, written)
+    def _open(self, deadline: float) -> RequestScope:
+        scope = RequestScope(self, deadline)
         with self._lock:
             if self.closed:
                 raise Interrupted("the session was closed")

@@ -56,10 +56,11 @@ class FamilyList(Collector):
 class _Segment:
     """Encoded bytes and, made when first asked for, their deflate stream."""
 
-    __slots__ = ("data", "_deflated")
+    __slots__ = ("data", "errors", "_deflated")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, errors: int = 0) -> None:
         self.data = data
+        self.errors = errors      # series left out of it: counted on every render
         self._deflated: bytes | None = None
 
     def deflated(self) -> bytes:
@@ -95,6 +96,7 @@ class ExpositionCache:
         # so its id is not reused. Pruned to what the last render used.
         self._pieces: dict[tuple[str, int], tuple[Metric, _Segment]] = {}
         self._headers: dict[tuple[str, str], _Segment] = {}
+        self._recent: list[str] = []      # content types, the one rendered last at the end
         self.render_errors = 0       # series left out, cumulative
         self._counted: tuple[int, int, int] | None = None    # key whose errors are in
         self._logged: set[str] = set()    # metrics and failures already logged
@@ -175,14 +177,16 @@ class ExpositionCache:
             key = (content_type, id(family))
             found = self._pieces.get(key)
             if found is None or found[0] is not family:
+                before = self._errors
                 data = encoded if encoded is not None else self._encoded(encoder, family)[1]
-                found = (family, _Segment(data[len(header.data):]))
+                found = (family, _Segment(data[len(header.data):], self._errors - before))
+                self._errors = before
+            self._errors += found[1].errors
             kept[key] = found
             segments.append(found[1])
         for family in self._families():
             add(family)
-        self._pieces = {key: piece for key, piece in self._pieces.items()
-                        if key[0] != content_type} | kept
+        self._keep(content_type, kept)
         self._count_errors()
         counter = self._render_errors_family()
         add(counter, self._one(encoder, counter))
@@ -190,6 +194,21 @@ class ExpositionCache:
         if encoder(FamilyList([])).endswith(_EOF):
             segments.append(_Segment(_EOF))
         return segments
+
+    def _keep(self, content_type: str,
+              kept: dict[tuple[str, int], tuple[Metric, _Segment]]) -> None:
+        """The pieces this render used replace the content type's; only the
+        _MAX_ENCODINGS content types used last keep pieces and headers (a client can
+        name a new one with every scrape: its Accept header's version)."""
+        if content_type in self._recent:
+            self._recent.remove(content_type)
+        self._recent.append(content_type)
+        recent = set(self._recent[-_MAX_ENCODINGS:])
+        self._recent = self._recent[-_MAX_ENCODINGS:]
+        self._pieces = {key: piece for key, piece in self._pieces.items()
+                        if key[0] != content_type and key[0] in recent} | kept
+        self._headers = {key: header for key, header in self._headers.items()
+                         if key[0] in recent}
 
     def _render_errors_family(self) -> Metric:
         counter = RENDER_ERRORS.new()

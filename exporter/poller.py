@@ -168,9 +168,14 @@ class ClusterReport:
         self._board.publish(snapshot, self._current)
         return snapshot
 
-    def listing(self, summary: JobSummary, duration: float,
-                fields: dict[str, object]) -> ClusterSnapshot:
-        """A listing folded in after ``duration`` seconds (``fields`` for the log)."""
+    def listing(self, summary: JobSummary, duration: float, fields: dict[str, object],
+                refresh: Callable[[JobSummary], JobSummary]) -> ClusterSnapshot:
+        """A listing folded in after ``duration`` seconds (``fields`` for the log).
+
+        Its summary is refreshed with the details learnt meanwhile, under the lock the
+        describe lane publishes under: a describe that finished between the listing's
+        fold and this publish must not be taken back (rows and durations would drop,
+        which rate() reads as a counter reset)."""
         if self._failing:
             self._log.info("cluster recovered", extra={"fields": fields})
         else:
@@ -179,7 +184,7 @@ class ClusterReport:
         with self._publish_lock:
             return self._publish(replace(self.snapshot, polled=True, up=True,
                                          poll_duration=duration, last_success=self._clock(),
-                                         jobs=summary))
+                                         jobs=refresh(summary)))
 
     def failure(self, failure: PollFailure, duration: float,
                 log_it: bool = True) -> ClusterSnapshot:
@@ -375,6 +380,8 @@ class ClusterPoller:
         if self._stop.is_set():     # retired meanwhile: a newer poller owns the history
             raise Stopped()
         with self._listing_lock:     # no describe is sent while the listing changes
+            if self._stop.is_set():  # retired while a describe was being written
+                raise Stopped()
             summary = self._history.apply(
                 listing, stuck_after=settings.stuck_after,
                 stall_after=settings.stall_after,
@@ -389,7 +396,7 @@ class ClusterPoller:
         if len(listing) >= TRIM_AFTER_JOBS:
             del listing
             release_free_memory()
-        snapshot = self._report.listing(summary, duration, fields)
+        snapshot = self._report.listing(summary, duration, fields, self._history.refresh)
         # The listing is out; details follow in a second snapshot, from the describe
         # lane, so a slow or failing describe endpoint never holds the listing back,
         # and nothing going wrong while describing turns this poll into a failed one.

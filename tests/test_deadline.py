@@ -388,3 +388,31 @@ def test_a_closed_session_sends_nothing(scripted) -> None:
     with pytest.raises(ConnectionFailure, match="session was closed"):
         get(api)
     assert len(server.requests) == 1
+
+
+def guard_counting(api: Api) -> list[str]:
+    """Install a guard on ``api``'s adapter that records each pass and release."""
+    passes: list[str] = []
+
+    def guard() -> Callable[[], None]:
+        passes.append("pass")
+        return lambda: passes.append("release")
+    api.session.get_adapter("https://").guard = guard   # type: ignore[attr-defined]
+    return passes
+
+
+def test_the_guard_is_passed_by_every_attempt_and_never_during_a_connect(scripted) -> None:
+    """A retried request is written again: it passes the guard again. A handshake that
+    never ends holds no guard (the describe lane must not hold the listings back)."""
+    kept = scripted([answer(b"one"), "drop", answer(b"two")])
+    api = session(kept)
+    passes = guard_counting(api)
+    get(api)
+    assert get(api) == b"two"          # the kept connection dropped: sent again
+    assert passes == ["pass", "release"] * 3
+    stalled = scripted(["hang"])
+    tls = api_at(stalled.url.replace("http://", "https://"))
+    passes = guard_counting(tls)
+    with pytest.raises(TimeoutFailure):
+        tls.call(timeout=0.3)
+    assert passes == []

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -10,7 +11,11 @@ from exporter.config import ClusterConfig, PollSettings
 from exporter.history import JobHistory
 from exporter.board import SnapshotBoard
 from exporter.paging import Stopped, backoff_delay, fetch_listing
-from exporter.poller import ClusterPoller, PollerGroup
+from exporter.poller import ClusterPoller, ClusterReport, PollerGroup
+from exporter.answers import JobDetails
+from exporter.details import DetailRules
+from exporter.jobs import JobRecord, Listing
+from exporter.logs import bind
 from exporter.client import make_session
 from exporter.jobs import MAX_UNKNOWN_STATES, OTHER_STATE
 from exporter.simulator import Simulator
@@ -480,3 +485,30 @@ def test_describes_run_beside_the_listings_from_the_latest_listings_plan(simulat
     finally:
         poller.stop()
         poller.join(2)
+
+
+def test_a_listing_published_after_a_describe_keeps_what_the_describe_taught() -> None:
+    """The listing lane folds a listing, the describe lane then records a job's rows and
+    publishes, and only then does the listing lane publish: its summary is refreshed,
+    not taken back (rows_imported would drop, which rate() reads as a counter reset)."""
+    clock = FakeClock(1000.0)
+    history = JobHistory("c", None, clock)
+    rules = {"stuck_after": 3600, "stall_after": 3600, "max_stuck_series": 10,
+             "rules": DetailRules(api="v2")}
+    board = SnapshotBoard()
+    cluster = ClusterConfig(name="c", url="https://x", api="v2", api_key="k")
+    report = ClusterReport(cluster, board, 0, clock, lambda: True, lambda: 0.0,
+                           bind(logging.getLogger(), cluster_name="c"))
+    history.apply(Listing.of([JobRecord("j1", "docs", "importing", 50)]), **rules)
+    clock.advance(60)
+    report.listing(history.apply(Listing.of([JobRecord("j1", "docs", "completed", 100)]),
+                                 **rules), 1.0, {}, history.refresh)
+    assert history.describe_plan() == ["j1"]
+    folded = history.apply(Listing.of([JobRecord("j1", "docs", "completed", 100)]), **rules)
+    history.record_details("j1", JobDetails("j1", progress=100, imported_rows=5000,
+                                            total_rows=5000, state="completed"))
+    report.details(history.refresh, lambda: False)
+    report.listing(folded, 1.0, {}, history.refresh)
+    snapshot = board.get("c")
+    assert snapshot is not None and snapshot.jobs is not None
+    assert dict(snapshot.jobs.rows_imported) == {"docs": 5000}

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from conftest import GOLDEN_NOW, FakeClock, golden_board, parse_metrics
 from exporter.collector import ImportCollector
+from exporter.summary import FailedJob
 from exporter import web
 from exporter.cli import ConfigRuntime, _run_once, build_registry
 from exporter.config import ClusterConfig, Config, ConfigError, parse_config
@@ -285,3 +286,28 @@ def test_a_publish_re_encodes_only_that_clusters_pieces() -> None:
     second = cache.body(spying, content_type, False).decode()
     assert "prod-search" in encoded and not {"milvus-a", "new-one"} & set(encoded)
     assert second != first.decode() and second == text(whole_cache(board, clock))
+
+
+def test_series_left_out_of_a_cached_piece_count_on_every_render_as_a_whole_render() -> None:
+    board, clock = golden_board(), FakeClock(GOLDEN_NOW)
+    snap = board.get("prod-search")
+    assert snap is not None and snap.jobs is not None
+    bad = dataclasses.replace(snap.jobs, failed=(
+        FailedJob("docs", "job-9", "bad \udc80 text", GOLDEN_NOW - 600),))
+    board.publish(dataclasses.replace(snap, jobs=bad))
+    pieces, whole = pieces_cache(board, clock), whole_cache(board, clock)
+    for second in range(1, 4):
+        assert text(pieces) == text(whole)
+        assert pieces.render_errors == whole.render_errors == second
+        clock.advance(1)
+
+
+def test_a_new_accept_version_on_every_scrape_keeps_a_bounded_cache() -> None:
+    """prometheus_client names the client's version in the content type: a client can
+    ask for a new one every scrape, and only the last few keep their pieces."""
+    board, clock = golden_board(), FakeClock(GOLDEN_NOW)
+    cache = pieces_cache(board, clock)
+    for n in range(40):
+        cache.body(*choose_encoder(f"{OPENMETRICS.split(';')[0]}; version=1.{n}.0"), False)
+    kept = {key[0] for key in cache._pieces} | {key[0] for key in cache._headers}
+    assert 1 <= len(kept) <= 8 and any("version=1.39.0" in k for k in kept)
