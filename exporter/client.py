@@ -16,7 +16,6 @@ the whole request, pacing, close() from another thread). Answers are streamed, s
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import os
 import re
@@ -241,8 +240,8 @@ def _answer(response: requests.Response, cluster: ClusterConfig) -> bytearray:
         if finish(response):
             raise TimeoutFailure(f"no complete answer from {host} within {timeout:g}s")
     except (Urllib3Error, OSError) as exc:
-        _discard(response, connection)
-        raise _failure(exc, host, timeout, answered=True, fired=finish(response)) from None
+        fired = _discard(response, connection)
+        raise _failure(exc, host, timeout, answered=True, fired=fired) from None
     except PollFailure:
         _discard(response, connection)
         raise
@@ -250,13 +249,13 @@ def _answer(response: requests.Response, cluster: ClusterConfig) -> bytearray:
     return answer
 
 
-def _discard(response: requests.Response, connection: Any) -> None:
+def _discard(response: requests.Response, connection: Any) -> bool:
     """Close a connection whose answer went wrong, even one already pooled again: what
-    it carries next cannot be trusted."""
+    it carries next cannot be trusted. True when the deadline had cut it short."""
     response.close()
     if connection is not None:
         connection.close()
-    finish(response)
+    return finish(response)
 
 
 def _failure(exc: Exception, host: str, timeout: float, *, answered: bool,
